@@ -1,0 +1,60 @@
+"""Read any image file as 8-bit RGB, or fail with a message naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from bbam.data.records import DataError
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale 16-bit / 32-bit / float image data down to 0..255."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.uint16 or array.dtype == np.int32 or array.dtype == np.uint32:
+        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+        return np.clip(array.astype(np.float64) / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        peak = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+        return np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    raise DataError(f"unsupported pixel type {array.dtype}")
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Return an (H, W, 3) uint8 RGB array.
+
+    Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images are converted.
+    Missing, truncated and corrupt files raise DataError naming the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes now, so truncation is detected here
+            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                gray = _to_uint8(np.asarray(image))
+                return np.repeat(gray[..., None], 3, axis=2)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                image = image.convert("RGBA")
+            rgb = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt image ({exc})") from exc
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise DataError(f"{path}: unexpected image shape {rgb.shape}")
+    return np.ascontiguousarray(rgb)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: image file not found") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: unreadable or corrupt image ({exc})") from exc
