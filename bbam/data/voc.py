@@ -1,0 +1,321 @@
+"""PASCAL VOC 2012 (+ SBD) reader: boxes from the XML, GT masks from the PNGs or SBD .mat files.
+
+Images are not decoded here (sizes come from the XML); a bad image surfaces when a later stage
+calls `load_rgb`, which names the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from defusedxml import DefusedXmlException
+from defusedxml import ElementTree as SafeET
+
+from bbam.data.images import image_size
+from bbam.data.palette import load_index_png
+from bbam.data.records import DataError, Dataset, ImageRecord, Instance, SkipReport
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+
+def voc_dir(root: str | Path) -> Path:
+    """Accept either the VOC2012 folder itself or a folder containing VOC2012/."""
+    root = Path(root)
+    if not (root / "Annotations").is_dir() and (root / "VOC2012").is_dir():
+        return root / "VOC2012"
+    return root
+
+
+def sbd_dir(root: str | Path) -> Path:
+    """Accept the SBD root or its `dataset/` subfolder (the official tarball has one)."""
+    root = Path(root)
+    if not (root / "inst").is_dir() and (root / "dataset" / "inst").is_dir():
+        return root / "dataset"
+    return root
+
+
+def load_classes(source: Sequence[str] | str | Path) -> list[str]:
+    """Class names from a list, a COCO JSON (categories in id order) or a text file (one a line)."""
+    if isinstance(source, str | Path) and Path(source).is_file():
+        path = Path(source)
+        if path.suffix.lower() == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                cats = sorted(data["categories"], key=lambda c: int(c["id"]))
+                return [str(c["name"]) for c in cats]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}: cannot read COCO categories ({exc})") from exc
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return [n for n in names if n and n != "background"]
+    if isinstance(source, str | Path):
+        raise DataError(f"{source}: class list file not found")
+    return [str(c) for c in source]
+
+
+def read_id_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path}: image list not found")
+    return [
+        line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def train_aug_ids(voc_root: str | Path, sbd_root: str | Path) -> list[str]:
+    """(VOC2012 seg train ∪ SBD train ∪ SBD val) − VOC2012 seg val, sorted (10,582 on the real data)."""
+    seg = voc_dir(voc_root) / "ImageSets" / "Segmentation"
+    sbd = sbd_dir(sbd_root)
+    ids = set(read_id_list(seg / "train.txt"))
+    ids |= set(read_id_list(sbd / "train.txt")) | set(read_id_list(sbd / "val.txt"))
+    ids -= set(read_id_list(seg / "val.txt"))
+    return sorted(ids)
+
+
+def _split_ids(voc: Path, split: str, sbd_root: Path | None) -> list[str]:
+    if split == "train_aug":
+        if sbd_root is None:
+            raise DataError(f"{voc}: split 'train_aug' needs sbd_root")
+        return train_aug_ids(voc, sbd_root)
+    seg = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if seg.is_file():
+        return read_id_list(seg)
+    return read_id_list(voc / "ImageSets" / "Main" / f"{split}.txt")
+
+
+def _text(node, tag: str, xml: Path, default: str | None = None) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None:
+        if default is not None:
+            return default
+        raise DataError(f"{xml}: missing <{tag}>")
+    return child.text.strip()
+
+
+def _number(node, tag: str, xml: Path) -> float:
+    value = _text(node, tag, xml)
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise DataError(f"{xml}: <{tag}> is not a number: {value!r}") from exc
+
+
+def parse_voc_xml(xml: Path) -> tuple[str | None, int, int, list[dict]]:
+    """(filename, width, height, objects) from one VOC XML; objects keep file order.
+    Entity declarations (billion laughs etc.) are refused by defusedxml -> DataError."""
+    try:
+        root = SafeET.parse(str(xml)).getroot()
+    except FileNotFoundError as exc:
+        raise DataError(f"{xml}: annotation file not found") from exc
+    except DefusedXmlException as exc:
+        raise DataError(f"{xml}: forbidden XML construct ({type(exc).__name__})") from exc
+    except SafeET.ParseError as exc:
+        raise DataError(f"{xml}: malformed XML ({exc})") from exc
+    filename_node = root.find("filename")
+    filename = (
+        filename_node.text.strip() if filename_node is not None and filename_node.text else None
+    )
+    size = root.find("size")
+    width = height = 0
+    if size is not None:
+        width = int(_number(size, "width", xml)) if size.find("width") is not None else 0
+        height = int(_number(size, "height", xml)) if size.find("height") is not None else 0
+    objects = []
+    for obj in root.findall("object"):
+        bnd = obj.find("bndbox")
+        if bnd is None:
+            raise DataError(f"{xml}: <object> without <bndbox>")
+        objects.append(
+            {
+                "name": _text(obj, "name", xml),
+                "difficult": _text(obj, "difficult", xml, "0") not in ("0", ""),
+                "box": [_number(bnd, t, xml) for t in ("xmin", "ymin", "xmax", "ymax")],
+            }
+        )
+    return filename, width, height, objects
+
+
+def _voc_masks(
+    voc: Path, image_id: str, labels: list[int | None], height: int, width: int
+) -> list[np.ndarray | None] | None:
+    """Masks per XML object (index k in SegmentationObject = k-th object), or None if no PNGs."""
+    obj_png = voc / "SegmentationObject" / f"{image_id}.png"
+    cls_png = voc / "SegmentationClass" / f"{image_id}.png"
+    if not (obj_png.is_file() and cls_png.is_file()):
+        return None
+    obj, cls = load_index_png(obj_png), load_index_png(cls_png)
+    if obj.shape != (height, width) or cls.shape != (height, width):
+        raise DataError(
+            f"{obj_png}: mask size {obj.shape} differs from annotation ({height}, {width})"
+        )
+    masks: list[np.ndarray | None] = []
+    for k, label in enumerate(labels, start=1):
+        mask = obj == k
+        if label is None or not mask.any():
+            masks.append(None)
+            continue
+        values = np.bincount(cls[mask], minlength=256)
+        values[255] = 0
+        if int(values.argmax()) != label:
+            raise DataError(
+                f"{cls_png}: instance {k} has class index {int(values.argmax())} in the PNG "
+                f"but label {label} in the XML"
+            )
+        masks.append(mask)
+    return masks
+
+
+def _mat_struct(path: Path, key: str):
+    try:
+        data = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable .mat file ({exc})") from exc
+    if key not in data:
+        raise DataError(f"{path}: no {key} struct")
+    return data[key]
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _sbd_masks(
+    sbd: Path,
+    image_id: str,
+    labels: list[int | None],
+    boxes: list[np.ndarray | None],
+    h: int,
+    w: int,
+) -> list[np.ndarray | None] | None:
+    """SBD instances matched to XML objects: same class, greedy by IoU of the mask's tight box
+    with the XML box (>= 0.5); SBD does not promise XML order. Unmatched objects get no mask."""
+    inst_mat = sbd / "inst" / f"{image_id}.mat"
+    if not inst_mat.is_file():
+        return None
+    gt = _mat_struct(inst_mat, "GTinst")
+    seg = np.asarray(gt.Segmentation)
+    cats = np.atleast_1d(np.asarray(gt.Categories)).astype(int).reshape(-1)
+    if seg.shape != (h, w):
+        raise DataError(f"{inst_mat}: mask size {seg.shape} differs from annotation ({h}, {w})")
+    cls_mat = sbd / "cls" / f"{image_id}.mat"
+    cls_seg = np.asarray(_mat_struct(cls_mat, "GTcls").Segmentation) if cls_mat.is_file() else None
+    candidates = []
+    for k, cat in enumerate(cats, start=1):
+        mask = seg == k
+        if not mask.any():
+            continue
+        if cls_seg is not None and int(np.bincount(cls_seg[mask].astype(np.int64)).argmax()) != cat:
+            raise DataError(f"{cls_mat}: instance {k} class disagrees with GTinst.Categories")
+        ys, xs = np.nonzero(mask)
+        mbox = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+        for j, (label, box) in enumerate(zip(labels, boxes, strict=True)):
+            if label == cat and box is not None:
+                iou = _box_iou(mbox, box)
+                if iou >= 0.5:
+                    candidates.append((iou, k, j, mask))
+    masks: list[np.ndarray | None] = [None] * len(labels)
+    used: set[int] = set()
+    for _iou, k, j, mask in sorted(candidates, key=lambda c: -c[0]):
+        if k not in used and masks[j] is None:
+            masks[j] = mask
+            used.add(k)
+    return masks
+
+
+def read_voc(
+    root: str | Path,
+    split: str,
+    classes: Sequence[str] | str | Path = VOC_CLASSES,
+    with_masks: bool = True,
+    sbd_root: str | Path | None = None,
+    unknown: str = "error",
+) -> Dataset:
+    """Read a VOC-style split ("train", "val", "trainval", ..., or "train_aug" with `sbd_root`).
+
+    Boxes: VOC 1-based inclusive -> 0-based, x2/y2 exclusive (x1-1, y1-1, x2, y2), then clipped to
+    the image; boxes with no area left are skipped (SkipReport "zero_area_box"). Difficult objects
+    are kept (flagged). Masks: SegmentationObject/Class PNGs when present, else SBD inst/cls .mat
+    when `sbd_root` has the image, else None. `classes` may be a list, a COCO JSON or a text file;
+    the PNG class indices must follow it. Unknown class names: `unknown="error"` raises DataError,
+    `"skip"` skips the object and counts it ("unknown_class"). A listed image without XML is
+    skipped and counted ("missing_annotation"). Instance ids run 1..N over the split in order.
+    """
+    if unknown not in ("error", "skip"):
+        raise ValueError(f"unknown must be 'error' or 'skip', got {unknown!r}")
+    voc = voc_dir(root)
+    class_names = load_classes(classes)
+    index = {name: i for i, name in enumerate(class_names, start=1)}
+    sbd = sbd_dir(sbd_root) if sbd_root is not None else None
+    skipped = SkipReport()
+    records: list[ImageRecord] = []
+    next_instance = 1
+    ids = _split_ids(voc, split, sbd)
+    for image_id in ids:
+        xml = voc / "Annotations" / f"{image_id}.xml"
+        if not xml.is_file():
+            skipped.add("missing_annotation", str(xml))
+            continue
+        filename, width, height, objects = parse_voc_xml(xml)
+        path = voc / "JPEGImages" / (filename or f"{image_id}.jpg")
+        if not path.is_file() and (voc / "JPEGImages" / f"{image_id}.jpg").is_file():
+            path = voc / "JPEGImages" / f"{image_id}.jpg"
+        if width <= 0 or height <= 0:
+            width, height = image_size(path)  # header only
+        labels: list[int | None] = []
+        boxes: list[np.ndarray | None] = []
+        for obj in objects:
+            label = index.get(obj["name"])
+            if label is None:
+                if unknown == "error":
+                    raise DataError(f"{xml}: unknown class name {obj['name']!r}")
+                skipped.add("unknown_class", f"{xml}: {obj['name']}")
+                labels.append(None)
+                boxes.append(None)
+                continue
+            x1, y1, x2, y2 = obj["box"]
+            box = np.array(
+                [
+                    min(max(x1 - 1, 0), width),
+                    min(max(y1 - 1, 0), height),
+                    min(max(x2, 0), width),
+                    min(max(y2, 0), height),
+                ],
+                dtype=np.float32,
+            )
+            if box[2] <= box[0] or box[3] <= box[1]:
+                skipped.add("zero_area_box", f"{xml}: {obj['name']} {obj['box']}")
+                labels.append(None)
+                boxes.append(None)
+                continue
+            labels.append(label)
+            boxes.append(box)
+        masks: list[np.ndarray | None] | None = None
+        if with_masks:
+            masks = _voc_masks(voc, image_id, labels, height, width)
+            if masks is None and sbd is not None:
+                masks = _sbd_masks(sbd, image_id, labels, boxes, height, width)
+        instances = []
+        for j, (label, box, obj) in enumerate(zip(labels, boxes, objects, strict=True)):
+            if label is None or box is None:
+                continue
+            mask = masks[j] if masks is not None else None
+            if masks is not None and mask is None:
+                skipped.add("object_without_mask", f"{xml}: object {j + 1}")
+            instances.append(Instance(next_instance, label, box, mask, False, obj["difficult"]))
+            next_instance += 1
+        records.append(ImageRecord(image_id, path, int(width), int(height), instances))
+    if ids and not records:
+        raise DataError(
+            f"{voc}: none of the {len(ids)} images in split {split!r} has an annotation"
+        )
+    return Dataset(list(class_names), records, skipped)
