@@ -1,0 +1,274 @@
+"""Run attribution over one shard of a dataset, resumably.
+
+Instances are assigned to shards by a hash of their image id, so the
+assignment never depends on the order of the dataset or on the shard count of
+an earlier run of a different dataset, and all instances of one image land in
+the same shard (the image is read and resized once). The shard's Parquet
+manifest (see ``bbam.manifest``) says what is finished: a re-run skips
+instances whose row matches the params hash and code version, retries failed
+ones up to ``max_attempts``, and appends new rows in small parts so a kill
+costs at most one chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bbam import __version__
+from bbam.data.images import load_rgb
+from bbam.data.records import Dataset, ImageRecord, Instance
+from bbam.manifest import compact_shard, empty_row, read_shard, write_part
+
+DONE = ("ok", "no_positive", "skipped")
+
+
+def shard_of(image_id: str, num_shards: int) -> int:
+    """Deterministic shard of an image: sha1 of its id modulo the shard count."""
+    digest = hashlib.sha1(image_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def instance_key(image_id: str, instance_id: int) -> str:
+    return f"{image_id}/{instance_id}"
+
+
+@dataclass
+class WorkItem:
+    record: ImageRecord
+    instance: Instance
+    attempt: int
+
+    @property
+    def key(self) -> str:
+        return instance_key(self.record.image_id, self.instance.instance_id)
+
+
+def plan_shard(dataset: Dataset, shard: int, num_shards: int) -> list[tuple[ImageRecord, Instance]]:
+    """All (image, instance) pairs of a shard, crowd regions excluded, in dataset order."""
+    return [
+        (record, instance)
+        for record in dataset.records
+        if shard_of(record.image_id, num_shards) == shard
+        for instance in record.instances
+        if not instance.iscrowd
+    ]
+
+
+def pending_work(
+    planned: list[tuple[ImageRecord, Instance]],
+    shard_dir: Path,
+    params_hash: str,
+    max_attempts: int,
+) -> tuple[list[WorkItem], dict[str, int]]:
+    """What still has to run, and counts of why the rest is skipped."""
+    table = read_shard(shard_dir) if shard_dir.exists() else None
+    previous = {}
+    if table is not None and table.num_rows:
+        cols = table.select(["key", "status", "params_hash", "code_version", "attempt"]).to_pylist()
+        previous = {row["key"]: row for row in cols}
+    work, counts = [], {"done": 0, "retry": 0, "new": 0, "gave_up": 0}
+    for record, instance in planned:
+        row = previous.get(instance_key(record.image_id, instance.instance_id))
+        current = (
+            row is not None
+            and row["params_hash"] == params_hash
+            and row["code_version"] == __version__
+        )
+        if current and row["status"] in DONE:
+            counts["done"] += 1
+        elif current and row["status"] == "failed":
+            if row["attempt"] >= max_attempts:
+                counts["gave_up"] += 1
+            else:
+                counts["retry"] += 1
+                work.append(WorkItem(record, instance, row["attempt"] + 1))
+        else:
+            counts["new"] += 1
+            work.append(WorkItem(record, instance, 1))
+    return work, counts
+
+
+def _chunks(work: list[WorkItem], size: int) -> Iterator[list[WorkItem]]:
+    """Chunks of about ``size`` instances that never split an image."""
+    chunk: list[WorkItem] = []
+    for i, item in enumerate(work):
+        chunk.append(item)
+        next_image = work[i + 1].record.image_id if i + 1 < len(work) else None
+        if len(chunk) >= size and next_image != item.record.image_id:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _base_row(item: WorkItem, shard: int, classes: list[str], params_hash: str) -> dict:
+    row = empty_row()
+    row.update(
+        key=item.key,
+        image_id=item.record.image_id,
+        instance_id=int(item.instance.instance_id),
+        class_id=int(item.instance.label),
+        class_name=classes[item.instance.label - 1],
+        box=[float(v) for v in item.instance.box],
+        shard=shard,
+        attempt=item.attempt,
+        params_hash=params_hash,
+        code_version=__version__,
+        image_h=item.record.height,
+        image_w=item.record.width,
+    )
+    return row
+
+
+# attribute_chunk(images: list[HxWx3 uint8], items: list[WorkItem]) -> list[(row update, grid|None)]
+ChunkFn = Callable[[list[np.ndarray], list[WorkItem]], list[tuple[dict, np.ndarray | None]]]
+
+
+def run_shard(
+    dataset: Dataset,
+    shard: int,
+    num_shards: int,
+    shard_dir: Path,
+    attribute_chunk: ChunkFn,
+    params_hash: str,
+    chunk_size: int = 8,
+    max_attempts: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Attribute every pending instance of ``shard``; returns counts for the summary.
+
+    A chunk that raises is recorded as failed (with the error text) for each of
+    its instances and the shard goes on. An image that cannot be read fails only
+    its own instances.
+    """
+    planned = plan_shard(dataset, shard, num_shards)
+    work, counts = pending_work(planned, shard_dir, params_hash, max_attempts)
+    started = time.perf_counter()
+    for chunk in _chunks(work, chunk_size):
+        rows, grids = [], []
+        readable: list[WorkItem] = []
+        images: list[np.ndarray] = []
+        cache: dict[str, np.ndarray] = {}
+        for item in chunk:
+            try:
+                if item.record.image_id not in cache:
+                    cache[item.record.image_id] = load_rgb(item.record.path)
+                images.append(cache[item.record.image_id])
+                readable.append(item)
+            except Exception as exc:  # recorded per instance, never fatal for the shard
+                row = _base_row(item, shard, dataset.classes, params_hash)
+                row.update(status="failed", error=str(exc))
+                rows.append(row)
+                grids.append(None)
+        if readable:
+            try:
+                outputs = attribute_chunk(images, readable)
+            except Exception:
+                error = traceback.format_exc(limit=3)
+                outputs = [({"status": "failed", "error": error}, None) for _ in readable]
+            for item, (update, grid) in zip(readable, outputs, strict=True):
+                row = _base_row(item, shard, dataset.classes, params_hash)
+                row.update(update)
+                rows.append(row)
+                grids.append(grid)
+        write_part(shard_dir, rows, grids)
+        if progress is not None:
+            progress(len(chunk))
+    table = compact_shard(shard_dir) if shard_dir.exists() else read_shard(shard_dir)
+    keys = {instance_key(r.image_id, i.instance_id) for r, i in planned}
+    statuses = (
+        [
+            s
+            for k, s in zip(
+                table.column("key").to_pylist(), table.column("status").to_pylist(), strict=True
+            )
+            if k in keys
+        ]
+        if table.num_rows
+        else []
+    )
+    return {
+        "shard": shard,
+        "planned": len(planned),
+        "ran": len(work),
+        "skipped_done": counts["done"],
+        "retried": counts["retry"],
+        "seconds": time.perf_counter() - started,
+        "ok": statuses.count("ok"),
+        "no_positive": statuses.count("no_positive"),
+        "failed": statuses.count("failed"),
+        "skipped": statuses.count("skipped"),
+    }
+
+
+def torch_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def detector_chunk_fn(model: torch.nn.Module, config, device: torch.device) -> ChunkFn:
+    """The production ``attribute_chunk``: resize with the detector's own transform,
+    then run the BBAM engine on every instance of the chunk together."""
+    from bbam.attribution import AttributionItem, attribute_instances
+    from bbam.detector import make_heads_fn, prepare_images
+
+    heads = make_heads_fn(model)
+
+    def run(
+        images: list[np.ndarray], items: list[WorkItem]
+    ) -> list[tuple[dict, np.ndarray | None]]:
+        firsts: dict[str, np.ndarray] = {}
+        for image, item in zip(images, items, strict=True):
+            firsts.setdefault(item.record.image_id, image)
+        unique = {image_id: j for j, image_id in enumerate(firsts)}
+        batch, scales, sizes = prepare_images(model, list(firsts.values()))
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(items):
+            by_size.setdefault(tuple(sizes[unique[item.record.image_id]]), []).append(i)
+        outputs: list = [None] * len(items)
+        for (h, w), indices in by_size.items():
+            attribution_items = []
+            for i in indices:
+                j = unique[items[i].record.image_id]
+                box = torch.as_tensor(items[i].instance.box, dtype=torch.float32) * scales[j]
+                attribution_items.append(
+                    AttributionItem(
+                        key=items[i].key,
+                        image=batch[j, :, :h, :w],
+                        box=box,
+                        label=int(items[i].instance.label),
+                    )
+                )
+            results = attribute_instances(heads, attribution_items, config, device)
+            for i, result in zip(indices, results, strict=True):
+                stats = result.stats
+                update = {
+                    "status": result.status,
+                    "positives": stats.get("positives"),
+                    "threshold": stats.get("threshold_used"),
+                    "iterations": stats.get("iterations"),
+                    "loss_total": stats.get("loss_total"),
+                    "loss_box": stats.get("loss_box"),
+                    "loss_cls": stats.get("loss_cls"),
+                    "loss_l1": stats.get("loss_l1"),
+                    "loss_tv": stats.get("loss_tv"),
+                    "seconds": stats.get("seconds"),
+                    "device": str(stats.get("device", device)),
+                    "stride": float(result.stride),
+                    "resized_h": int(result.resized_hw[0]),
+                    "resized_w": int(result.resized_hw[1]),
+                }
+                outputs[i] = (update, np.asarray(result.grid, dtype=np.float16))
+        return outputs
+
+    return run
