@@ -60,6 +60,8 @@ class Dataset:
     classes: list[str]
     records: list[ImageRecord]
     skipped: SkipReport = field(default_factory=SkipReport)
+    # original category id per label (COCO); empty means "the label itself"
+    category_ids: list[int] = field(default_factory=list)
 
 
 class DataError(ValueError):
