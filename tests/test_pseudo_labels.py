@@ -1,0 +1,173 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from bbam.baselines import box_mask, grabcut_mask
+from bbam.data.palette import voc_colormap
+from bbam.data.records import ImageRecord, Instance
+from bbam.pseudo_labels import (
+    IGNORE,
+    build_instance_annotations,
+    coco_image_entry,
+    coco_image_id,
+    semantic_label,
+    write_coco_pseudo_gt,
+    write_semantic_png,
+)
+from bbam.refine import InstanceMasks
+
+torch.set_num_threads(1)
+
+
+def rect(h, w, y1, y2, x1, x2):
+    m = np.zeros((h, w), bool)
+    m[y1:y2, x1:x2] = True
+    return m
+
+
+def test_overlap_of_two_classes_is_ignored():
+    h, w = 20, 30
+    a_fg = rect(h, w, 2, 12, 2, 16)
+    b_fg = rect(h, w, 6, 18, 10, 28)
+    none = np.zeros((h, w), bool)
+    label = semantic_label(
+        h,
+        w,
+        [(3, np.array([2, 2, 16, 12.0]), a_fg, none), (7, np.array([10, 6, 28, 18.0]), b_fg, none)],
+    )
+    assert label.dtype == np.uint8
+    assert np.all(label[a_fg & b_fg] == IGNORE)
+    assert np.all(label[a_fg & ~b_fg] == 3)
+    assert np.all(label[b_fg & ~a_fg] == 7)
+    assert np.all(label[~a_fg & ~b_fg] == 0)
+    # two instances of the same class overlapping are not a conflict
+    same = semantic_label(
+        h,
+        w,
+        [(3, np.array([2, 2, 16, 12.0]), a_fg, none), (3, np.array([10, 6, 28, 18.0]), b_fg, none)],
+    )
+    assert np.all(same[a_fg | b_fg] == 3)
+
+
+def test_nested_boxes_reassign_inner_mask_largest_to_smallest():
+    h, w = 40, 40
+    none = np.zeros((h, w), bool)
+    outer = (1, np.array([0, 0, 40, 40.0]), rect(h, w, 0, 40, 0, 40), none)  # person
+    middle = (5, np.array([5, 5, 30, 30.0]), rect(h, w, 8, 28, 8, 28), none)  # chair in person
+    inner = (9, np.array([10, 10, 20, 20.0]), rect(h, w, 12, 18, 12, 18), none)  # inside chair
+    for order in ([outer, middle, inner], [inner, outer, middle]):
+        label = semantic_label(h, w, order)
+        assert np.all(label[12:18, 12:18] == 9)  # smallest processed last wins
+        ring = rect(h, w, 8, 28, 8, 28) & ~rect(h, w, 12, 18, 12, 18)
+        assert np.all(label[ring] == 5)
+        assert np.all(label[0:8, :] == 1)
+    # without nesting the conflicts stay ignored
+    shifted = (5, np.array([5, 5, 45, 30.0]), rect(h, w, 8, 28, 8, 28), none)
+    label = semantic_label(h, w, [outer, shifted])
+    assert np.all(label[8:28, 8:28] == IGNORE)
+
+
+def test_ignore_band_applied_last():
+    h, w = 30, 30
+    a_fg = rect(h, w, 5, 15, 5, 15)
+    a_ign = rect(h, w, 3, 17, 3, 17) & ~a_fg
+    b_fg = rect(h, w, 0, 30, 15, 30)  # another class claims part of a's band
+    none = np.zeros((h, w), bool)
+    label = semantic_label(
+        h,
+        w,
+        [
+            (2, np.array([3, 3, 17, 17.0]), a_fg, a_ign),
+            (4, np.array([15, 0, 30, 30.0]), b_fg, none),
+        ],
+    )
+    assert np.all(label[a_ign] == IGNORE)
+    assert np.all(label[a_fg] == 2)
+    assert np.all(label[b_fg & ~a_ign] == 4)
+
+
+def test_semantic_png_palette_roundtrip(tmp_path):
+    label = np.zeros((8, 9), np.uint8)
+    label[2:4, 2:5] = 15
+    label[5, :] = IGNORE
+    path = tmp_path / "sem" / "2007_000032.png"
+    write_semantic_png(path, label)
+    with Image.open(path) as im:
+        assert im.mode == "P"
+        assert np.array_equal(np.array(im), label)
+        assert np.array_equal(np.array(im.getpalette()[:48]).reshape(16, 3), voc_colormap(16))
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def _masks(fg, ignore, **stats):
+    return InstanceMasks(fg, fg | ignore, ignore, dict(stats))
+
+
+def test_coco_json_roundtrip_keeps_empty_instances(tmp_path):
+    h, w = 24, 32
+    record = ImageRecord("2007_000032", tmp_path / "2007_000032.jpg", w, h)
+    insts = [
+        Instance(11, 3, np.array([2.0, 3.0, 20.0, 15.0])),
+        Instance(12, 5, np.array([10.0, 10.0, 30.0, 22.0])),
+    ]
+    fg0 = rect(h, w, 5, 12, 4, 15)
+    ign0 = rect(h, w, 3, 15, 2, 20) & ~fg0
+    empty = np.zeros((h, w), bool)
+    masks = [
+        _masks(fg0, ign0, fallback="none", mcg_used=True, box_area=216),
+        _masks(empty, empty, fallback="empty_map", mcg_used=False),
+    ]
+    coco_id = coco_image_id(record.image_id)
+    assert coco_id == 2007000032
+    anns, rows = build_instance_annotations(coco_id, insts, masks)
+    images = [coco_image_entry(record, coco_id)]
+    cats = [{"id": i, "name": f"c{i}", "supercategory": "object"} for i in range(1, 6)]
+    path = tmp_path / "pseudo.json"
+    write_coco_pseudo_gt(path, images, cats, anns)
+    coco = COCO(str(path))
+    loaded = coco.loadAnns(coco.getAnnIds(imgIds=[coco_id]))
+    assert len(loaded) == 2  # the empty instance is kept
+    by_id = {a["id"]: a for a in loaded}
+    assert np.array_equal(coco.annToMask(by_id[11]).astype(bool), fg0)
+    assert np.array_equal(mask_utils.decode(by_id[11]["ignore"]).astype(bool), ign0)
+    assert by_id[11]["bbox"] == [2.0, 3.0, 18.0, 12.0]
+    assert by_id[11]["area"] == fg0.sum()
+    assert by_id[11]["bbam"]["mcg_used"] is True
+    assert by_id[12]["bbam"]["empty_fg"] is True and by_id[12]["area"] == 0
+    assert not coco.annToMask(by_id[12]).any()
+    assert rows[1]["fallback"] == "empty_map" and rows[1]["empty_fg"]
+    assert rows[0]["fg_fraction"] == pytest.approx(fg0.sum() / (18 * 12))
+    assert rows[0]["ignore_fraction"] == pytest.approx(ign0.sum() / (18 * 12))
+    json.dumps(rows)
+    with pytest.raises(ValueError):
+        build_instance_annotations(coco_id, insts, masks[:1])
+    with pytest.raises(ValueError):
+        coco_image_id("img_a")
+
+
+def test_box_and_grabcut_baselines():
+    rng = np.random.default_rng(0)
+    h, w = 64, 80
+    image = np.full((h, w, 3), (60, 160, 60), dtype=np.int64)
+    yy, xx = np.mgrid[0:h, 0:w]
+    obj = ((yy - 32) / 18.0) ** 2 + ((xx - 40) / 24.0) ** 2 <= 1.0
+    image[obj] = (220, 40, 40)
+    image = np.clip(image + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
+    box = np.array([12.0, 10.0, 68.0, 54.0])
+    filled = box_mask(box, h, w)
+    assert filled.sum() == 56 * 44 and filled[10, 12] and not filled[54, 68]
+    cut = grabcut_mask(image, box, iterations=5)
+
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
+
+    assert iou(cut, obj) > 0.85
+    assert iou(cut, obj) > iou(filled, obj)
+    assert not (cut & ~filled).any()
+    whole = grabcut_mask(image, np.array([0.0, 0.0, w, h]))
+    assert whole.all()  # no background samples: falls back to the box
