@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from xml.etree.ElementTree import Element, SubElement, tostring
+from xml.etree.ElementTree import Element, SubElement, indent, tostring
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -70,6 +70,7 @@ def write_voc_xml(path: str | Path, record: ImageRecord, classes: Sequence[str])
         SubElement(bnd, "ymin").text = str(y1 + 1)
         SubElement(bnd, "xmax").text = str(x2)
         SubElement(bnd, "ymax").text = str(y2)
+    indent(root)
     atomic_write_bytes(path, tostring(root, encoding="utf-8", xml_declaration=False) + b"\n")
 
 
