@@ -1,0 +1,544 @@
+"""BBAM engine: optimise a coarse mask per box instance over any ``HeadsFn``.
+
+One mask per instance (as in the reference, T L140/L192), but many instances run
+together in one batched heads call, each with its own mask, its own Adam state and
+its own seeded generator, so a result does not depend on the batch it ran in.
+Gradients are taken with ``torch.autograd.grad`` w.r.t. the masks only: detector
+parameters and images never receive ``.grad`` (no wasted parameter gradients).
+
+Images are expected already normalised, so the perturbation baseline mu (the
+per-channel normalisation mean, the paper's "training mean") is 0 by default.
+
+Which box drives the stride and the positives is simply the box in the item: the
+training pipeline passes the GT box (as the reference T does), explaining a detection
+would pass the predicted box (as the paper and V do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bbam.heads import HeadsFn
+from bbam.proposals import instance_generator, jitter_boxes, select_positives
+
+_CHOICES = {
+    "grid_rounding": ("floor", "ceil"),
+    "init": ("box_union", "constant"),
+    "param": ("clamp", "sigmoid"),
+    "l1_reduction": ("sum", "mean"),
+    "amp_dtype": ("bfloat16", "float16"),
+}
+_SIGMOID_EPS = 0.01  # a 0/1 initial grid maps to logit(0.01)/logit(0.99) under "sigmoid"
+_FP16_LOSS_SCALE = 1024.0  # static loss scale, only used with amp_dtype float16 on CUDA
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """All knobs of the BBAM engine. Defaults are the ``fast`` profile."""
+
+    seed: int = 0
+    # proposals (reference T L119-162)
+    num_jitters: int = 200
+    jitter_fraction: float = 0.3
+    iou_thresholds: tuple[float, ...] = (0.9, 0.85, 0.8)
+    max_positives: int = 100
+    iou_truncate: bool = True
+    positives_per_iter: int = 16  # 0 = all positives every iteration (reference)
+    # mask (reference T L183-191, D L106-143)
+    stride_coefs: tuple[float, float] = (16.0, 48.0)
+    grid_rounding: str = "floor"
+    init: str = "box_union"
+    init_value: float = 0.5
+    param: str = "clamp"
+    align_corners: bool = True
+    baseline_value: float = 0.0
+    # loss (reference T L193-213, U L16-38)
+    use_box_head: bool = True
+    use_cls_head: bool = True
+    box_weight: float = 0.5
+    cls_weight: float = 0.5
+    l1_weight: float = 0.007
+    l1_reduction: str = "sum"
+    tv_weight: float = 1e-4
+    tv_beta: float = 3.0
+    # optimiser and scheduling
+    lr: float = 0.02
+    iterations: int = 300
+    batch_size: int = 16
+    early_stop: bool = True
+    early_stop_tol: float = 0.01
+    early_stop_patience: int = 20
+    # CUDA-only speedups (ignored on CPU)
+    amp: bool = True
+    amp_dtype: str = "bfloat16"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("iou_thresholds", "stride_coefs"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"AttributionConfig.{name}={getattr(self, name)!r}: not in {allowed}"
+                )
+        if len(self.stride_coefs) != 2:
+            raise ValueError("AttributionConfig.stride_coefs must have 2 values (coef0, coef1)")
+        if not self.iou_thresholds:
+            raise ValueError("AttributionConfig.iou_thresholds must not be empty")
+        for name in ("num_jitters", "max_positives", "iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AttributionConfig.{name} must be >= 1")
+        if self.positives_per_iter < 0 or self.early_stop_patience < 1:
+            raise ValueError("positives_per_iter must be >= 0 and early_stop_patience >= 1")
+
+
+_PROFILES: dict[str, dict[str, Any]] = {
+    "fast": {},
+    "reference": {
+        "num_jitters": 1000,
+        "max_positives": 100,
+        "positives_per_iter": 0,
+        "iterations": 300,
+        "batch_size": 1,
+        "early_stop": False,
+        "amp": False,
+        "channels_last": False,
+        "grid_rounding": "floor",
+        "init": "box_union",
+        "param": "clamp",
+        "align_corners": True,
+        "l1_weight": 0.007,
+        "l1_reduction": "sum",
+        "tv_weight": 1e-4,
+    },
+}
+
+
+def profile_config(name: str = "fast", **overrides: Any) -> AttributionConfig:
+    """A named profile ("fast" or "reference") with keyword overrides."""
+    if name not in _PROFILES:
+        raise ValueError(f"unknown attribution profile {name!r}; known: {sorted(_PROFILES)}")
+    return AttributionConfig(**{**_PROFILES[name], **overrides})
+
+
+@dataclass
+class AttributionItem:
+    """One box instance: image (3, H, W) normalised+resized, box (4,) xyxy resized coords."""
+
+    key: str
+    image: torch.Tensor
+    box: torch.Tensor
+    label: int
+
+
+@dataclass
+class AttributionResult:
+    key: str
+    status: Literal["ok", "no_positive"]
+    grid: np.ndarray  # (h', w') float16 in [0, 1]
+    resized_hw: tuple[int, int]
+    stride: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def mask_stride(box: torch.Tensor, image_hw: tuple[int, int], coefs: Sequence[float]) -> float:
+    """s(a) = coef0 + coef1 * sqrt(a), a = box area / image area (both in the resized image)."""
+    b = box.reshape(4).tolist()
+    area = max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+    return float(coefs[0] + coefs[1] * math.sqrt(area / float(image_hw[0] * image_hw[1])))
+
+
+def grid_shape(image_hw: tuple[int, int], stride: float, rounding: str) -> tuple[int, int]:
+    """floor(H/s) x floor(W/s) (reference) or ceil (paper), at least 1 x 1."""
+    op = math.floor if rounding == "floor" else math.ceil
+    return max(1, int(op(image_hw[0] / stride))), max(1, int(op(image_hw[1] / stride)))
+
+
+def box_union_grid(boxes: torch.Tensor, shape: tuple[int, int], stride: float) -> torch.Tensor:
+    """1 on the union of ``boxes`` with coordinates divided by s and truncated (T L185-189)."""
+    c = (boxes.float() / stride).trunc().long().cpu()
+    ys = torch.arange(shape[0])[None, :]
+    xs = torch.arange(shape[1])[None, :]
+    in_y = (ys >= c[:, 1:2]) & (ys < c[:, 3:4])  # (P, h')
+    in_x = (xs >= c[:, 0:1]) & (xs < c[:, 2:3])  # (P, w')
+    return (in_y[:, :, None] & in_x[:, None, :]).any(dim=0).float()
+
+
+def tv_norm(grid: torch.Tensor, beta: float) -> torch.Tensor:
+    """Sum of |diff|^beta over vertical, horizontal and both diagonal neighbours,
+    each diagonal counted twice as in the reference (U L20-31)."""
+    v = (grid[1:, :] - grid[:-1, :]).abs().pow(beta).sum()
+    h = (grid[:, 1:] - grid[:, :-1]).abs().pow(beta).sum()
+    d1 = (grid[1:, 1:] - grid[:-1, :-1]).abs().pow(beta).sum()
+    d2 = (grid[1:, :-1] - grid[:-1, 1:]).abs().pow(beta).sum()
+    return v + h + 2.0 * (d1 + d2)
+
+
+def map_to_image(
+    grid: np.ndarray,
+    resized_hw: tuple[int, int],
+    original_hw: tuple[int, int],
+    align_corners: bool = True,
+) -> np.ndarray:
+    """Upsample a mask grid to the resized image (as during optimisation), then resize
+    it (bilinear, half-pixel centres) to the original image. Returns float32 (H, W)."""
+    g = torch.from_numpy(np.asarray(grid, dtype=np.float32))[None, None]
+    up = F.interpolate(g, size=tuple(resized_hw), mode="bilinear", align_corners=align_corners)
+    if tuple(original_hw) != tuple(resized_hw):
+        up = F.interpolate(up, size=tuple(original_hw), mode="bilinear", align_corners=False)
+    return up[0, 0].numpy().astype(np.float32)
+
+
+@dataclass
+class _State:
+    """One instance being optimised."""
+
+    item: AttributionItem
+    image: torch.Tensor
+    gen: torch.Generator
+    proposals: torch.Tensor  # (P, 4) positives, on device
+    t_ref: torch.Tensor  # (P, 4) reference deltas of the class slot
+    p_ref: torch.Tensor  # (P,) reference target-class probability
+    threshold: float
+    stride: float
+    param: torch.Tensor
+    opt: torch.optim.Optimizer
+    prev: torch.Tensor
+    seconds: float
+    iterations: int = 0
+    stable: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+
+
+def _grid_value(param: torch.Tensor, config: AttributionConfig) -> torch.Tensor:
+    return torch.sigmoid(param) if config.param == "sigmoid" else param
+
+
+def _autocast(config: AttributionConfig, device: torch.device):
+    if config.amp and device.type == "cuda":
+        dtype = torch.bfloat16 if config.amp_dtype == "bfloat16" else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return nullcontext()
+
+
+def _prepare_images(x: torch.Tensor, config: AttributionConfig, device: torch.device):
+    if config.channels_last and device.type == "cuda":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _no_positive(item: AttributionItem, hw, stride, config, seconds, device) -> AttributionResult:
+    shape = grid_shape(hw, stride, config.grid_rounding)
+    stats = {
+        "positives": 0,
+        "threshold_used": None,
+        "iterations": 0,
+        "loss_total": None,
+        "loss_box": None,
+        "loss_cls": None,
+        "loss_l1": None,
+        "loss_tv": None,
+        "seconds": seconds,
+        "device": str(device),
+    }
+    return AttributionResult(
+        item.key, "no_positive", np.zeros(shape, np.float16), hw, stride, stats
+    )
+
+
+def _reference_pass(
+    heads: HeadsFn,
+    items: list[AttributionItem],
+    images: list[torch.Tensor],
+    config: AttributionConfig,
+    device: torch.device,
+) -> tuple[list[_State], list[AttributionResult]]:
+    """Jitter, one no-grad heads pass on the unmasked images, pick positives, init masks."""
+    t0 = time.perf_counter()
+    hw = (int(images[0].shape[-2]), int(images[0].shape[-1]))
+    gens = [instance_generator(config.seed, it.key) for it in items]
+    props = [
+        jitter_boxes(it.box, config.num_jitters, config.jitter_fraction, hw, g).to(device)
+        for it, g in zip(items, gens, strict=True)
+    ]
+    # The same image tensor (several instances of one image) goes through the backbone once.
+    uniq: dict[int, int] = {}
+    for img in images:
+        uniq.setdefault(id(img), len(uniq))
+    order = list(uniq)
+    per_image: list[list[int]] = [[] for _ in order]
+    for k, img in enumerate(images):
+        per_image[uniq[id(img)]].append(k)
+    by_id = {id(img): img for img in images}
+    batch = torch.stack([by_id[i] for i in order])
+    flat = [k for ks in per_image for k in ks]
+    with torch.no_grad(), _autocast(config, device):
+        out = heads(
+            _prepare_images(batch, config, device),
+            [torch.cat([props[k] for k in ks]) for ks in per_image],
+        )
+    logits = out.logits.float().split(config.num_jitters)
+    deltas = out.deltas.float().split(config.num_jitters)
+    boxes = out.boxes.float().split(config.num_jitters)
+    where = {k: n for n, k in enumerate(flat)}
+    share = (time.perf_counter() - t0) / len(items)
+
+    states: list[_State] = []
+    done: list[AttributionResult] = []
+    for k, it in enumerate(items):
+        n = where[k]
+        label = int(it.label)
+        box = it.box.to(device=device, dtype=torch.float32)
+        stride = mask_stride(it.box, hw, config.stride_coefs)
+        idx, thr = select_positives(
+            logits[n], boxes[n], label, box, config.iou_thresholds, config.max_positives,
+            config.iou_truncate,
+        )  # fmt: skip
+        if idx.numel() == 0:
+            done.append(_no_positive(it, hw, stride, config, share, device))
+            continue
+        shape = grid_shape(hw, stride, config.grid_rounding)
+        if config.init == "box_union":
+            init = box_union_grid(boxes[n][idx, label], shape, stride)
+        else:
+            init = torch.full(shape, float(config.init_value))
+        init = init.to(device)
+        if config.param == "sigmoid":
+            init = torch.logit(init.clamp(_SIGMOID_EPS, 1.0 - _SIGMOID_EPS))
+        param = init.clone().requires_grad_(True)
+        states.append(
+            _State(
+                item=it,
+                image=images[k],
+                gen=gens[k],
+                proposals=props[k][idx],
+                t_ref=deltas[n][idx, label],
+                p_ref=torch.softmax(logits[n][idx], dim=1)[:, label],
+                threshold=float(thr),
+                stride=stride,
+                param=param,
+                opt=torch.optim.Adam([param], lr=config.lr),
+                prev=_grid_value(param.detach(), config).clone(),
+                seconds=share,
+            )
+        )
+    return states, done
+
+
+def _losses(
+    heads: HeadsFn,
+    active: list[_State],
+    images: torch.Tensor,
+    config: AttributionConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-instance losses (B,) for one batched masked forward pass."""
+    hw = images.shape[-2:]
+    grids = [_grid_value(st.param, config) for st in active]
+    masks = torch.cat(
+        [
+            F.interpolate(
+                g[None, None], size=hw, mode="bilinear", align_corners=config.align_corners
+            )
+            for g in grids
+        ]
+    )
+    x = images * masks
+    if config.baseline_value != 0.0:
+        x = x + config.baseline_value * (1.0 - masks)
+    sel: list[torch.Tensor] = []
+    for st in active:
+        num = st.proposals.shape[0]
+        k = config.positives_per_iter
+        if k and num > k:
+            sel.append(torch.randperm(num, generator=st.gen)[:k].to(device))
+        else:
+            sel.append(torch.arange(num, device=device))
+    props = [st.proposals[s] for st, s in zip(active, sel, strict=True)]
+    counts = torch.tensor([len(s) for s in sel], device=device)
+    seg = torch.repeat_interleave(torch.arange(len(active), device=device), counts)
+    labels = torch.cat(
+        [
+            torch.full((len(s),), int(st.item.label), device=device)
+            for st, s in zip(active, sel, strict=True)
+        ]
+    )
+    t_ref = torch.cat([st.t_ref[s] for st, s in zip(active, sel, strict=True)])
+    p_ref = torch.cat([st.p_ref[s] for st, s in zip(active, sel, strict=True)])
+    with _autocast(config, device):
+        out = heads(_prepare_images(x, config, device), props)
+    rows = torch.arange(labels.shape[0], device=device)
+    zeros = torch.zeros(len(active), device=device)
+    nb = counts.float()
+    if config.use_box_head:
+        d = out.deltas.float()[rows, labels]
+        per = config.box_weight * (d - t_ref).abs().mean(dim=1)
+        loss_box = zeros.index_add(0, seg, per) / nb
+    else:
+        loss_box = zeros
+    if config.use_cls_head:
+        p = torch.softmax(out.logits.float(), dim=1)[rows, labels]
+        per = config.cls_weight * (p - p_ref).abs()
+        loss_cls = zeros.index_add(0, seg, per) / nb
+    else:
+        loss_cls = zeros
+    if config.l1_reduction == "sum":
+        loss_l1 = torch.stack([g.abs().sum() for g in grids])
+    else:
+        loss_l1 = torch.stack([g.abs().mean() for g in grids])
+    if config.tv_weight > 0:
+        loss_tv = torch.stack([tv_norm(g, config.tv_beta) for g in grids])
+    else:
+        loss_tv = zeros
+    total = loss_box + loss_cls + config.l1_weight * loss_l1 + config.tv_weight * loss_tv
+    parts = {"box": loss_box, "cls": loss_cls, "l1": loss_l1, "tv": loss_tv}
+    return total, parts
+
+
+def _finish(st: _State, config: AttributionConfig, device: torch.device) -> AttributionResult:
+    grid = _grid_value(st.param.detach(), config).clamp(0.0, 1.0).cpu().numpy()
+    stats = {
+        "positives": int(st.proposals.shape[0]),
+        "threshold_used": st.threshold,
+        "iterations": st.iterations,
+        "loss_total": st.losses.get("total"),
+        "loss_box": st.losses.get("box"),
+        "loss_cls": st.losses.get("cls"),
+        "loss_l1": st.losses.get("l1"),
+        "loss_tv": st.losses.get("tv"),
+        "seconds": st.seconds,
+        "device": str(device),
+    }
+    hw = (int(st.image.shape[-2]), int(st.image.shape[-1]))
+    return AttributionResult(st.item.key, "ok", grid.astype(np.float16), hw, st.stride, stats)
+
+
+def _run_group(
+    heads: HeadsFn,
+    items: list[AttributionItem],
+    images: list[torch.Tensor],
+    config: AttributionConfig,
+    device: torch.device,
+    on_result: Callable[[AttributionResult], None],
+) -> None:
+    """Optimise same-size instances, ``batch_size`` at a time; a finished instance leaves
+    the batch and the next prepared one takes its place."""
+    waiting = list(range(len(items)))
+    ready: list[_State] = []
+    active: list[_State] = []
+    batch_images: torch.Tensor | None = None
+    scale = (
+        _FP16_LOSS_SCALE
+        if (config.amp and config.amp_dtype == "float16" and device.type == "cuda")
+        else 1.0
+    )
+    while active or ready or waiting:
+        if len(active) < config.batch_size and (ready or waiting):
+            if not ready:
+                take, waiting = waiting[: config.batch_size], waiting[config.batch_size :]
+                states, done = _reference_pass(
+                    heads, [items[i] for i in take], [images[i] for i in take], config, device
+                )
+                for res in done:
+                    on_result(res)
+                ready.extend(states)
+                continue
+            while ready and len(active) < config.batch_size:
+                active.append(ready.pop(0))
+            batch_images = None
+        if not active:
+            continue
+        if batch_images is None:
+            batch_images = torch.stack([st.image for st in active])
+        t0 = time.perf_counter()
+        total, parts = _losses(heads, active, batch_images, config, device)
+        params = [st.param for st in active]
+        grads = torch.autograd.grad(total.sum() * scale, params)
+        finished: list[int] = []
+        with torch.no_grad():
+            for n, (st, g) in enumerate(zip(active, grads, strict=True)):
+                if not torch.isfinite(g).all():
+                    g = torch.zeros_like(g)
+                st.param.grad = g / scale
+                st.opt.step()
+                st.param.grad = None
+                if config.param == "clamp":
+                    st.param.clamp_(0.0, 1.0)
+                st.iterations += 1
+                st.losses = {"total": float(total[n])}
+                st.losses.update({k: float(v[n]) for k, v in parts.items()})
+                cur = _grid_value(st.param, config)
+                change = float((cur - st.prev).abs().max())
+                st.prev = cur.clone()
+                st.stable = st.stable + 1 if change < config.early_stop_tol else 0
+                stop = config.early_stop and st.stable >= config.early_stop_patience
+                if stop or st.iterations >= config.iterations:
+                    finished.append(n)
+        dt = (time.perf_counter() - t0) / len(active)
+        for st in active:
+            st.seconds += dt
+        if finished:
+            for n in finished:
+                on_result(_finish(active[n], config, device))
+            active = [st for n, st in enumerate(active) if n not in finished]
+            batch_images = None
+
+
+def attribute_instances(
+    heads: HeadsFn,
+    items: list[AttributionItem],
+    config: AttributionConfig,
+    device: torch.device | str,
+) -> list[AttributionResult]:
+    """BBAM for every item; results in the order of ``items``.
+
+    Instances are grouped by resized image size (one heads call needs one size) and
+    optimised ``config.batch_size`` at a time. The caller should freeze the detector
+    (eval mode); the engine differentiates w.r.t. the masks only in any case.
+    """
+    device = torch.device(device)
+    keys = [it.key for it in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError("attribute_instances: item keys must be unique")
+    for it in items:
+        if it.image.ndim != 3 or it.image.shape[0] != 3:
+            raise ValueError(f"item {it.key}: image must be (3, H, W), got {tuple(it.image.shape)}")
+        if tuple(it.box.reshape(-1).shape) != (4,):
+            raise ValueError(f"item {it.key}: box must have 4 values")
+    # Move each distinct image once (instances of one image share the tensor).
+    moved: dict[int, torch.Tensor] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, it in enumerate(items):
+        if id(it.image) not in moved:
+            moved[id(it.image)] = it.image.detach().to(device=device, dtype=torch.float32)
+        groups.setdefault((int(it.image.shape[-2]), int(it.image.shape[-1])), []).append(k)
+    results: dict[str, AttributionResult] = {}
+
+    def on_result(res: AttributionResult) -> None:
+        results[res.key] = res
+
+    for idx in groups.values():
+        _run_group(
+            heads,
+            [items[k] for k in idx],
+            [moved[id(items[k].image)] for k in idx],
+            config,
+            device,
+            on_result,
+        )
+    return [results[k] for k in keys]
+
+
+def config_fields() -> dict[str, Any]:
+    """Field names and defaults (for documentation / params.yaml)."""
+    return {f.name: f.default for f in dataclasses.fields(AttributionConfig)}

@@ -1,0 +1,236 @@
+"""Tests of the BBAM engine on a hand-built toy detector (no training needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from bbam.attribution import (
+    AttributionConfig,
+    AttributionItem,
+    attribute_instances,
+    box_union_grid,
+    grid_shape,
+    map_to_image,
+    mask_stride,
+    profile_config,
+    tv_norm,
+)
+from bbam.proposals import instance_generator, jitter_boxes, select_positives
+from bbam.toy_detector import ToyDetector, toy_scene
+
+torch.set_num_threads(1)
+
+SIZE = (96, 96)
+# Small images need small strides; fewer iterations keep the tests fast.
+SMALL = {"stride_coefs": (2.0, 6.0), "iterations": 150, "num_jitters": 200}
+
+
+@pytest.fixture(scope="module")
+def detector() -> ToyDetector:
+    return ToyDetector().eval()
+
+
+@pytest.fixture(scope="module")
+def scene():
+    img, boxes, masks = toy_scene(SIZE, [(44, 50, 18, 1)])
+    return img, boxes[0], masks[0].numpy()
+
+
+def _iou(result, region: np.ndarray) -> float:
+    m = map_to_image(result.grid, result.resized_hw, result.resized_hw) > 0.5
+    return float((m & region).sum() / max((m | region).sum(), 1))
+
+
+@pytest.mark.parametrize("profile", ["fast", "reference"])
+def test_recovers_textured_region(detector, scene, profile):
+    img, box, region = scene
+    cfg = profile_config(profile, **SMALL)
+    (res,) = attribute_instances(detector, [AttributionItem("a", img, box, 1)], cfg, "cpu")
+    assert res.status == "ok"
+    assert res.grid.dtype == np.float16
+    assert res.grid.shape == grid_shape(SIZE, res.stride, cfg.grid_rounding)
+    assert res.stats["positives"] > 0 and res.stats["threshold_used"] in cfg.iou_thresholds
+    assert _iou(res, region) >= 0.8
+    # the whole box would not do: the disk covers ~pi/4 of it
+    box_mask = np.zeros(SIZE, bool)
+    x1, y1, x2, y2 = box.int().tolist()
+    box_mask[y1:y2, x1:x2] = True
+    assert (box_mask & region).sum() / (box_mask | region).sum() < 0.8
+
+
+def test_gradients_reach_only_the_mask(scene):
+    det = ToyDetector()
+    assert all(p.requires_grad for p in det.parameters())
+    img, box, _ = scene
+    img = img.clone().requires_grad_(True)
+    seen = []
+
+    def heads(images, proposals):
+        seen.append(images.requires_grad)
+        return det(images, proposals)
+
+    cfg = profile_config("fast", **{**SMALL, "iterations": 5, "early_stop": False})
+    (res,) = attribute_instances(heads, [AttributionItem("a", img, box, 1)], cfg, "cpu")
+    assert res.stats["iterations"] == 5
+    assert all(p.grad is None for p in det.parameters())
+    assert img.grad is None
+    assert seen[0] is False and all(seen[1:])  # reference pass no-grad, masked passes grad
+
+
+def test_seeded_runs_are_deterministic(detector, scene):
+    img, box, _ = scene
+    cfg = profile_config("fast", **{**SMALL, "iterations": 40})
+    items = [AttributionItem("a", img, box, 1)]
+    a = attribute_instances(detector, items, cfg, "cpu")[0]
+    b = attribute_instances(detector, items, cfg, "cpu")[0]
+    assert np.array_equal(a.grid, b.grid)
+    c = attribute_instances(detector, items, dataclasses.replace(cfg, seed=1), "cpu")[0]
+    assert a.stats["positives"] != c.stats["positives"] or not np.array_equal(a.grid, c.grid)
+
+
+def test_batched_matches_one_at_a_time(detector):
+    img1, boxes1, _ = toy_scene(SIZE, [(30, 32, 14, 1), (68, 64, 16, 2)])
+    img2, boxes2, _ = toy_scene(SIZE, [(50, 46, 20, 2), (20, 78, 10, 1)])
+    items = [
+        AttributionItem("i1a", img1, boxes1[0], 1),
+        AttributionItem("i1b", img1, boxes1[1], 2),
+        AttributionItem("i2a", img2, boxes2[0], 2),
+        AttributionItem("i2b", img2, boxes2[1], 1),
+    ]
+    base = profile_config("fast", **{**SMALL, "iterations": 60})
+    batched = attribute_instances(detector, items, dataclasses.replace(base, batch_size=4), "cpu")
+    single = attribute_instances(detector, items, dataclasses.replace(base, batch_size=1), "cpu")
+    assert [r.key for r in batched] == [it.key for it in items]
+    for b, s in zip(batched, single, strict=True):
+        assert b.status == s.status == "ok"
+        assert b.stats["positives"] == s.stats["positives"]
+        np.testing.assert_allclose(b.grid.astype(np.float32), s.grid.astype(np.float32), atol=1e-2)
+
+
+@pytest.mark.parametrize("switch", ["use_box_head", "use_cls_head"])
+def test_each_head_alone(detector, scene, switch):
+    img, box, region = scene
+    # The cls term alone is bounded (|dp| < 1) and the toy's probability saturates, so the
+    # default sum-L1 (0.007 per cell) would win everywhere; a weaker L1 keeps the test about
+    # the switch, not about the balance of the two terms.
+    l1 = 0.001 if switch == "use_box_head" else 0.007
+    cfg = profile_config("fast", **{**SMALL, switch: False, "l1_weight": l1})
+    (res,) = attribute_instances(detector, [AttributionItem("a", img, box, 1)], cfg, "cpu")
+    off = "loss_box" if switch == "use_box_head" else "loss_cls"
+    on = "loss_cls" if switch == "use_box_head" else "loss_box"
+    assert res.stats[off] == 0.0
+    assert res.stats[on] > 0.0
+    assert _iou(res, region) >= 0.7
+
+
+def test_no_positive_is_reported(detector, scene):
+    img, box, _ = scene
+    items = [
+        AttributionItem("wrong_class", img, box, 2),
+        AttributionItem("empty", img, torch.tensor([2.0, 2.0, 22.0, 22.0]), 1),
+        AttributionItem("good", img, box, 1),
+    ]
+    cfg = profile_config("fast", **{**SMALL, "iterations": 5, "batch_size": 3})
+    res = attribute_instances(detector, items, cfg, "cpu")
+    for r in res[:2]:
+        assert r.status == "no_positive"
+        assert r.stats["positives"] == 0 and r.stats["threshold_used"] is None
+        assert r.grid.shape == grid_shape(SIZE, r.stride, cfg.grid_rounding)
+        assert not r.grid.any()
+    assert res[2].status == "ok" and res[2].grid.any()
+
+
+def test_config_profiles_and_validation():
+    ref = profile_config("reference")
+    assert (ref.num_jitters, ref.max_positives, ref.iterations, ref.batch_size) == (
+        1000,
+        100,
+        300,
+        1,
+    )
+    assert ref.positives_per_iter == 0 and not ref.early_stop
+    assert (ref.lr, ref.l1_weight, ref.tv_weight) == (0.02, 0.007, 1e-4)
+    assert profile_config("fast") == AttributionConfig()
+    cfg = AttributionConfig(**{"iou_thresholds": [0.9, 0.8], "stride_coefs": [8, 16]})
+    assert cfg.iou_thresholds == (0.9, 0.8) and cfg.stride_coefs == (8.0, 16.0)
+    with pytest.raises(TypeError):
+        AttributionConfig(**{"no_such_key": 1})
+    with pytest.raises(ValueError):
+        AttributionConfig(param="tanh")
+    with pytest.raises(ValueError):
+        profile_config("nope")
+
+
+def test_tv_weight_zero_and_l1_mean(detector, scene):
+    img, box, _ = scene
+    cfg = profile_config(
+        "fast", **{**SMALL, "iterations": 3, "tv_weight": 0.0, "l1_reduction": "mean"}
+    )
+    (res,) = attribute_instances(detector, [AttributionItem("a", img, box, 1)], cfg, "cpu")
+    assert res.stats["loss_tv"] == 0.0
+    assert 0.0 < res.stats["loss_l1"] <= 1.0
+
+
+def test_sigmoid_param_and_constant_init(detector, scene):
+    img, box, region = scene
+    cfg = profile_config("fast", **{**SMALL, "param": "sigmoid", "init": "constant", "lr": 0.1})
+    (res,) = attribute_instances(detector, [AttributionItem("a", img, box, 1)], cfg, "cpu")
+    assert res.status == "ok"
+    assert _iou(res, region) >= 0.6
+
+
+def test_tv_norm_counts_diagonals_twice():
+    g = torch.zeros(2, 2)
+    g[0, 0] = 1.0
+    # one vertical, one horizontal and one main-diagonal difference of 1
+    assert float(tv_norm(g, 3.0)) == pytest.approx(1 + 1 + 2 * 1)
+
+
+def test_stride_grid_and_box_union():
+    s = mask_stride(torch.tensor([0.0, 0.0, 50.0, 50.0]), (100, 100), (16.0, 48.0))
+    assert s == pytest.approx(16 + 48 * 0.5)
+    assert grid_shape((100, 130), s, "floor") == (2, 3)
+    assert grid_shape((100, 130), s, "ceil") == (3, 4)
+    g = box_union_grid(torch.tensor([[0.0, 0.0, 9.9, 4.0], [12.0, 12.0, 20.0, 20.0]]), (6, 6), 4.0)
+    assert g[0, :2].tolist() == [1, 1] and g[0, 2] == 0 and g[1].sum() == 0
+    assert g[3:5, 3:5].all() and g.sum() == 2 + 4
+
+
+def test_jitter_and_positive_cascade():
+    box = torch.tensor([10.0, 20.0, 50.0, 40.0])
+    j1 = jitter_boxes(box, 500, 0.3, (60, 55), instance_generator(0, "k"))
+    j2 = jitter_boxes(box, 500, 0.3, (60, 55), instance_generator(0, "k"))
+    assert torch.equal(j1, j2)
+    assert (j1[:, 0::2] >= 0).all() and (j1[:, 0::2] <= 55).all() and (j1[:, 3] <= 60).all()
+    assert ((j1 - box).abs() <= torch.tensor([12.0, 6.0, 12.0, 6.0]) + 1e-4).all()
+    assert not torch.equal(j1, jitter_boxes(box, 500, 0.3, (60, 55), instance_generator(0, "x")))
+
+    def setup(n_hi, n_mid):
+        n = n_hi + n_mid + 5
+        logits = torch.zeros(n, 3)
+        logits[:, 1] = 1.0
+        logits[-5:, 0] = 2.0  # misclassified as background
+        dec = box.repeat(n, 3, 1)
+        dec[n_hi : n_hi + n_mid, 1, 2] = 46.0  # IoU 0.9 -> fails 0.9/0.85? (36/40)=0.9
+        return logits, dec
+
+    logits, dec = setup(150, 20)
+    idx, thr = select_positives(logits, dec, 1, box, (0.9, 0.85, 0.8), 100)
+    assert thr == 0.9 and idx.tolist() == list(range(100))
+    logits, dec = setup(50, 30)
+    idx, thr = select_positives(logits, dec, 1, box, (0.9, 0.85, 0.8), 100)
+    assert thr == 0.8 and idx.tolist() == list(range(80))
+    idx, thr = select_positives(logits, dec, 2, box, (0.9, 0.85, 0.8), 100)
+    assert thr is None and idx.numel() == 0
+
+
+def test_map_to_image_sizes():
+    grid = np.zeros((4, 5), np.float16)
+    grid[1:3, 1:4] = 1
+    m = map_to_image(grid, (40, 50), (30, 35))
+    assert m.shape == (30, 35) and m.dtype == np.float32
+    assert 0.0 <= m.min() and m.max() <= 1.0 and m[15, 17] > 0.9 and m[0, 0] < 0.01
