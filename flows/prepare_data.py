@@ -1,0 +1,97 @@
+"""Stage 1: get the data where the readers expect it and summarise it.
+
+``python -m flows.prepare_data --params params.yaml``
+
+- ``synthetic``: generate the embedded default dataset (no network).
+- ``voc`` / ``coco``: download (or take from ``data.archives_dir``), verify, extract,
+  lay out; VOC (train_aug + SBD) is also written as COCO JSON, the format every
+  later stage reads.
+- ``custom``: your own COCO files, used as they are; only summarised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.common import load_params, load_split, split_paths, stage_cli, write_json
+
+METRICS = Path("metrics/data.json")
+
+
+@task(name="prepare-dataset", retries=2, retry_delay_seconds=10)
+def prepare(params_path: str) -> dict:
+    from bbam.data.prepare import prepare_dataset
+
+    params = load_params(params_path)
+    data = params["data"]
+    if data["name"] == "custom":
+        return {}
+    root = Path(data["root"])
+    archives = Path(data["archives_dir"]) if data.get("archives_dir") else None
+    return prepare_dataset(
+        data["name"],
+        root,
+        archives,
+        Path(data.get("download_dir") or root.parent / "downloads"),
+        synthetic=params.get("synthetic"),
+    )
+
+
+@task(name="voc-to-coco")
+def voc_to_coco(params_path: str) -> None:
+    """Write VOC splits as COCO JSON (the format later stages read), unless present."""
+    from bbam.data.voc import read_voc
+    from bbam.data.writers import write_coco_json
+
+    params = load_params(params_path)
+    root = Path(params["data"]["root"])
+    for split in ("train", "val"):
+        annotation_json, image_root = split_paths(params, split)
+        if annotation_json.exists():
+            continue
+        voc_split = params["data"].get(f"{split}_voc_split", split)
+        sbd = root / "SBD" if (root / "SBD").exists() else None
+        dataset = read_voc(root, voc_split, sbd_root=sbd)
+        write_coco_json(annotation_json, dataset, image_root=image_root)
+
+
+@task(name="summarise-splits")
+def summarise(params_path: str) -> dict:
+    params = load_params(params_path)
+    summary = {}
+    for split in ("train", "val"):
+        dataset = load_split(params, split, with_masks=False)
+        per_class = dict.fromkeys(dataset.classes, 0)
+        for record in dataset.records:
+            for instance in record.instances:
+                per_class[dataset.classes[instance.label - 1]] += 1
+        summary[split] = {
+            "images": len(dataset.records),
+            "instances": sum(per_class.values()),
+            "per_class": per_class,
+            "skipped": dataset.skipped.counts,
+        }
+    return summary
+
+
+@flow(name="prepare-data")
+def prepare_data(params_path: str = "params.yaml") -> dict:
+    params = load_params(params_path)
+    prepare(params_path)
+    if params["data"]["name"] == "voc":
+        voc_to_coco(params_path)
+    summary = summarise(params_path)
+    write_json(METRICS, summary)
+    print(
+        "[bbam] prepare_data: "
+        + ", ".join(
+            f"{s}: {v['images']} images / {v['instances']} instances" for s, v in summary.items()
+        )
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    stage_cli("prepare_data", prepare_data)

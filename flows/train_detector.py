@@ -1,0 +1,51 @@
+"""Stage 2: train the two-stage detector BBAM explains (resumes from its checkpoint).
+
+``python -m flows.train_detector --params params.yaml``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.common import (
+    DETECTOR_DIR,
+    detector_config,
+    file_sha256,
+    load_params,
+    load_split,
+    params_hash,
+    split_paths,
+    stage_cli,
+    write_json,
+)
+
+METRICS = Path("metrics/detector.json")
+
+
+@task(name="train-detector", retries=1, retry_delay_seconds=5, tags=["gpu"])
+def train(params_path: str) -> dict:
+    from bbam.train_detector import train_detector
+
+    params = load_params(params_path)
+    config = detector_config(params)
+    train_split, val_split = load_split(params, "train"), load_split(params, "val")
+    digest = params_hash(
+        dataclasses.asdict(config),
+        file_sha256(split_paths(params, "train")[0]),
+    )
+    return train_detector(train_split, val_split, DETECTOR_DIR, config, digest)
+
+
+@flow(name="train-detector")
+def train_detector_flow(params_path: str = "params.yaml") -> dict:
+    metrics = train(params_path)
+    write_json(METRICS, metrics)
+    print(f"[bbam] train_detector: {metrics}")
+    return metrics
+
+
+if __name__ == "__main__":
+    stage_cli("train_detector", train_detector_flow)

@@ -1,0 +1,70 @@
+"""Prefect tasks of the attribution stage: one task per shard, then a merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from tqdm import tqdm
+
+from bbam.manifest import atomic_write_bytes, merge_manifests, status_counts
+from bbam.shards import detector_chunk_fn, plan_shard, run_shard, torch_device
+from flows.common import load_detector_from_params, load_params, load_split
+
+
+def shard_dir(out_dir: str | Path, shard: int) -> Path:
+    return Path(out_dir) / "shards" / f"shard-{shard:04d}"
+
+
+@task(name="attribute-shard", retries=1, retry_delay_seconds=5, tags=["gpu"])
+def attribute_shard(params_path: str, shard: int, out_dir: str, params_hash: str) -> dict:
+    """Attribute the pending instances of one shard; the manifest makes it resumable."""
+    from bbam.attribution import profile_config
+
+    params = load_params(params_path)
+    section = params["attribution"]
+    dataset = load_split(params, section["split"])
+    num_shards = int(section["num_shards"])
+    device = torch_device(params.get("device", "auto"))
+    config = profile_config(section.get("profile", "fast"), **(section.get("overrides") or {}))
+    engine: dict = {}
+
+    def chunk_fn(images, items):
+        if not engine:  # load the detector only when there is work to do
+            model = load_detector_from_params(params, len(dataset.classes) + 1, device)
+            engine["run"] = detector_chunk_fn(model, config, device)
+        return engine["run"](images, items)
+
+    planned = len(plan_shard(dataset, shard, num_shards))
+    with tqdm(total=planned, desc=f"shard {shard}", unit="inst", leave=False) as bar:
+        summary = run_shard(
+            dataset,
+            shard,
+            num_shards,
+            shard_dir(out_dir, shard),
+            chunk_fn,
+            params_hash,
+            chunk_size=int(section.get("chunk_size", 16)),
+            max_attempts=int(section.get("max_attempts", 2)),
+            progress=bar.update,
+        )
+    get_run_logger().info("shard %d: %s", shard, summary)
+    return summary
+
+
+@task(name="merge-manifests")
+def merge_shards(out_dir: str, num_shards: int) -> dict:
+    """One manifest over all shards (each key exactly once) plus counts per status."""
+    dirs = [shard_dir(out_dir, s) for s in range(num_shards)]
+    table = merge_manifests(d for d in dirs if d.exists())
+    path = Path(out_dir) / "manifest.parquet"
+    atomic_write_bytes(path, lambda f: pq.write_table(table, f, compression="zstd"))
+    seconds = sum(v or 0.0 for v in table.column("seconds").to_pylist()) if table.num_rows else 0.0
+    counts = status_counts(table)
+    return {
+        "instances": table.num_rows,
+        **counts,
+        "engine_seconds": round(seconds, 2),
+        "instances_per_engine_s": round(counts["ok"] / seconds, 4) if seconds else 0.0,
+    }
