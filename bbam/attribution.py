@@ -133,12 +133,18 @@ def profile_config(name: str = "fast", **overrides: Any) -> AttributionConfig:
 
 @dataclass
 class AttributionItem:
-    """One box instance: image (3, H, W) normalised+resized, box (4,) xyxy resized coords."""
+    """One box instance: image (3, H, W) normalised+resized, box (4,) xyxy resized coords.
+
+    ``valid_hw``: the resized image size before any batch padding (``prepare_images`` pads to
+    a multiple of 32); it sets the box-area ratio of the stride and the jitter clipping.
+    None means the whole tensor is image.
+    """
 
     key: str
     image: torch.Tensor
     box: torch.Tensor
     label: int
+    valid_hw: tuple[int, int] | None = None
 
 
 @dataclass
@@ -146,9 +152,10 @@ class AttributionResult:
     key: str
     status: Literal["ok", "no_positive"]
     grid: np.ndarray  # (h', w') float16 in [0, 1]
-    resized_hw: tuple[int, int]
+    resized_hw: tuple[int, int]  # the size the grid is upsampled to (the image tensor's)
     stride: float
     stats: dict[str, Any] = field(default_factory=dict)
+    valid_hw: tuple[int, int] | None = None  # unpadded part of resized_hw (None: all of it)
 
 
 def mask_stride(box: torch.Tensor, image_hw: tuple[int, int], coefs: Sequence[float]) -> float:
@@ -189,12 +196,16 @@ def map_to_image(
     resized_hw: tuple[int, int],
     original_hw: tuple[int, int],
     align_corners: bool = True,
+    valid_hw: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Upsample a mask grid to the resized image (as during optimisation), then resize
-    it (bilinear, half-pixel centres) to the original image. Returns float32 (H, W)."""
+    """Upsample a mask grid to the resized image (as during optimisation), crop away batch
+    padding (``valid_hw``), then resize (bilinear, half-pixel centres) to the original
+    image. Returns float32 (H, W)."""
     g = torch.from_numpy(np.asarray(grid, dtype=np.float32))[None, None]
     up = F.interpolate(g, size=tuple(resized_hw), mode="bilinear", align_corners=align_corners)
-    if tuple(original_hw) != tuple(resized_hw):
+    if valid_hw is not None:
+        up = up[..., : int(valid_hw[0]), : int(valid_hw[1])]
+    if tuple(original_hw) != tuple(up.shape[-2:]):
         up = F.interpolate(up, size=tuple(original_hw), mode="bilinear", align_corners=False)
     return up[0, 0].numpy().astype(np.float32)
 
@@ -237,6 +248,12 @@ def _prepare_images(x: torch.Tensor, config: AttributionConfig, device: torch.de
     return x
 
 
+def _valid_hw(item: AttributionItem) -> tuple[int, int]:
+    if item.valid_hw is None:
+        return int(item.image.shape[-2]), int(item.image.shape[-1])
+    return int(item.valid_hw[0]), int(item.valid_hw[1])
+
+
 def _no_positive(item: AttributionItem, hw, stride, config, seconds, device) -> AttributionResult:
     shape = grid_shape(hw, stride, config.grid_rounding)
     stats = {
@@ -252,7 +269,7 @@ def _no_positive(item: AttributionItem, hw, stride, config, seconds, device) -> 
         "device": str(device),
     }
     return AttributionResult(
-        item.key, "no_positive", np.zeros(shape, np.float16), hw, stride, stats
+        item.key, "no_positive", np.zeros(shape, np.float16), hw, stride, stats, _valid_hw(item)
     )
 
 
@@ -268,7 +285,9 @@ def _reference_pass(
     hw = (int(images[0].shape[-2]), int(images[0].shape[-1]))
     gens = [instance_generator(config.seed, it.key) for it in items]
     props = [
-        jitter_boxes(it.box, config.num_jitters, config.jitter_fraction, hw, g).to(device)
+        jitter_boxes(it.box, config.num_jitters, config.jitter_fraction, _valid_hw(it), g).to(
+            device
+        )
         for it, g in zip(items, gens, strict=True)
     ]
     # The same image tensor (several instances of one image) goes through the backbone once.
@@ -299,7 +318,7 @@ def _reference_pass(
         n = where[k]
         label = int(it.label)
         box = it.box.to(device=device, dtype=torch.float32)
-        stride = mask_stride(it.box, hw, config.stride_coefs)
+        stride = mask_stride(it.box, _valid_hw(it), config.stride_coefs)
         idx, thr = select_positives(
             logits[n], boxes[n], label, box, config.iou_thresholds, config.max_positives,
             config.iou_truncate,
@@ -420,7 +439,9 @@ def _finish(st: _State, config: AttributionConfig, device: torch.device) -> Attr
         "device": str(device),
     }
     hw = (int(st.image.shape[-2]), int(st.image.shape[-1]))
-    return AttributionResult(st.item.key, "ok", grid.astype(np.float16), hw, st.stride, stats)
+    return AttributionResult(
+        st.item.key, "ok", grid.astype(np.float16), hw, st.stride, stats, _valid_hw(st.item)
+    )
 
 
 def _run_group(
@@ -515,6 +536,9 @@ def attribute_instances(
             raise ValueError(f"item {it.key}: image must be (3, H, W), got {tuple(it.image.shape)}")
         if tuple(it.box.reshape(-1).shape) != (4,):
             raise ValueError(f"item {it.key}: box must have 4 values")
+        vh, vw = _valid_hw(it)
+        if not (0 < vh <= it.image.shape[-2] and 0 < vw <= it.image.shape[-1]):
+            raise ValueError(f"item {it.key}: valid_hw {it.valid_hw} outside the image tensor")
     # Move each distinct image once (instances of one image share the tensor).
     moved: dict[int, torch.Tensor] = {}
     groups: dict[tuple[int, int], list[int]] = {}

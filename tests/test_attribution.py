@@ -234,3 +234,19 @@ def test_map_to_image_sizes():
     m = map_to_image(grid, (40, 50), (30, 35))
     assert m.shape == (30, 35) and m.dtype == np.float32
     assert 0.0 <= m.min() and m.max() <= 1.0 and m[15, 17] > 0.9 and m[0, 0] < 0.01
+
+
+def test_valid_hw_crops_padding(detector, scene):
+    img, box, _ = scene
+    padded = torch.zeros(3, 128, 112)
+    padded[:, :96, :96] = img
+    cfg = profile_config("fast", **{**SMALL, "iterations": 3})
+    items = [AttributionItem("p", padded, box, 1, valid_hw=(96, 96))]
+    (res,) = attribute_instances(detector, items, cfg, "cpu")
+    assert res.resized_hw == (128, 112) and res.valid_hw == (96, 96)
+    assert res.stride == pytest.approx(mask_stride(box, (96, 96), cfg.stride_coefs))
+    full = map_to_image(res.grid, res.resized_hw, res.resized_hw)
+    m = map_to_image(res.grid, res.resized_hw, (96, 96), valid_hw=res.valid_hw)
+    np.testing.assert_allclose(m, full[:96, :96], atol=1e-6)
+    with pytest.raises(ValueError):
+        attribute_instances(detector, [AttributionItem("q", img, box, 1, (97, 96))], cfg, "cpu")
