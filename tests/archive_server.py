@@ -19,6 +19,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from bbam.data.palette import voc_colormap
+
 # --------------------------------------------------------------------- server
 
 
@@ -133,7 +135,9 @@ def jpeg(w: int, h: int, seed: int) -> bytes:
 
 def png_index(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array.astype(np.uint8), mode="P").save(buf, format="PNG")
+    image = Image.fromarray(array.astype(np.uint8), mode="P")
+    image.putpalette(voc_colormap(256).reshape(-1).tolist())  # as in the real VOC PNGs
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 
