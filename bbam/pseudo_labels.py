@@ -12,7 +12,7 @@ class (largest to smallest box); finally every instance's ignore band -> 255.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,36 @@ import numpy as np
 from bbam.data.palette import save_palette_png
 from bbam.data.records import ImageRecord, Instance
 from bbam.data.writers import atomic_write_json, mask_to_rle
-from bbam.refine import InstanceMasks
+from bbam.mcg import MCGConfig, ProposalSource, apply_proposals
+from bbam.refine import InstanceMasks, RefineConfig, refine_instance
 
 IGNORE = 255
+
+
+def refine_record(
+    record: ImageRecord,
+    image: np.ndarray,
+    maps: Mapping[int, np.ndarray | None],
+    refine_cfg: RefineConfig = RefineConfig(),  # noqa: B008 (frozen dataclass)
+    mcg_cfg: MCGConfig | None = None,
+    source: ProposalSource | None = None,
+) -> list[InstanceMasks]:
+    """Masks for every instance of one image, in record order.
+
+    maps: instance_id -> attribution map at original resolution (missing / None = empty map, which
+    takes the empty-map fallback). Proposals are computed once per image when mcg_cfg is enabled."""
+    proposals = None
+    use_mcg = mcg_cfg is not None and mcg_cfg.enabled and source is not None
+    if use_mcg:
+        proposals = source.proposals(record.image_id, image)
+    out = []
+    for inst in record.instances:
+        masks = refine_instance(maps.get(inst.instance_id), inst.box, image, refine_cfg)
+        if use_mcg:
+            masks = apply_proposals(masks, inst.box, proposals, mcg_cfg)
+        masks.stats["instance_id"] = int(inst.instance_id)
+        out.append(masks)
+    return out
 
 
 def coco_image_id(image_id: str) -> int:

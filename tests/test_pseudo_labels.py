@@ -171,3 +171,35 @@ def test_box_and_grabcut_baselines():
     assert not (cut & ~filled).any()
     whole = grabcut_mask(image, np.array([0.0, 0.0, w, h]))
     assert whole.all()  # no background samples: falls back to the box
+
+
+def test_refine_record_runs_every_instance_in_order(tmp_path):
+    from bbam.mcg import MCGConfig, SuperpixelSource
+    from bbam.pseudo_labels import refine_record
+    from bbam.refine import RefineConfig
+
+    h, w = 48, 64
+    image = np.full((h, w, 3), 80, dtype=np.uint8)
+    image[8:40, 8:30] = (230, 30, 30)
+    image[10:30, 38:60] = (30, 30, 230)
+    insts = [
+        Instance(1, 1, np.array([6.0, 6.0, 32.0, 42.0])),
+        Instance(2, 2, np.array([36.0, 8.0, 62.0, 32.0])),
+    ]
+    record = ImageRecord("img", tmp_path / "img.png", w, h, insts)
+    heat = np.zeros((h, w), np.float32)
+    heat[12:36, 12:26] = 1.0
+    out = refine_record(
+        record,
+        image,
+        {1: heat},
+        RefineConfig(),
+        MCGConfig(min_box_area=0),
+        SuperpixelSource(scales=(50.0, 200.0)),
+    )
+    assert [m.stats["instance_id"] for m in out] == [1, 2]
+    assert out[0].stats["fallback"] == "none" and out[1].stats["fallback"] == "empty_map"
+    assert all("mcg_reason" in m.stats for m in out)
+    red = np.zeros((h, w), bool)
+    red[8:40, 8:30] = True
+    assert (out[0].fg & red).sum() / (out[0].fg | red).sum() > 0.8
