@@ -46,6 +46,14 @@ class MCGConfig:
     containment: float = 0.95
     min_box_area: int = 32 * 32
     count: str = "pixels"  # "pixels" | "coordinate_sum" (the reference's bug)
+    # SuperpixelSource settings (source="superpixel")
+    sp_method: str = "felzenszwalb"  # "felzenszwalb" | "slic"
+    sp_scales: tuple[float, ...] = (100.0, 300.0, 1000.0)
+    sp_sigma: float = 0.8
+    sp_min_size: int = 20
+    sp_n_segments: int = 200
+    sp_merge: bool = True
+    sp_max_proposals: int = 3000
 
     def __post_init__(self) -> None:
         if self.source not in ("mcg", "superpixel"):
@@ -56,6 +64,11 @@ class MCGConfig:
             )
         if not 0.0 < self.containment <= 1.0:
             raise ValueError(f"MCGConfig.containment must be in (0, 1], got {self.containment}")
+        if self.sp_method not in ("felzenszwalb", "slic"):
+            raise ValueError(
+                f"MCGConfig.sp_method must be 'felzenszwalb' or 'slic', got {self.sp_method!r}"
+            )
+        object.__setattr__(self, "sp_scales", tuple(float(v) for v in self.sp_scales))
 
 
 class MCGMatSource:
@@ -324,8 +337,17 @@ def apply_proposals(
 
 
 def make_source(cfg: MCGConfig, mcg_dir: str | Path | None = None) -> ProposalSource:
+    """The proposal source named by cfg.source (MCG .mat files need their directory)."""
     if cfg.source == "mcg":
         if mcg_dir is None:
             raise ValueError("MCGConfig.source='mcg' needs a directory of .mat files")
         return MCGMatSource(mcg_dir)
-    return SuperpixelSource()
+    return SuperpixelSource(
+        method=cfg.sp_method,
+        scales=cfg.sp_scales,
+        sigma=cfg.sp_sigma,
+        min_size=cfg.sp_min_size,
+        n_segments=cfg.sp_n_segments,
+        merge=cfg.sp_merge,
+        max_proposals=cfg.sp_max_proposals,
+    )

@@ -152,3 +152,13 @@ def test_config_validation():
         MCGConfig(**{"containment": 0.9, "nope": 1})
     with pytest.raises(ValueError):
         MCGConfig(count="sum")
+
+
+def test_make_source(tmp_path):
+    from bbam.mcg import make_source
+
+    assert isinstance(make_source(MCGConfig(source="mcg"), tmp_path), MCGMatSource)
+    src = make_source(MCGConfig(source="superpixel", sp_method="slic", sp_scales=[200]))
+    assert isinstance(src, SuperpixelSource) and src.method == "slic" and src.scales == (200.0,)
+    with pytest.raises(ValueError):
+        make_source(MCGConfig(source="mcg"))
