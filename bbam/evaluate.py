@@ -1,0 +1,395 @@
+"""The paper's metrics: semantic mIoU, VOC-style instance AP@{.25,.5,.7,.75} + ABO, COCO mask AP.
+
+Masks are HxW bool arrays; predictions are dicts with `image_id`, `category_id` (= label),
+`score` and `segmentation` (COCO RLE) or `mask` (bool array).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from bbam.data.records import ImageRecord
+
+IGNORE_INDEX = 255
+VOC_IOU_THRESHOLDS = (0.25, 0.5, 0.7, 0.75)
+
+
+# ----------------------------------------------------------------------------- semantic
+
+
+def confusion_matrix(
+    pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> np.ndarray:
+    """(C, C) int64 counts, rows = GT class, cols = predicted class; GT ignore pixels skipped.
+
+    Predicted values outside [0, C) (e.g. 255 in pseudo labels) count as background.
+    """
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    valid = gt != ignore_index
+    g = gt[valid].astype(np.int64)
+    p = pred[valid].astype(np.int64)
+    p[(p < 0) | (p >= num_classes)] = 0
+    if g.size and (g.min() < 0 or g.max() >= num_classes):
+        raise ValueError(f"ground truth holds labels outside 0..{num_classes - 1} (and 255)")
+    return np.bincount(g * num_classes + p, minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
+
+
+def miou_from_confusion(conf: np.ndarray) -> dict[str, Any]:
+    """VOC protocol: IoU_c = TP/(TP+FP+FN) per class incl. background; mean over classes seen."""
+    conf = conf.astype(np.float64)
+    tp = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    present = ~np.isnan(iou)
+    return {
+        "miou": float(iou[present].mean()) if present.any() else float("nan"),
+        "iou": [None if math.isnan(v) else float(v) for v in iou],
+        "pixel_acc": float(tp.sum() / conf.sum()) if conf.sum() else float("nan"),
+    }
+
+
+def semantic_miou(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int
+) -> dict[str, Any]:
+    """mIoU over (prediction, GT) label-map pairs, accumulated in one confusion matrix."""
+    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for pred, gt in pairs:
+        conf += confusion_matrix(pred, gt, num_classes)
+    return miou_from_confusion(conf)
+
+
+# ----------------------------------------------------------------------------- instance (VOC)
+
+
+def _mask_of(pred: dict[str, Any]) -> np.ndarray:
+    if "mask" in pred:
+        return np.asarray(pred["mask"], dtype=bool)
+    seg = dict(pred["segmentation"])
+    if isinstance(seg["counts"], str):
+        seg["counts"] = seg["counts"].encode("ascii")
+    return mask_utils.decode(seg).astype(bool)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n,H,W) x (m,H,W) bool -> (n,m) IoU."""
+    a = a.reshape(len(a), -1).astype(np.float32)
+    b = b.reshape(len(b), -1).astype(np.float32)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC 2010+ all-point interpolated AP (area under the monotone precision envelope)."""
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    idx = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
+
+
+def _gt_by_image(records: list[ImageRecord]) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for r in records:
+        insts = [i for i in r.instances if not i.iscrowd]
+        for i in insts:
+            if i.mask is None:
+                raise ValueError(f"{r.path}: instance {i.instance_id} has no GT mask to evaluate")
+        masks = (
+            np.stack([i.mask for i in insts])
+            if insts
+            else np.zeros((0, r.height, r.width), dtype=bool)
+        )
+        out[r.image_id] = {
+            "labels": np.array([i.label for i in insts], dtype=np.int64),
+            "difficult": np.array([bool(i.difficult) for i in insts], dtype=bool),
+            "masks": masks.astype(bool),
+        }
+    return out
+
+
+def voc_instance_metrics(
+    records: list[ImageRecord],
+    predictions: list[dict[str, Any]],
+    num_classes: int,
+    iou_thresholds: tuple[float, ...] = VOC_IOU_THRESHOLDS,
+) -> dict[str, Any]:
+    """Mask AP at each IoU threshold (VOC protocol) and ABO, as in the paper's Table 1.
+
+    Per class: predictions sorted by score, each matched greedily to the unmatched-or-not GT of
+    highest IoU in its image (a GT already taken makes it a false positive; difficult GTs are
+    neither), AP by all-point interpolation, mean over classes with GT. ABO: for each GT
+    instance, the best IoU among all predictions of its image, averaged over instances.
+    """
+    gts = _gt_by_image(records)
+    preds_by_image: dict[str, list[tuple[int, float, np.ndarray]]] = {k: [] for k in gts}
+    for p in predictions:
+        key = str(p["image_id"])
+        if key not in gts:
+            raise ValueError(f"prediction for unknown image_id {key!r}")
+        preds_by_image[key].append((int(p["category_id"]), float(p["score"]), _mask_of(p)))
+    ious: dict[str, np.ndarray] = {}
+    best_overlaps: list[float] = []
+    for key, g in gts.items():
+        plist = preds_by_image[key]
+        pm = np.stack([m for _, _, m in plist]) if plist else np.zeros((0,) + g["masks"].shape[1:])
+        ious[key] = mask_iou(pm.astype(bool), g["masks"])
+        for j in range(len(g["labels"])):
+            best_overlaps.append(float(ious[key][:, j].max()) if len(plist) else 0.0)
+    out: dict[str, Any] = {"abo": float(np.mean(best_overlaps)) if best_overlaps else float("nan")}
+    curves: dict[str, Any] = {}
+    for t in iou_thresholds:
+        aps: dict[int, float] = {}
+        for c in range(1, num_classes):
+            npos = sum(int(((g["labels"] == c) & ~g["difficult"]).sum()) for g in gts.values())
+            cand = [
+                (score, key, k)
+                for key, plist in preds_by_image.items()
+                for k, (label, score, _) in enumerate(plist)
+                if label == c
+            ]
+            if npos == 0:
+                continue
+            cand.sort(key=lambda x: -x[0])
+            taken = {key: np.zeros(len(g["labels"]), dtype=bool) for key, g in gts.items()}
+            tp, fp, scores = [], [], []
+            for score, key, k in cand:
+                g = gts[key]
+                cls = np.where(g["labels"] == c)[0]
+                best, j = -1.0, -1
+                if len(cls):
+                    row = ious[key][k, cls]
+                    j = int(cls[np.argmax(row)])
+                    best = float(row.max())
+                if best >= t and g["difficult"][j]:
+                    continue
+                if best >= t and not taken[key][j]:
+                    taken[key][j] = True
+                    tp.append(1)
+                    fp.append(0)
+                else:
+                    tp.append(0)
+                    fp.append(1)
+                scores.append(score)
+            ctp, cfp = np.cumsum(tp), np.cumsum(fp)
+            recall = ctp / npos if len(tp) else np.zeros(0)
+            precision = ctp / np.maximum(ctp + cfp, 1e-12) if len(tp) else np.zeros(0)
+            aps[c] = voc_ap(recall, precision)
+            if t == 0.5:
+                curves[str(c)] = {
+                    "score": [float(s) for s in scores],
+                    "precision": precision.tolist(),
+                    "recall": recall.tolist(),
+                }
+        name = f"ap{int(round(t * 100))}"
+        out[name] = float(np.mean(list(aps.values()))) if aps else float("nan")
+        out[f"{name}_per_class"] = {str(c): v for c, v in aps.items()}
+    out["pr_curves_ap50"] = curves
+    return out
+
+
+# ----------------------------------------------------------------------------- COCO
+
+
+def records_to_coco(
+    records: list[ImageRecord], classes: list[str]
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """GT COCO dict from records (RLE masks) and the image_id -> COCO int id mapping."""
+    images, anns, ids = [], [], {}
+    for n, r in enumerate(records, start=1):
+        ids[r.image_id] = n
+        images.append({"id": n, "file_name": r.path.name, "height": r.height, "width": r.width})
+        for inst in r.instances:
+            if inst.mask is None:
+                raise ValueError(f"{r.path}: instance {inst.instance_id} has no GT mask")
+            rle = mask_utils.encode(np.asfortranarray(inst.mask.astype(np.uint8)))
+            x1, y1, x2, y2 = (float(v) for v in inst.box)
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": n,
+                    "category_id": int(inst.label),
+                    "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "iscrowd": int(inst.iscrowd),
+                }
+            )
+    cats = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
+    return {"images": images, "annotations": anns, "categories": cats}, ids
+
+
+COCO_STAT_NAMES = ("ap", "ap50", "ap75", "aps", "apm", "apl")
+
+
+def coco_segm_metrics(gt: dict[str, Any] | COCO, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """COCOeval(iouType='segm') stats 0-5; a -1 (no GT in that area range) becomes None."""
+    if isinstance(gt, COCO):
+        coco_gt = gt
+    else:
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt.createIndex()
+    if not results:
+        return {k: 0.0 for k in COCO_STAT_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {
+        k: (None if v < 0 else float(v)) for k, v in zip(COCO_STAT_NAMES, ev.stats[:6], strict=True)
+    }
+
+
+def coco_metrics_from_records(
+    records: list[ImageRecord], classes: list[str], predictions: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """COCO mask AP of predictions keyed by record.image_id (mapped to COCO int ids here)."""
+    gt, ids = records_to_coco(records, classes)
+    results = []
+    for p in predictions:
+        q = dict(p)
+        q["image_id"] = ids[str(p["image_id"])]
+        if "segmentation" not in q:
+            rle = mask_utils.encode(np.asfortranarray(np.asarray(q.pop("mask"), dtype=np.uint8)))
+            q["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+        results.append(q)
+    return coco_segm_metrics(gt, results)
+
+
+# ----------------------------------------------------------------------------- pseudo labels
+
+
+def pseudo_label_quality(
+    records: list[ImageRecord],
+    pseudo_instances: dict[str, list[tuple[int, np.ndarray, np.ndarray]]],
+    num_classes: int,
+    pseudo_semantic: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Pseudo GT vs GT. `pseudo_instances[image_id]` = [(label, box xyxy, fg mask)].
+
+    Each GT instance is paired with the same-label pseudo instance whose box overlaps its box
+    most (pseudo boxes are the input GT boxes); unpaired GT instances score IoU 0.
+    Semantic pseudo labels: 255 counts as background (see `confusion_matrix`).
+    """
+    ious: list[float] = []
+    for r in records:
+        cand = pseudo_instances.get(r.image_id, [])
+        for inst in r.instances:
+            if inst.iscrowd or inst.mask is None:
+                continue
+            best, mask = 0.0, None
+            for label, box, fg in cand:
+                if label != inst.label:
+                    continue
+                overlap = _box_iou(np.asarray(box, float), np.asarray(inst.box, float))
+                if overlap > best:
+                    best, mask = overlap, fg
+            ious.append(
+                float(mask_iou(mask[None], inst.mask[None])[0, 0]) if mask is not None else 0.0
+            )
+    out: dict[str, Any] = {
+        "pseudo_mean_instance_iou": float(np.mean(ious)) if ious else float("nan"),
+        "pseudo_instances": len(ious),
+    }
+    if pseudo_semantic is not None:
+        from bbam.segmenters.semantic import render_label_map
+
+        pairs = (
+            (pseudo_semantic[r.image_id], render_label_map(r, "mask"))
+            for r in records
+            if r.image_id in pseudo_semantic
+        )
+        out["pseudo_sem_miou"] = semantic_miou(pairs, num_classes)["miou"]
+    return out
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> None so the JSON is strict (dvc metrics show parses it)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
+    """Atomic, strict JSON (NaN -> null), keys sorted, for `dvc metrics show`."""
+    path = Path(path)
+    _atomic_text(
+        path, json.dumps(_clean(metrics), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    )
+    return path
+
+
+def write_pr_curves(
+    path: str | Path, curves: dict[str, Any], class_names: list[str] | None = None
+) -> Path:
+    """PR curves (per class, AP50) as flat rows for `dvc plots`: .csv or .json by suffix."""
+    rows = []
+    for c, curve in curves.items():
+        name = class_names[int(c) - 1] if class_names else c
+        for s, p, r in zip(curve["score"], curve["precision"], curve["recall"], strict=True):
+            rows.append({"class": name, "score": s, "precision": p, "recall": r})
+    path = Path(path)
+    if path.suffix == ".csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["class", "score", "precision", "recall"])
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_text(path, buf.getvalue())
+    else:
+        _atomic_text(path, json.dumps(_clean(rows), indent=1, allow_nan=False) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Segmentation networks trained on BBAM pseudo labels (Mask R-CNN, DeepLabV3)."""

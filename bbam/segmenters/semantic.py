@@ -1,0 +1,355 @@
+"""DeepLabV3 (torchvision) trained on semantic pseudo labels, CrossEntropy with ignore_index 255.
+
+Supervision:
+- full: `<gt_dir>/<image_id>.png` (VOC SegmentationClass) when given, else rendered from the
+  dataset's GT instance masks (records in order, a later instance overwrites an earlier one);
+- bbam: the pseudo PNGs `<pseudo_dir>/<image_id>.png` (255 = ignore);
+- box: boxes filled with their class, largest first, so a smaller box drawn later wins where
+  boxes overlap (drawing order decides overlaps; no ignore).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.models import resnet18
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation import (
+    deeplabv3_mobilenet_v3_large,
+    deeplabv3_resnet50,
+    deeplabv3_resnet101,
+)
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+from tqdm import tqdm
+
+from bbam.data.images import load_rgb
+from bbam.data.palette import load_index_png
+from bbam.data.records import DataError, ImageRecord, SkipReport
+from bbam.segmenters import training as T
+
+IGNORE_INDEX = 255
+ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50", "resnet101")
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SemanticTrainConfig:
+    """DeepLabV3 training knobs; defaults are the small CPU setting (params.yaml overrides)."""
+
+    arch: str = "resnet18"  # resnet18 (dilated, OS16, assembled here) | mobilenet_v3_large | ...
+    supervision: str = "bbam"  # full | bbam | box
+    weights: str | None = None
+    weights_backbone: str | None = None
+    crop_size: int = 160
+    epochs: int = 8
+    batch_size: int = 8
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_steps: tuple[int, ...] = (6,)
+    lr_gamma: float = 0.1
+    clip_grad_norm: float | None = 10.0
+    warmup_iters: int = 20
+    warmup_factor: float = 0.01
+    hflip: bool = True
+    amp: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    max_iters_per_epoch: int | None = None
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"SemanticTrainConfig.arch: {self.arch!r} not in {ARCHS}")
+        if self.supervision not in ("full", "bbam", "box"):
+            raise ValueError(f"SemanticTrainConfig.supervision: {self.supervision!r}")
+
+
+class SemanticNet(nn.Module):
+    """DeepLabV3 taking [0,1] RGB, normalising inside, returning logits at input size."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images - self.mean) / self.std)["out"]
+
+
+def _dilated_resnet18() -> nn.Module:
+    """ResNet-18 at output stride 16: layer4 stride 1, dilation 2 (BasicBlock lacks the switch)."""
+    body = resnet18(weights=None)
+    block0 = body.layer4[0]
+    block0.conv1.stride = (1, 1)
+    block0.downsample[0].stride = (1, 1)
+    convs = [block0.conv2] + [c for b in body.layer4[1:] for c in (b.conv1, b.conv2)]
+    for conv in convs:
+        conv.dilation, conv.padding = (2, 2), (2, 2)
+    return body
+
+
+def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> SemanticNet:
+    """DeepLabV3 from scratch (weights=None, weights_backbone=None) plus optional local weights."""
+    if config.arch == "resnet18":
+        body = _dilated_resnet18()
+        if config.weights_backbone:
+            state = T.load_weights_file(config.weights_backbone, "backbone")
+            T.load_partial(body, state, config.weights_backbone)
+        backbone = IntermediateLayerGetter(body, return_layers={"layer4": "out"})
+        net = DeepLabV3(backbone, DeepLabHead(512, num_classes), None)
+    else:
+        builder = {
+            "mobilenet_v3_large": deeplabv3_mobilenet_v3_large,
+            "resnet50": deeplabv3_resnet50,
+            "resnet101": deeplabv3_resnet101,
+        }[config.arch]
+        net = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+        if config.weights_backbone:
+            state = T.load_weights_file(config.weights_backbone, "backbone")
+            T.load_partial(net.backbone, state, config.weights_backbone)
+    model = SemanticNet(net)
+    if config.weights:
+        state = T.load_weights_file(config.weights, "DeepLabV3")
+        T.load_partial(model, state, config.weights)
+    return model
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
+    """HxW uint8 class map from a record's instances: GT masks, or boxes (largest drawn first)."""
+    out = np.zeros((record.height, record.width), dtype=np.uint8)
+    instances = [i for i in record.instances if not i.iscrowd]
+    if source == "box":
+        areas = [float((i.box[2] - i.box[0]) * (i.box[3] - i.box[1])) for i in instances]
+        for k in np.argsort(areas, kind="stable")[::-1]:
+            inst = instances[k]
+            x1, y1 = max(0, math.floor(inst.box[0])), max(0, math.floor(inst.box[1]))
+            x2 = min(record.width, math.ceil(inst.box[2]))
+            y2 = min(record.height, math.ceil(inst.box[3]))
+            out[y1:y2, x1:x2] = inst.label
+        return out
+    for inst in instances:
+        if inst.mask is None:
+            raise DataError(f"{record.path}: instance {inst.instance_id} has no GT mask")
+        out[inst.mask] = inst.label
+    return out
+
+
+def semantic_target(
+    record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
+) -> np.ndarray | str:
+    """The training label map for one record, or a skip reason."""
+    if supervision == "bbam":
+        if pseudo_dir is None:
+            raise ValueError("supervision 'bbam' needs the pseudo label directory")
+        path = Path(pseudo_dir) / f"{record.image_id}.png"
+        if not path.is_file():
+            return "no pseudo label PNG"
+        label = load_index_png(path)
+    elif (
+        supervision == "full"
+        and gt_dir is not None
+        and (Path(gt_dir) / f"{record.image_id}.png").is_file()
+    ):
+        label = load_index_png(Path(gt_dir) / f"{record.image_id}.png")
+    elif supervision == "full":
+        if any(i.mask is None for i in record.instances if not i.iscrowd):
+            return "instance without GT mask (full supervision)"
+        label = render_label_map(record, "mask")
+    else:
+        label = render_label_map(record, "box")
+    if label.shape != (record.height, record.width):
+        return "label map size differs from image size"
+    return label
+
+
+class SemanticTrainDataset(torch.utils.data.Dataset):
+    """Random crop (padded with ignore) + horizontal flip; labels are read lazily."""
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        supervision: str,
+        pseudo_dir: Path | None,
+        gt_dir: Path | None,
+        crop_size: int,
+        hflip: bool,
+        skipped: SkipReport,
+    ) -> None:
+        self.items: list[ImageRecord] = []
+        self.args = (supervision, pseudo_dir, gt_dir)
+        for record in records:
+            if supervision == "bbam":
+                if not (Path(pseudo_dir) / f"{record.image_id}.png").is_file():
+                    skipped.add("no pseudo label PNG", record.image_id)
+                    continue
+            self.items.append(record)
+        self.crop, self.hflip = crop_size, hflip
+        self.skipped = skipped
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        record = self.items[i]
+        label = semantic_target(record, *self.args)
+        if isinstance(label, str):
+            raise DataError(f"{record.path}: {label}")
+        image = torch.from_numpy(np.array(load_rgb(record.path))).permute(2, 0, 1).float() / 255.0
+        target = torch.from_numpy(label.astype(np.int64))
+        h, w = target.shape
+        ph, pw = max(0, self.crop - h), max(0, self.crop - w)
+        if ph or pw:
+            image = F.pad(image, (0, pw, 0, ph), value=0.0)
+            target = F.pad(target, (0, pw, 0, ph), value=IGNORE_INDEX)
+        h, w = target.shape
+        y = int(torch.randint(0, h - self.crop + 1, ()))
+        x = int(torch.randint(0, w - self.crop + 1, ()))
+        image = image[:, y : y + self.crop, x : x + self.crop]
+        target = target[y : y + self.crop, x : x + self.crop]
+        if self.hflip and torch.rand(()) < 0.5:
+            image, target = image.flip(-1), target.flip(-1)
+        return image, target
+
+
+# ----------------------------------------------------------------------------- train / infer
+
+
+@dataclass
+class SemanticTrainResult:
+    model: SemanticNet
+    out_dir: Path
+    losses: list[float] = field(default_factory=list)
+    start_epoch: int = 0
+    skipped: SkipReport = field(default_factory=SkipReport)
+
+
+def train_semantic(
+    records: list[ImageRecord],
+    classes: list[str],
+    out_dir: str | Path,
+    config: SemanticTrainConfig,
+    pseudo_dir: str | Path | None = None,
+    gt_dir: str | Path | None = None,
+    progress: bool = True,
+) -> SemanticTrainResult:
+    """Train DeepLabV3 (CE, ignore 255) and write model.pt + per-epoch checkpoints + JSONL log."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.seed)
+    device = T.resolve_device(config.device)
+    pdir = Path(pseudo_dir) if pseudo_dir is not None else None
+    gdir = Path(gt_dir) if gt_dir is not None else None
+    skipped = SkipReport()
+    dataset = SemanticTrainDataset(
+        records, config.supervision, pdir, gdir, config.crop_size, config.hflip, skipped
+    )
+    if len(dataset) == 0:
+        raise DataError(f"no trainable images ({dict(skipped.counts)})")
+    model = build_semantic_model(config, len(classes) + 1).to(device)
+    optimizer = T.make_optimizer(model, config.lr, config.momentum, config.weight_decay)
+    iters = math.ceil(len(dataset) / config.batch_size)
+    if config.max_iters_per_epoch:
+        iters = min(iters, config.max_iters_per_epoch)
+    scheduler = T.make_scheduler(
+        optimizer,
+        iters,
+        config.lr_steps,
+        config.lr_gamma,
+        config.warmup_iters,
+        config.warmup_factor,
+    )
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    extra = {"n_images": len(dataset), "classes": classes, "pseudo": str(pseudo_dir)}
+    phash = T.params_hash(config, extra)
+    start = T.try_resume(out_dir, phash, model, optimizer, scheduler, scaler)
+    log = T.JsonlLog(out_dir / T.LOG_NAME)
+    result = SemanticTrainResult(model, out_dir, [], start, skipped)
+    if skipped.total:
+        log.write({"event": "skipped", "counts": skipped.counts, "examples": skipped.examples})
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    for epoch in range(start, config.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        torch.manual_seed(config.seed * 1000 + epoch)
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=gen,
+            num_workers=config.num_workers,
+            drop_last=len(dataset) > config.batch_size,
+        )
+        bar = tqdm(loader, total=iters, desc=f"deeplab epoch {epoch}", disable=not progress)
+        t0 = time.time()
+        for it, (images, targets) in enumerate(bar):
+            if it >= iters:
+                break
+            images, targets = images.to(device), targets.to(device)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                logits = model(images)
+            loss = criterion(logits.float(), targets)
+            if not math.isfinite(loss.item()):
+                if (targets == IGNORE_INDEX).all():
+                    continue  # an all-ignore crop carries no signal (CE returns nan)
+                raise FloatingPointError(f"non-finite loss at epoch {epoch} iter {it}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            result.losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if it % config.log_every == 0 or it == iters - 1:
+                log.write(
+                    {
+                        "epoch": epoch,
+                        "iter": it,
+                        "loss": round(loss.item(), 5),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "elapsed_s": round(time.time() - t0, 2),
+                    }
+                )
+        T.save_checkpoint(out_dir, phash, epoch, model, optimizer, scheduler, scaler)
+    meta = {"num_classes": len(classes) + 1, "classes": list(classes), "config": asdict(config)}
+    T.atomic_torch_save({"model": model.state_dict(), "meta": meta}, out_dir / T.MODEL_NAME)
+    return result
+
+
+def load_semantic_model(
+    path: str | Path, config: SemanticTrainConfig, num_classes: int
+) -> SemanticNet:
+    model = build_semantic_model(config, num_classes)
+    model.load_state_dict(T.load_weights_file(path, "DeepLabV3"))
+    return model
+
+
+@torch.no_grad()
+def predict_semantic(
+    model: SemanticNet, records: list[ImageRecord], device: str = "auto", progress: bool = False
+) -> Iterator[tuple[ImageRecord, np.ndarray]]:
+    """Yield (record, HxW uint8 label map) at the original image size, one image at a time."""
+    dev = T.resolve_device(device)
+    model = model.to(dev).eval()
+    for record in tqdm(records, desc="deeplab predict", disable=not progress):
+        image = torch.from_numpy(np.array(load_rgb(record.path))).permute(2, 0, 1).float() / 255.0
+        logits = model(image[None].to(dev))
+        yield record, logits.argmax(1)[0].to(torch.uint8).cpu().numpy()

@@ -1,0 +1,166 @@
+"""Loop plumbing shared by both segmenters: schedule, atomic checkpoints, JSONL log, hashing."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.pt"
+LOG_NAME = "train_log.jsonl"
+
+
+def build_config(cls: type, params: dict[str, Any] | None) -> Any:
+    """`cls(**params)` with a clear error naming unknown keys (dataclass would say less)."""
+    params = dict(params or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known: {sorted(known)}")
+    for f in dataclasses.fields(cls):
+        if f.name in params and isinstance(params[f.name], list):
+            params[f.name] = tuple(params[f.name])
+    return cls(**params)
+
+
+def params_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
+    """Stable hash of the config (and data identity) deciding whether a checkpoint may resume."""
+    payload = {"config": dataclasses.asdict(config), "extra": extra or {}}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """Local weights only (no downloads); a missing file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: {what} weights file not found (no downloads are attempted)"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: {what} weights file does not hold a state dict")
+    return state
+
+
+def load_partial(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> int:
+    """Load the keys whose names and shapes match; raise when none do (wrong file)."""
+    own = module.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{path}: no parameter in the weights file matches the model")
+    module.load_state_dict(usable, strict=False)
+    return len(usable)
+
+
+def make_optimizer(
+    model: torch.nn.Module, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    iters_per_epoch: int,
+    lr_steps: tuple[int, ...],
+    lr_gamma: float,
+    warmup_iters: int,
+    warmup_factor: float,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then MultiStepLR at epoch boundaries, stepped once per iteration."""
+    milestones = [int(s) * iters_per_epoch for s in lr_steps]
+
+    def factor(it: int) -> float:
+        warm = 1.0
+        if it < warmup_iters:
+            alpha = it / max(1, warmup_iters)
+            warm = warmup_factor * (1 - alpha) + alpha
+        return warm * lr_gamma ** sum(it >= m for m in milestones)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class JsonlLog:
+    """Append-only training log, one JSON object per line, flushed each write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+
+
+def try_resume(
+    out_dir: Path,
+    phash: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+) -> int:
+    """Load the checkpoint when its params_hash matches; return the first epoch still to run."""
+    path = Path(out_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("params_hash") != phash:
+        return 0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return int(ckpt["epoch"]) + 1
+
+
+def save_checkpoint(
+    out_dir: Path,
+    phash: str,
+    epoch: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+) -> None:
+    state = {
+        "params_hash": phash,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+    }
+    atomic_torch_save(state, Path(out_dir) / CHECKPOINT_NAME)
