@@ -1,0 +1,151 @@
+"""From an attribution shard to pseudo labels: maps -> refined masks -> COCO + PNGs.
+
+Every instance of the split gets an annotation. Instances without a usable map
+(no positive proposal, or attribution failed) go through the empty-map fallback
+of ``bbam.refine`` (a box prior + CRF) and are marked with their attribution
+status, never dropped: dropping would misalign boxes and masks downstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bbam.attribution import map_to_image
+from bbam.data.images import load_rgb
+from bbam.data.records import Dataset, ImageRecord
+from bbam.manifest import load_grid
+from bbam.mcg import MCGConfig, ProposalSource
+from bbam.pseudo_labels import (
+    build_instance_annotations,
+    refine_record,
+    semantic_label,
+    write_semantic_png,
+)
+from bbam.refine import RefineConfig
+
+
+@dataclass
+class LabelledImage:
+    annotations: list[dict]
+    rows: list[dict]
+    semantic_path: Path | None
+    error: str = ""
+
+
+def instance_map(row: dict, shard_dir: Path, cache: dict, align_corners: bool) -> np.ndarray | None:
+    """The instance's attribution map at original resolution, or None without one."""
+    if row is None or row["status"] != "ok":
+        return None
+    grid = load_grid(shard_dir, row, cache).astype(np.float32)
+    valid = None
+    if row.get("valid_h"):
+        valid = (int(row["valid_h"]), int(row["valid_w"]))
+    return map_to_image(
+        grid,
+        (int(row["resized_h"]), int(row["resized_w"])),
+        (int(row["image_h"]), int(row["image_w"])),
+        align_corners=align_corners,
+        valid_hw=valid,
+    )
+
+
+def label_image(
+    record: ImageRecord,
+    coco_id: int,
+    rows: dict[int, dict],
+    shard_dirs: dict[int, Path],
+    semantic_dir: Path,
+    refine_cfg: RefineConfig,
+    mcg_cfg: MCGConfig | None,
+    source: ProposalSource | None,
+    category_ids: list[int],
+    align_corners: bool = True,
+    cache: dict | None = None,
+) -> LabelledImage:
+    """Pseudo labels of one image. ``rows``: instance_id -> its attribution manifest row."""
+    cache = {} if cache is None else cache
+    instances = [i for i in record.instances if not i.iscrowd]
+    maps = {}
+    for instance in instances:
+        row = rows.get(instance.instance_id)
+        shard_dir = shard_dirs.get(row["shard"]) if row is not None else None
+        maps[instance.instance_id] = (
+            instance_map(row, shard_dir, cache, align_corners) if shard_dir else None
+        )
+    image = load_rgb(record.path)
+    crowd_free = ImageRecord(record.image_id, record.path, record.width, record.height, instances)
+    masks = refine_record(crowd_free, image, maps, refine_cfg, mcg_cfg, source)
+    annotations, out_rows = build_instance_annotations(
+        coco_id, instances, masks, category_ids=category_ids or None
+    )
+    for instance, annotation, out_row in zip(instances, annotations, out_rows, strict=True):
+        row = rows.get(instance.instance_id)
+        status = row["status"] if row is not None else "missing"
+        annotation["bbam"]["attribution_status"] = status
+        out_row.update(image_name=record.image_id, attribution_status=status)
+        if instance.mask is not None:
+            gt = instance.mask
+            fg = masks[instances.index(instance)].fg
+            union = np.logical_or(gt, fg).sum()
+            out_row["iou_gt"] = float(np.logical_and(gt, fg).sum() / union) if union else 1.0
+    label = semantic_label(
+        record.height,
+        record.width,
+        [(i.label, i.box, m.fg, m.ignore) for i, m in zip(instances, masks, strict=True)],
+    )
+    semantic_path = semantic_dir / f"{record.image_id}.png"
+    write_semantic_png(semantic_path, label)
+    return LabelledImage(annotations, out_rows, semantic_path)
+
+
+def label_dataset(
+    dataset: Dataset,
+    coco_ids: dict[str, int],
+    manifest_rows: list[dict],
+    shard_dirs: dict[int, Path],
+    semantic_dir: Path,
+    refine_cfg: RefineConfig,
+    mcg_cfg: MCGConfig | None,
+    source: ProposalSource | None,
+    align_corners: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(annotations, per-instance rows, per-image errors) over all images of ``dataset``.
+
+    An image that cannot be read is recorded as an error and its instances get no
+    annotation; the caller decides whether that fails the stage.
+    """
+    by_image: dict[str, dict[int, dict]] = {}
+    for row in manifest_rows:
+        by_image.setdefault(row["image_id"], {})[int(row["instance_id"])] = row
+    annotations, rows, errors = [], [], []
+    cache: dict = {}
+    for record in dataset.records:
+        try:
+            labelled = label_image(
+                record,
+                coco_ids[record.image_id],
+                by_image.get(record.image_id, {}),
+                shard_dirs,
+                semantic_dir,
+                refine_cfg,
+                mcg_cfg,
+                source,
+                dataset.category_ids,
+                align_corners,
+                cache,
+            )
+        except Exception as exc:  # recorded; the stage reports and may fail on it
+            errors.append({"image_id": record.image_id, "error": f"{type(exc).__name__}: {exc}"})
+        else:
+            annotations += labelled.annotations
+            rows += labelled.rows
+        if len(cache) > 8:
+            cache.clear()
+        if progress is not None:
+            progress(1)
+    return annotations, rows, errors

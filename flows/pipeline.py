@@ -1,0 +1,37 @@
+"""The whole pipeline as one Prefect flow: the same stages ``dvc repro`` runs, in order.
+
+``python -m flows.pipeline --params params.yaml``
+
+Each stage resumes from what is on disk (checkpoints, shard manifests), so running this
+after a crash redoes only unfinished work. Use ``dvc repro`` to also skip stages whose
+inputs did not change.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.attribute import attribute
+from flows.common import stage_cli
+from flows.evaluate import evaluate_flow
+from flows.prepare_data import prepare_data
+from flows.pseudo_labels import pseudo_labels_flow
+from flows.show_metrics import show_metrics
+from flows.train_detector import train_detector_flow
+from flows.train_segmenters import train_segmenters_flow
+
+
+@flow(name="bbam-pipeline")
+def pipeline(params_path: str = "params.yaml") -> dict:
+    prepare_data(params_path)
+    train_detector_flow(params_path)
+    attribute(params_path)
+    pseudo_labels_flow(params_path)
+    train_segmenters_flow(params_path)
+    metrics = evaluate_flow(params_path)
+    show_metrics()
+    return metrics
+
+
+if __name__ == "__main__":
+    stage_cli("pipeline", pipeline)
