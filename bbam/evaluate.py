@@ -91,8 +91,8 @@ def _mask_of(pred: dict[str, Any]) -> np.ndarray:
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(n,H,W) x (m,H,W) bool -> (n,m) IoU."""
-    a = a.reshape(len(a), -1).astype(np.float32)
-    b = b.reshape(len(b), -1).astype(np.float32)
+    a = a.reshape(len(a), int(np.prod(a.shape[1:]))).astype(np.float32)
+    b = b.reshape(len(b), int(np.prod(b.shape[1:]))).astype(np.float32)
     inter = a @ b.T
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)

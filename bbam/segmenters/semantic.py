@@ -293,7 +293,7 @@ def train_semantic(
             shuffle=True,
             generator=gen,
             num_workers=config.num_workers,
-            drop_last=len(dataset) > config.batch_size,
+            drop_last=len(dataset) % config.batch_size == 1,  # BN in ASPP pooling needs 2+
         )
         bar = tqdm(loader, total=iters, desc=f"deeplab epoch {epoch}", disable=not progress)
         t0 = time.time()

@@ -1,0 +1,194 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from bbam.data.records import ImageRecord, Instance
+from bbam.evaluate import (
+    coco_metrics_from_records,
+    coco_segm_metrics,
+    confusion_matrix,
+    records_to_coco,
+    semantic_miou,
+    voc_ap,
+    voc_instance_metrics,
+    write_metrics,
+    write_pr_curves,
+)
+
+
+def _rec(image_id, masks_labels, h=8, w=8):
+    insts = []
+    for k, (mask, label) in enumerate(masks_labels):
+        ys, xs = np.nonzero(mask)
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)
+        insts.append(Instance(k, label, box, mask.astype(bool)))
+    return ImageRecord(image_id, Path(f"{image_id}.jpg"), w, h, insts)
+
+
+def _rect(y1, y2, x1, x2, h=8, w=8):
+    m = np.zeros((h, w), bool)
+    m[y1:y2, x1:x2] = True
+    return m
+
+
+def test_miou_hand_computed_two_class():
+    gt = np.array([[0, 0, 1, 1]] * 4)
+    pred = np.array([[0, 1, 1, 1]] * 4)
+    # bg: TP 4, FN 4 -> 4/8; fg: TP 8, FP 4 -> 8/12
+    res = semantic_miou([(pred, gt)], 2)
+    assert res["iou"] == pytest.approx([0.5, 8 / 12])
+    assert res["miou"] == pytest.approx((0.5 + 8 / 12) / 2)
+    gt_ign = gt.copy()
+    gt_ign[:, 1] = 255  # the wrong pixels are now ignored -> perfect
+    assert semantic_miou([(pred, gt_ign)], 2)["miou"] == pytest.approx(1.0)
+
+
+def test_miou_perfect_and_empty():
+    gt = np.array([[0, 1], [2, 2]])
+    assert semantic_miou([(gt, gt)], 3)["miou"] == pytest.approx(1.0)
+    res = semantic_miou([(np.zeros_like(gt), gt)], 3)
+    assert res["iou"][1] == 0.0 and res["iou"][2] == 0.0
+
+
+def test_confusion_counts_pred_255_as_background_and_rejects_shape():
+    gt = np.array([[1, 0]])
+    conf = confusion_matrix(np.array([[255, 0]]), gt, 2)
+    assert conf.tolist() == [[1, 0], [1, 0]]
+    with pytest.raises(ValueError):
+        confusion_matrix(np.zeros((2, 2)), np.zeros((1, 2)), 2)
+
+
+def test_voc_ap_all_point():
+    assert voc_ap(np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])) == pytest.approx(
+        0.5 + 0.5 * 2 / 3
+    )
+
+
+def _hand_case():
+    a = _rect(0, 2, 0, 5)  # 10 px
+    b = _rect(4, 6, 0, 5)  # 10 px
+    recs = [_rec("a", [(a, 1)]), _rec("b", [(b, 1)])]
+    b_part = _rect(4, 6, 0, 3)  # 6 of b's 10 px -> IoU 0.6
+    preds = [
+        {"image_id": "a", "category_id": 1, "score": 0.9, "mask": a},
+        {"image_id": "a", "category_id": 1, "score": 0.8, "mask": _rect(6, 8, 6, 8)},  # FP
+        {"image_id": "b", "category_id": 1, "score": 0.7, "mask": b_part},
+    ]
+    return recs, preds
+
+
+def test_instance_ap_hand_computed():
+    recs, preds = _hand_case()
+    res = voc_instance_metrics(recs, preds, num_classes=2)
+    # t=.5: TP FP TP -> recall .5 .5 1, precision 1 .5 2/3 -> .5*1 + .5*2/3
+    assert res["ap50"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert res["ap25"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    # t=.7: TP FP FP -> .5
+    assert res["ap70"] == pytest.approx(0.5)
+    assert res["ap75"] == pytest.approx(0.5)
+    assert res["abo"] == pytest.approx((1.0 + 0.6) / 2)
+    curve = res["pr_curves_ap50"]["1"]
+    assert curve["recall"] == pytest.approx([0.5, 0.5, 1.0])
+
+
+def test_instance_duplicate_is_false_positive_and_perfect_empty():
+    recs, _ = _hand_case()
+    a = recs[0].instances[0].mask
+    b = recs[1].instances[0].mask
+    perfect = [
+        {"image_id": "a", "category_id": 1, "score": 0.9, "mask": a},
+        {"image_id": "b", "category_id": 1, "score": 0.8, "mask": b},
+    ]
+    res = voc_instance_metrics(recs, perfect, 2)
+    assert res["ap50"] == pytest.approx(1.0) and res["abo"] == pytest.approx(1.0)
+    dup = (
+        perfect[:1] + [{"image_id": "a", "category_id": 1, "score": 0.85, "mask": a}] + perfect[1:]
+    )
+    # TP FP TP -> .5 + .5 * 2/3
+    assert voc_instance_metrics(recs, dup, 2)["ap50"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    empty = voc_instance_metrics(recs, [], 2)
+    assert empty["ap50"] == 0.0 and empty["abo"] == 0.0
+    wrong_class = [dict(p, category_id=2) for p in perfect]
+    assert voc_instance_metrics(recs, wrong_class, 3)["ap50"] == 0.0
+
+
+def _rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+
+
+def test_coco_wrapper_equals_direct_cocoeval():
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(3):
+        h, w = 40, 48
+        recs.append(
+            _rec(
+                f"im{i}",
+                [(_rect(2 + i, 20 + i, 3, 25, h, w), 1), (_rect(22, 38, 20 + i, 45, h, w), 2)],
+                h,
+                w,
+            )
+        )
+    preds = []
+    for r in recs:
+        for inst in r.instances:
+            m = inst.mask.copy()
+            m[rng.random(m.shape) < 0.15] ^= True
+            preds.append(
+                {
+                    "image_id": r.image_id,
+                    "category_id": inst.label,
+                    "score": float(rng.random()),
+                    "segmentation": _rle(m),
+                }
+            )
+        preds.append(
+            {
+                "image_id": r.image_id,
+                "category_id": 1,
+                "score": 0.05,
+                "segmentation": _rle(_rect(30, 40, 0, 10, 40, 48)),
+            }
+        )
+    ours = coco_metrics_from_records(recs, ["a", "b"], preds)
+
+    gt, ids = records_to_coco(recs, ["a", "b"])
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    dets = coco.loadRes([dict(p, image_id=ids[p["image_id"]]) for p in preds])
+    ev = COCOeval(coco, dets, iouType="segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ours["ap"] == pytest.approx(ev.stats[0])
+    assert ours["ap50"] == pytest.approx(ev.stats[1])
+    assert ours["ap75"] == pytest.approx(ev.stats[2])
+    assert 0.0 < ours["ap"] < 1.0
+
+    perfect = [
+        {"image_id": r.image_id, "category_id": i.label, "score": 1.0, "mask": i.mask}
+        for r in recs
+        for i in r.instances
+    ]
+    assert coco_metrics_from_records(recs, ["a", "b"], perfect)["ap"] == pytest.approx(1.0)
+    assert coco_segm_metrics(gt, [])["ap"] == 0.0
+
+
+def test_writers(tmp_path):
+    path = write_metrics(tmp_path / "m" / "metrics.json", {"a": float("nan"), "b": np.float32(0.5)})
+    assert json.loads(path.read_text()) == {"a": None, "b": 0.5}
+    recs, preds = _hand_case()
+    curves = voc_instance_metrics(recs, preds, 2)["pr_curves_ap50"]
+    rows = list(csv.DictReader(write_pr_curves(tmp_path / "pr.csv", curves, ["cat"]).open()))
+    assert [r["class"] for r in rows] == ["cat"] * 3
+    assert float(rows[-1]["recall"]) == pytest.approx(1.0)
+    data = json.loads(write_pr_curves(tmp_path / "pr.json", curves).read_text())
+    assert len(data) == 3 and not list(tmp_path.glob(".*tmp"))

@@ -1,0 +1,311 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import project_masks_on_boxes
+
+from bbam.data.palette import save_palette_png
+from bbam.data.records import ImageRecord, Instance
+from bbam.segmenters import training as T
+from bbam.segmenters.instance import (
+    IGNORE,
+    InstanceTrainConfig,
+    build_instance_model,
+    grow_seeds,
+    ignore_aware_mask_loss,
+    instance_targets,
+    load_pseudo_gt,
+    predict_instances,
+    project_targets,
+    train_instance,
+)
+from bbam.segmenters.semantic import (
+    SemanticTrainConfig,
+    build_semantic_model,
+    predict_semantic,
+    render_label_map,
+    semantic_target,
+    train_semantic,
+)
+
+torch.set_num_threads(1)
+
+
+def _seed_grid():
+    fg = torch.zeros(1, 7, 7, dtype=torch.bool)
+    fg[0, 0, 0] = True
+    ignore = torch.zeros(1, 7, 7, dtype=torch.bool)
+    ignore[0, 1:6, 1:6] = True
+    p = torch.full((1, 7, 7), 0.5)
+    p[0, 0, 0] = 0.01  # fg seed with low sigma: must stay fg
+    p[0, 6, 6] = 0.99  # bg seed with high sigma: must stay bg
+    p[0, 1, 1] = 0.95  # touches the fg seed -> grows into fg
+    p[0, 1, 2] = 0.9  # exactly at the threshold -> not a candidate
+    p[0, 5, 5] = 0.95  # no fg neighbour -> ignored
+    p[0, 3, 3] = 0.05  # surrounded by undecided ignore pixels -> ignored
+    p[0, 5, 1] = 0.05  # touches bg seeds -> grows into bg
+    p[0, 1, 5] = p[0, 2, 5] = 0.95  # two fg candidates touching each other -> both grow
+    return p, fg, ignore
+
+
+def test_seed_growing_hand_grid():
+    p, fg, ignore = _seed_grid()
+    use_fg, use_bg = grow_seeds(p, fg, ignore, 0.9, 0.1)
+    expect_fg = {(0, 0), (1, 1), (1, 5), (2, 5)}
+    assert {tuple(x) for x in torch.nonzero(use_fg[0]).tolist()} == expect_fg
+    expect_bg = {(y, x) for y in range(7) for x in range(7) if not ignore[0, y, x]} - {(0, 0)}
+    assert {tuple(x) for x in torch.nonzero(use_bg[0]).tolist()} == expect_bg | {(5, 1)}
+    assert not (use_fg & use_bg).any()
+
+
+def test_mask_loss_gradient_zero_at_ignored_pixels():
+    p, fg, ignore = _seed_grid()
+    logits = torch.logit(p).clone().requires_grad_(True)
+    loss = ignore_aware_mask_loss(logits, fg, ignore)
+    loss.backward()
+    use_fg, use_bg = grow_seeds(p, fg, ignore)
+    counted = use_fg | use_bg
+    assert (logits.grad[~counted] == 0).all()
+    assert (logits.grad[counted] != 0).all()
+    assert (logits.grad[use_fg] < 0).all() and (logits.grad[use_bg] > 0).all()
+    # class balance: fg and bg each weigh one half, whatever their pixel counts
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.detach(), use_fg.float(), reduction="none"
+    )
+    assert loss.item() == pytest.approx(
+        0.5 * (bce[use_fg].mean() + bce[use_bg].mean()).item(), rel=1e-5
+    )
+
+
+def test_roi_heads_loss_ignores_projected_ignore_band():
+    cfg = InstanceTrainConfig(min_size=64, max_size=64, device="cpu")
+    heads = build_instance_model(cfg, 2).roi_heads
+    masks = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    masks[0, 6:20, 6:20] = 1
+    masks[0, 4:22, 4:22][masks[0, 4:22, 4:22] == 0] = IGNORE
+    box = torch.tensor([[-0.5, -0.5, 27.5, 27.5]])  # roi_align samples exactly at pixel centres
+    idx = torch.tensor([0])
+    fg, ign = project_targets(masks, box, idx, 28)
+    assert torch.equal(fg[0], masks[0] == 1) and torch.equal(ign[0], masks[0] == IGNORE)
+    ref = project_masks_on_boxes((masks == 1).to(torch.uint8), box, idx, 28) >= 0.5
+    assert torch.equal(fg, ref)
+    logits = torch.zeros(1, 2, 28, 28, requires_grad=True)  # sigma .5: nothing grows
+    target = {"masks": masks, "labels": torch.tensor([1])}
+    heads.mask_loss(logits, [box], [target], [idx]).backward()
+    assert (logits.grad[0, 1][masks[0] == IGNORE] == 0).all()
+    assert (logits.grad[0, 1][masks[0] != IGNORE] != 0).all()
+    assert (logits.grad[0, 0] == 0).all()  # other classes' channels get no gradient
+
+
+def test_transform_keeps_ignore_value():
+    model = build_instance_model(InstanceTrainConfig(min_size=96, max_size=96), 2)
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:30, 10:30] = IGNORE
+    masks[0, 15:25, 15:25] = 1
+    _, targets = model.transform(
+        [torch.rand(3, 64, 64)],
+        [
+            {
+                "boxes": torch.tensor([[10.0, 10, 30, 30]]),
+                "labels": torch.tensor([1]),
+                "masks": masks,
+            }
+        ],
+    )
+    assert set(targets[0]["masks"].unique().tolist()) == {0, 1, IGNORE}
+
+
+def _rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+
+
+def _make_data(tmp_path, n=4, size=64):
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        img = (rng.random((size, size, 3)) * 40 + 30).astype(np.uint8)
+        y, x = 6 + 4 * i, 8 + 3 * i
+        m = np.zeros((size, size), bool)
+        m[y : y + 28, x : x + 24] = True
+        m[y : y + 6, x : x + 6] = False  # not a box: mask != box
+        img[m] = (210, 60, 50)
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(img).save(path)
+        box = np.array([x, y, x + 24, y + 28], float)
+        records.append(ImageRecord(f"img{i}", path, size, size, [Instance(1, 1, box, m)]))
+    return records
+
+
+def _pseudo_json(tmp_path, records):
+    images, anns = [], []
+    for k, r in enumerate(records, 1):
+        images.append({"id": k, "file_name": r.path.name, "height": r.height, "width": r.width})
+        inst = r.instances[0]
+        fg = inst.mask.copy()
+        fg[:, : int(inst.box[0]) + 4] = False
+        ign = inst.mask & ~fg
+        x1, y1, x2, y2 = inst.box
+        anns.append(
+            {
+                "id": k,
+                "image_id": k,
+                "category_id": 1,
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "segmentation": _rle(fg),
+                "ignore": _rle(ign),
+                "iscrowd": 0,
+                "area": int(fg.sum()),
+            }
+        )
+    path = tmp_path / "pseudo.json"
+    path.write_text(
+        json.dumps(
+            {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+        )
+    )
+    return path
+
+
+def test_pseudo_targets_encode_ignore(tmp_path):
+    records = _make_data(tmp_path, n=1)
+    pseudo = load_pseudo_gt(_pseudo_json(tmp_path, records), ["thing"])
+    boxes, labels, masks = instance_targets(records[0], "bbam", pseudo)
+    inst = records[0].instances[0]
+    assert labels.tolist() == [1] and np.allclose(boxes[0], inst.box)
+    assert (masks[0] == IGNORE).sum() > 0 and ((masks[0] > 0) == inst.mask).all()
+    _, _, box_masks = instance_targets(records[0], "box", None)
+    assert box_masks[0].sum() == 24 * 28 and set(np.unique(box_masks)) == {0, 1}
+
+
+def test_instance_training_loss_decreases_and_predicts(tmp_path):
+    records = _make_data(tmp_path)
+    cfg = InstanceTrainConfig(
+        supervision="bbam",
+        epochs=8,
+        batch_size=2,
+        min_size=64,
+        max_size=64,
+        warmup_iters=2,
+        lr=0.01,
+        device="cpu",
+        hflip=False,
+    )
+    res = train_instance(
+        records, ["thing"], tmp_path / "ins", cfg, _pseudo_json(tmp_path, records), progress=False
+    )
+    assert len(res.losses) == 16
+    assert np.mean(res.losses[-3:]) < 0.7 * np.mean(res.losses[:3])
+    assert (tmp_path / "ins" / "model.pt").is_file() and (
+        tmp_path / "ins" / "train_log.jsonl"
+    ).is_file()
+    preds = predict_instances(res.model, records[:1], device="cpu")
+    assert all(p["image_id"] == "img0" and 0 <= p["score"] <= 1 for p in preds)
+
+
+def test_semantic_targets_and_box_order(tmp_path):
+    big = Instance(1, 1, np.array([0, 0, 10, 10], float))
+    small = Instance(2, 2, np.array([2, 2, 5, 5], float))
+    rec = ImageRecord("r", tmp_path / "r.png", 12, 12, [small, big])  # small listed first
+    label = render_label_map(rec, "box")
+    assert label[3, 3] == 2 and label[8, 8] == 1 and label[11, 11] == 0
+    save_palette_png(tmp_path / "p" / "r.png", np.full((12, 12), 255, np.uint8))
+    assert (semantic_target(rec, "bbam", tmp_path / "p", None) == 255).all()
+    assert semantic_target(rec, "bbam", tmp_path / "missing", None) == "no pseudo label PNG"
+    assert semantic_target(rec, "full", None, None) == "instance without GT mask (full supervision)"
+
+
+def test_semantic_gradient_zero_at_ignore():
+    model = build_semantic_model(SemanticTrainConfig(), 3).eval()
+    logits = model(torch.rand(1, 3, 32, 32)).detach().requires_grad_(True)
+    target = torch.randint(0, 3, (1, 32, 32))
+    target[0, :10] = 255
+    torch.nn.functional.cross_entropy(logits, target, ignore_index=255).backward()
+    assert (logits.grad[0][:, :10] == 0).all() and (logits.grad[0][:, 10:] != 0).any()
+
+
+def _sem_cfg(**kw):
+    base = dict(
+        supervision="bbam",
+        epochs=10,
+        batch_size=4,
+        crop_size=64,
+        warmup_iters=1,
+        lr=0.02,
+        device="cpu",
+        hflip=False,
+    )
+    base.update(kw)
+    return SemanticTrainConfig(**base)
+
+
+def _pseudo_pngs(tmp_path, records):
+    for r in records:
+        lab = render_label_map(r, "mask")
+        lab[lab.shape[0] // 2 :][lab[lab.shape[0] // 2 :] == 1] = 255
+        save_palette_png(tmp_path / "sem" / f"{r.image_id}.png", lab)
+    return tmp_path / "sem"
+
+
+def test_semantic_training_loss_decreases(tmp_path):
+    records = _make_data(tmp_path)
+    res = train_semantic(
+        records,
+        ["thing"],
+        tmp_path / "s",
+        _sem_cfg(),
+        _pseudo_pngs(tmp_path, records),
+        progress=False,
+    )
+    assert len(res.losses) == 10
+    assert np.mean(res.losses[-3:]) < 0.7 * np.mean(res.losses[:3])
+    ((rec, label),) = list(predict_semantic(res.model, records[:1], device="cpu"))
+    assert label.shape == (64, 64) and label.dtype == np.uint8
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    records = _make_data(tmp_path)
+    sem = _pseudo_pngs(tmp_path, records)
+    cfg = _sem_cfg(epochs=2)
+    full = train_semantic(records, ["thing"], tmp_path / "a", cfg, sem, progress=False)
+
+    real_save = T.save_checkpoint
+
+    def save_then_die(out_dir, phash, epoch, *args):
+        real_save(out_dir, phash, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_semantic(records, ["thing"], tmp_path / "b", cfg, sem, progress=False)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    resumed = train_semantic(records, ["thing"], tmp_path / "b", cfg, sem, progress=False)
+    assert resumed.start_epoch == 1 and len(resumed.losses) == 1
+    assert resumed.losses[0] == pytest.approx(full.losses[1], rel=1e-4)
+    for (k, a), b in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+    other = train_semantic(
+        records, ["thing"], tmp_path / "b", _sem_cfg(epochs=2, lr=0.01), sem, progress=False
+    )
+    assert other.start_epoch == 0  # params_hash differs -> fresh start
+
+
+def test_config_and_weights_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys"):
+        T.build_config(InstanceTrainConfig, {"arch": "resnet18_fpn", "bogus": 1})
+    cfg = T.build_config(InstanceTrainConfig, {"anchor_sizes": [8, 16, 32, 64, 128]})
+    assert cfg.anchor_sizes == (8, 16, 32, 64, 128)
+    with pytest.raises(ValueError):
+        InstanceTrainConfig(supervision="scribble")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        build_instance_model(InstanceTrainConfig(weights=str(tmp_path / "nope.pt")), 2)
+    torch.save({"unrelated": torch.zeros(3)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no parameter"):
+        build_instance_model(InstanceTrainConfig(weights=str(tmp_path / "bad.pt")), 2)
