@@ -1,6 +1,6 @@
 """Stage 3: BBAM attribution maps for every instance, sharded and resumable.
 
-``python -m flows.attribute --params params.yaml [--shards 0,2]``
+``python -m flows.attribute --params params.yaml [--shards 0,2] [--executor deployments]``
 """
 
 from __future__ import annotations
@@ -41,15 +41,25 @@ def attribution_hash(params: dict) -> str:
 
 
 @flow(name="attribute")
-def attribute_flow(params_path: str = "params.yaml", shards: str | None = None) -> dict:
+def attribute_flow(
+    params_path: str = "params.yaml", shards: str | None = None, executor: str | None = None
+) -> dict:
     params = load_params(params_path)
     section = params["attribution"]
     num_shards = int(section["num_shards"])
     wanted = range(num_shards) if not shards else [int(s) for s in shards.split(",")]
     digest = attribution_hash(params)
+    executor = executor or section.get("executor", "local")
     started = time.perf_counter()
-    futures = [attribute_shard.submit(params_path, s, str(OUT_DIR), digest) for s in wanted]
-    shard_summaries = [f.result() for f in futures]  # raises if any shard task failed
+    if executor == "local":
+        futures = [attribute_shard.submit(params_path, s, str(OUT_DIR), digest) for s in wanted]
+        shard_summaries = [f.result() for f in futures]  # raises if any shard task failed
+    elif executor == "deployments":
+        from tasks.dispatch import run_on_deployments
+
+        shard_summaries = run_on_deployments(params_path, params, list(wanted), digest, OUT_DIR)
+    else:
+        raise ValueError(f"{params_path}: attribution.executor {executor!r}: local | deployments")
     summary = merge_shards(str(OUT_DIR), num_shards)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     summary["ran_now"] = sum(s["ran"] for s in shard_summaries)
@@ -70,16 +80,27 @@ def attribute_flow(params_path: str = "params.yaml", shards: str | None = None) 
     return summary
 
 
-def attribute(params_path: str = "params.yaml", shards: str | None = None) -> dict:
+def attribute(
+    params_path: str = "params.yaml", shards: str | None = None, executor: str | None = None
+) -> dict:
     """Run the flow with a task runner bounded by ``attribution.concurrent_shards``."""
     width = max(1, int(load_params(params_path)["attribution"].get("concurrent_shards", 1)))
     runner = ThreadPoolTaskRunner(max_workers=width)
-    return attribute_flow.with_options(task_runner=runner)(params_path=params_path, shards=shards)
+    return attribute_flow.with_options(task_runner=runner)(
+        params_path=params_path, shards=shards, executor=executor
+    )
 
 
 def _extra(parser) -> None:
     parser.add_argument(
         "--shards", default=None, help="comma-separated shard indices (default: all)"
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "deployments"),
+        default=None,
+        help="local: shards in this process; deployments: one flow run per shard on a "
+        "work pool (needs PREFECT_API_URL; see docs/scale_out.md). Default: attribution.executor",
     )
 
 

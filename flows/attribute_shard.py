@@ -1,0 +1,82 @@
+"""One attribution shard as its own flow: the unit a work-pool worker executes.
+
+Deployed by ``prefect.yaml`` and fanned out by ``tasks.dispatch`` (executor
+``deployments``). Paths (``params_path``, ``out_dir``, ``runs/detector``) are
+relative to the working directory, which the deployment's pull step sets to the
+checkout on shared storage. The shard holds ``<shard_dir>/.lock`` while it works
+(see ``tasks.shard_lock``) so a re-dispatched attempt never writes alongside a
+run that is still alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.common import configure_runtime, load_params
+from tasks.attribution import attribute_shard, shard_dir
+from tasks.dispatch import DispatchConfig, write_run_summary
+from tasks.shard_lock import LockLost, ShardLock
+
+OUT_DIR = "runs/attribution"
+
+
+def lock_timing(section: dict) -> tuple[float, float]:
+    """(stale_s, heartbeat_s) of the shard lock: the dispatcher reads the same keys."""
+    config = DispatchConfig.from_section(section)
+    return float(config.lost_after_s), float(config.heartbeat_s)
+
+
+def gpu_slot(limit_name: str | None):
+    """Hold one slot of a global concurrency limit (strict: a missing limit is an error,
+    not silently no limit). None: no server-side limit (use ``worker --limit``)."""
+    if not limit_name:
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(limit_name, occupy=1, strict=True)
+
+
+@flow(name="attribute-shard", log_prints=True)
+def attribute_shard_flow(
+    params_path: str,
+    shard: int,
+    params_hash: str,
+    attempt: int = 1,
+    out_dir: str = OUT_DIR,
+    concurrency_limit: str | None = None,
+) -> dict:
+    params = load_params(params_path)
+    configure_runtime(params)
+    stale_s, heartbeat_s = lock_timing(params["attribution"])
+    directory = shard_dir(out_dir, shard)
+    owner = f"flow-run {flow_run.get_id()} attempt {attempt}"
+    lock = ShardLock(directory, owner, stale_s, heartbeat_s, wait_s=stale_s + 2 * heartbeat_s)
+    with lock:
+        with gpu_slot(concurrency_limit):
+            summary = attribute_shard.fn(params_path, shard, out_dir, params_hash)
+        lock.check()  # a run presumed dead must not report success
+        summary.update(attempt=attempt, flow_run_id=flow_run.get_id())
+        write_run_summary(directory, summary)
+    get_run_logger().info("shard %d attempt %d done: %s", shard, attempt, summary)
+    return summary
+
+
+def _main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="run one attribution shard (no dispatcher)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--shard", type=int, required=True)
+    parser.add_argument("--params-hash", required=True)
+    args = parser.parse_args()
+    try:
+        attribute_shard_flow(args.params, args.shard, args.params_hash)
+    except LockLost as exc:
+        raise SystemExit(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    _main()

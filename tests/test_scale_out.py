@@ -1,0 +1,320 @@
+"""Scale-out on loopback: a real Prefect server, a process work pool, two workers, one
+SIGKILLed mid-shard; the attribution run still completes with every instance once.
+
+Also fast checks of the shard lock and of prefect.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.shard_lock import LockLost, ShardBusy, ShardLock, read_lock
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+POOL = "bbam-test-pool"
+DEPLOYMENT = "attribute-shard/attribute-shard-test"
+
+
+# ---------------------------------------------------------------- fast: lock, prefect.yaml
+
+
+def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    with ShardLock(tmp_path, "a", stale_s=30, heartbeat_s=1) as lock:
+        info = read_lock(tmp_path)
+        assert info["owner"] == "a" and info["pid"] == os.getpid()
+        with pytest.raises(ShardBusy, match="held by pid"):
+            ShardLock(tmp_path, "b", stale_s=30, heartbeat_s=1).acquire()
+        lock.check()
+    assert read_lock(tmp_path) is None
+
+
+def test_stale_lock_is_broken_and_old_holder_notices(tmp_path: Path) -> None:
+    old = ShardLock(tmp_path, "dead", stale_s=2, heartbeat_s=0.5).acquire()
+    old._stop.set()  # simulate a dead process: no more heartbeats
+    old._thread.join()
+    stale = time.time() - 10
+    os.utime(tmp_path / ".lock", (stale, stale))
+    new = ShardLock(tmp_path, "new", stale_s=2, heartbeat_s=0.5).acquire()
+    assert read_lock(tmp_path)["owner"] == "new"
+    with pytest.raises(LockLost):
+        old.check()
+    old.release()  # must not remove the new holder's lock
+    assert read_lock(tmp_path)["owner"] == "new"
+    new.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_prefect_yaml_deployments_point_at_real_flows() -> None:
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    names = {d["name"]: d for d in config["deployments"]}
+    assert {"attribute-shard-process", "attribute-shard-gpu"} <= set(names)
+    for deployment in config["deployments"]:
+        path, func = deployment["entrypoint"].split(":")
+        if path.endswith("pipeline.py") and not (ROOT / path).exists():
+            continue  # written by another stage owner
+        assert f"def {func}(" in (ROOT / path).read_text(), deployment["name"]
+        pull = deployment.get("pull", config.get("pull"))
+        assert any("set_working_directory" in next(iter(step)) for step in pull)
+    gpu = names["attribute-shard-gpu"]
+    assert gpu["parameters"]["concurrency_limit"] == "gpu"
+    assert gpu["work_pool"]["job_variables"]["gpu_count"] >= 1
+
+
+# ---------------------------------------------------------------- slow: the real thing
+
+
+def make_workspace(root: Path, num_images: int = 12, num_shards: int = 4) -> dict:
+    """Tiny dataset + untrained detector + params.yaml under ``root`` (the working dir)."""
+    import torch
+
+    from bbam.data.synthetic import SyntheticConfig, generate_synthetic
+    from bbam.train_detector import DetectorTrainConfig, detector_from_config
+
+    data = root / "data" / "synthetic"
+    summary = generate_synthetic(
+        data, SyntheticConfig(num_train=num_images, num_val=2, image_size=(64, 96), max_objects=2)
+    )
+    detector = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 96}
+    torch.manual_seed(0)
+    model = detector_from_config(DetectorTrainConfig(**detector), len(summary["classes"]) + 1)
+    (root / "runs" / "detector").mkdir(parents=True)
+    torch.save(model.state_dict(), root / "runs" / "detector" / "model.pt")
+    params = {
+        "seed": 0,
+        "device": "cpu",
+        "torch_threads": 1,
+        "data": {
+            "train_json": str(data / "annotations" / "instances_train.json"),
+            "train_images": str(data / "VOC2012" / "JPEGImages"),
+            "val_json": str(data / "annotations" / "instances_val.json"),
+            "val_images": str(data / "VOC2012" / "JPEGImages"),
+        },
+        "detector": detector,
+        "attribution": {
+            "split": "train",
+            "profile": "fast",
+            "overrides": {
+                "iou_thresholds": [0.0],
+                "positives_per_iter": 4,
+                "num_jitters": 16,
+                "iterations": 12,
+                "early_stop": False,
+            },
+            "num_shards": num_shards,
+            "concurrent_shards": 1,
+            "chunk_size": 1,
+            "max_attempts": 2,
+            "max_failure_fraction": 0.0,
+            "executor": "deployments",
+            "deployment": DEPLOYMENT,
+            "max_dispatch_attempts": 3,
+            "lost_after_s": 15,
+            "heartbeat_s": 2,
+            "dispatch_poll_s": 1,
+            "dispatch_timeout_s": 200,
+        },
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Every live process that inherited our tag (workers' flow runs included)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if f"BBAM_TEST_TAG={tag}".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+SETUP = """
+import asyncio, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+
+async def main(workdir):
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name={pool!r}, type="process"))
+        flow_id = await client.create_flow_from_name("attribute-shard")
+        await client.create_deployment(
+            flow_id=flow_id,
+            name="attribute-shard-test",
+            work_pool_name={pool!r},
+            entrypoint="flows.attribute_shard.attribute_shard_flow",
+            pull_steps=[{{"prefect.deployments.steps.set_working_directory": {{"directory": workdir}}}}],
+        )
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_lost_worker_is_survived(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    make_workspace(work)
+    tag = uuid.uuid4().hex
+    port = _free_port()
+    env = {
+        **os.environ,
+        "BBAM_TEST_TAG": tag,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    started: list[subprocess.Popen] = []
+
+    def spawn(name: str, *args: str) -> subprocess.Popen:
+        handle = open(logs / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            list(args), cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        started.append(proc)
+        return proc
+
+    def tail(name: str) -> str:
+        return (logs / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    try:
+        server = spawn(
+            "server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+            "--port", str(port),
+        )  # fmt: skip
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, tail("server")
+                assert time.monotonic() < deadline, "server not healthy:\n" + tail("server")
+                time.sleep(1)
+        setup = SETUP.format(pool=POOL)
+        subprocess.run(
+            [sys.executable, "-c", setup, str(work)], cwd=work, env=env, check=True, timeout=120
+        )
+        workers = [
+            spawn(
+                f"worker{i}", str(BIN / "prefect"), "worker", "start", "--pool", POOL,
+                "--name", f"w{i}", "--limit", "1",
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        dispatcher = spawn(
+            "dispatcher", sys.executable, "-m", "flows.attribute", "--params", "params.yaml",
+            "--executor", "deployments",
+        )  # fmt: skip
+
+        # Wait for a shard that a worker's flow run is half-way through, then kill that
+        # worker's process group and the flow run's (a lost host loses both).
+        shards = work / "runs" / "attribution" / "shards"
+        victim = None
+        deadline = time.monotonic() + 150
+        while victim is None:
+            assert dispatcher.poll() is None, "dispatcher ended early:\n" + tail("dispatcher")
+            assert time.monotonic() < deadline, "no shard started:\n" + tail("worker0")
+            for directory in sorted(shards.glob("shard-*")) if shards.exists() else []:
+                info = read_lock(directory)
+                if info is None or not list(directory.glob("part-*.parquet")):
+                    continue
+                parents = {_ppid(info["pid"])}
+                owner = [w for w in workers if w.pid in parents]
+                if owner:
+                    victim = (directory, info, owner[0])
+                    break
+            time.sleep(0.3)
+        directory, info, worker = victim
+        _kill_group(info["pid"])
+        _kill_group(worker.pid)
+        worker.wait(timeout=30)
+
+        rc = dispatcher.wait(timeout=240)
+        out = tail("dispatcher")
+        assert rc == 0, out
+        assert "re-dispatched" in out, out
+
+        import pyarrow.parquet as pq
+
+        from bbam.data.coco import read_coco
+
+        manifest = pq.read_table(work / "runs" / "attribution" / "manifest.parquet")
+        keys = manifest.column("key").to_pylist()
+        dataset = read_coco(
+            work / "data/synthetic/annotations/instances_train.json",
+            work / "data/synthetic/VOC2012/JPEGImages",
+            with_masks=False,
+        )
+        planned = {
+            f"{r.image_id}/{i.instance_id}"
+            for r in dataset.records
+            for i in r.instances
+            if not i.iscrowd
+        }
+        assert len(keys) == len(set(keys)), "a key appears twice"
+        assert set(keys) == planned
+        assert set(manifest.column("status").to_pylist()) <= {"ok", "no_positive"}
+        metrics = json.loads((work / "metrics" / "attribution.json").read_text())
+        assert metrics["instances"] == len(planned) and metrics["failed"] == 0
+        assert metrics["skipped_done"] >= 1, "the lost shard's finished rows were recomputed"
+        assert not (directory / ".lock").exists()
+    finally:
+        for proc in reversed(started):
+            _kill_group(proc.pid)
+        for pid in _tagged_pids(tag):
+            _kill_group(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in started:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
