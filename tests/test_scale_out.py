@@ -213,9 +213,13 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
     def spawn(name: str, *args: str) -> subprocess.Popen:
         handle = open(logs / f"{name}.log", "wb")
         proc = subprocess.Popen(
-            list(args), cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT,
+            list(args),
+            cwd=work,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         started.append(proc)
         return proc
 
@@ -224,9 +228,15 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
 
     try:
         server = spawn(
-            "server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-            "--port", str(port),
-        )  # fmt: skip
+            "server",
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        )
         deadline = time.monotonic() + 150
         while True:
             try:
@@ -242,15 +252,29 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
         )
         workers = [
             spawn(
-                f"worker{i}", str(BIN / "prefect"), "worker", "start", "--pool", POOL,
-                "--name", f"w{i}", "--limit", "1",
-            )  # fmt: skip
+                f"worker{i}",
+                str(BIN / "prefect"),
+                "worker",
+                "start",
+                "--pool",
+                POOL,
+                "--name",
+                f"w{i}",
+                "--limit",
+                "1",
+            )
             for i in range(2)
         ]
         dispatcher = spawn(
-            "dispatcher", sys.executable, "-m", "flows.attribute", "--params", "params.yaml",
-            "--executor", "deployments",
-        )  # fmt: skip
+            "dispatcher",
+            sys.executable,
+            "-m",
+            "flows.attribute",
+            "--params",
+            "params.yaml",
+            "--executor",
+            "deployments",
+        )
 
         # Wait for a shard that a worker's flow run is half-way through, then kill that
         # worker's process group and the flow run's (a lost host loses both).
