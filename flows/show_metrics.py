@@ -1,0 +1,56 @@
+"""Print the metrics table of the last run and where the report is.
+
+``python -m flows.show_metrics`` (``make demo`` ends with it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_DIR = Path("metrics")
+REPORT = Path("reports/index.html")
+
+
+def _load(name: str) -> dict:
+    path = METRICS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def metrics_rows() -> list[tuple[str, str]]:
+    detector = _load("detector")
+    attribution = _load("attribution")
+    pseudo = _load("pseudo_labels")
+    evaluation = _load("evaluation")
+    rows = [
+        ("detector box AP50 (val)", _fmt(detector.get("ap50"))),
+        (
+            "attribution ok / no_positive / failed",
+            "/".join(_fmt(attribution.get(k)) for k in ("ok", "no_positive", "failed")),
+        ),
+        ("pseudo-label mean IoU vs GT (train, %)", _fmt(pseudo.get("mean_instance_iou_vs_gt"))),
+    ]
+    for key, value in evaluation.get("table", {}).items():
+        rows.append((key, _fmt(value)))
+    return rows
+
+
+def show_metrics() -> None:
+    rows = metrics_rows()
+    width = max(len(name) for name, _ in rows)
+    print("\n" + "=" * (width + 14))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>10}")
+    print("=" * (width + 14))
+    if REPORT.is_file():
+        print(f"report: {REPORT.resolve()}")
+
+
+if __name__ == "__main__":
+    show_metrics()
