@@ -39,6 +39,7 @@ SCHEMA = pa.schema(
         ("status", pa.string()),  # one of STATUSES
         ("error", pa.string()),
         ("attempt", pa.int32()),
+        ("run_id", pa.string()),  # which process run wrote the row (resume audits)
         ("positives", pa.int32()),
         ("threshold", pa.float32()),
         ("iterations", pa.int32()),
@@ -148,9 +149,12 @@ def latest_per_key(table: pa.Table) -> pa.Table:
     """Keep one row per key: the last one written (rows are in write order)."""
     if table.num_rows == 0:
         return table
-    keys = table.column("key").to_pylist()
-    last = {key: i for i, key in enumerate(keys)}
-    return table.take(sorted(last.values()))
+    keys = table.column("key")
+    if pc.count_distinct(keys).as_py() == table.num_rows:
+        return table  # the common case: a compacted shard
+    order = pa.table({"key": keys, "row": pa.array(np.arange(table.num_rows, dtype=np.int64))})
+    last = order.group_by("key", use_threads=False).aggregate([("row", "max")])
+    return table.take(np.sort(last.column("row_max").to_numpy()))
 
 
 def load_grid(shard_dir: Path, row: dict, cache: dict | None = None) -> np.ndarray:
@@ -215,7 +219,8 @@ def merge_manifests(shard_dirs: Iterable[Path]) -> pa.Table:
     tables = []
     for shard_dir in shard_dirs:
         table = read_shard(shard_dir)
-        tables.append(table.append_column("shard_dir", pa.array([str(shard_dir)] * table.num_rows)))
+        where = pa.repeat(pa.scalar(str(shard_dir), pa.string()), table.num_rows)
+        tables.append(table.append_column("shard_dir", where))
     if not tables:
         return SCHEMA.empty_table()
     merged = pa.concat_tables(tables)

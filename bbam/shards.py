@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +110,12 @@ def _chunks(work: list[WorkItem], size: int) -> Iterator[list[WorkItem]]:
         yield chunk
 
 
-def _base_row(item: WorkItem, shard: int, classes: list[str], params_hash: str) -> dict:
+def _base_row(
+    item: WorkItem, shard: int, classes: list[str], params_hash: str, run_id: str
+) -> dict:
     row = empty_row()
     row.update(
+        run_id=run_id,
         key=item.key,
         image_id=item.record.image_id,
         instance_id=int(item.instance.instance_id),
@@ -152,6 +156,7 @@ def run_shard(
     planned = plan_shard(dataset, shard, num_shards)
     work, counts = pending_work(planned, shard_dir, params_hash, max_attempts)
     started = time.perf_counter()
+    run_id = uuid.uuid4().hex
     for chunk in _chunks(work, chunk_size):
         rows, grids = [], []
         readable: list[WorkItem] = []
@@ -164,7 +169,7 @@ def run_shard(
                 images.append(cache[item.record.image_id])
                 readable.append(item)
             except Exception as exc:  # recorded per instance, never fatal for the shard
-                row = _base_row(item, shard, dataset.classes, params_hash)
+                row = _base_row(item, shard, dataset.classes, params_hash, run_id)
                 row.update(status="failed", error=str(exc))
                 rows.append(row)
                 grids.append(None)
@@ -175,7 +180,7 @@ def run_shard(
                 error = traceback.format_exc(limit=3)
                 outputs = [({"status": "failed", "error": error}, None) for _ in readable]
             for item, (update, grid) in zip(readable, outputs, strict=True):
-                row = _base_row(item, shard, dataset.classes, params_hash)
+                row = _base_row(item, shard, dataset.classes, params_hash, run_id)
                 row.update(update)
                 rows.append(row)
                 grids.append(grid)
