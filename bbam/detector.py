@@ -1,0 +1,239 @@
+"""The detector BBAM explains: torchvision's Faster R-CNN, plus a no-RPN heads function.
+
+`build_detector` never downloads anything: pretrained weights, when wanted, come from
+local files. `roi_head_forward` runs backbone -> RoIAlign -> box head -> predictor on
+caller-given proposals (the reference code's `fixed_proposals`), which is all BBAM needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import (
+    _mobilenet_extractor,
+    _resnet_fpn_extractor,
+)
+from torchvision.ops import misc as misc_nn_ops
+
+from bbam.heads import HeadsFn, RoIHeadOutputs
+
+RESNET_ARCHS = {
+    "resnet18_fpn": resnet.resnet18,
+    "resnet34_fpn": resnet.resnet34,
+    "resnet50_fpn": resnet.resnet50,
+    "resnet101_fpn": resnet.resnet101,
+}
+ARCHS = (*RESNET_ARCHS, "mobilenet_v3_large_fpn")
+NORMS = ("batchnorm", "groupnorm", "frozen_bn")
+# torchvision's defaults: one anchor size per FPN level (P2..P6) for ResNet-FPN;
+# all sizes on each of the 3 levels for MobileNet-FPN.
+DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+
+def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    """BatchNorm2d/GroupNorm for training from scratch; FrozenBatchNorm2d for pretrained backbones.
+
+    FrozenBatchNorm2d with random init is an identity with fixed statistics: useless from scratch.
+    """
+    if norm == "batchnorm":
+        return nn.BatchNorm2d
+    if norm == "groupnorm":
+        return partial(nn.GroupNorm, 32)
+    if norm == "frozen_bn":
+        return misc_nn_ops.FrozenBatchNorm2d
+    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+
+def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A raw state_dict, or the "model" entry of a checkpoint dict; never unpickles code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt / not a torch file / contains pickled code
+        raise ValueError(f"{path}: cannot read weights ({exc})") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"{path}: not a state_dict (expected a dict of tensors or {{'model': ...}})"
+        )
+    return state
+
+
+def _load_into(
+    module: nn.Module,
+    path: str | Path,
+    ignore_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Load weights, or raise ValueError naming the file and every mismatching key."""
+    state = _read_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
+    own = module.state_dict()
+    bad = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors have incompatible shapes: " + "; ".join(bad))
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(ignore_prefixes)]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: weights do not fit the model: missing keys {missing[:20]}"
+            f" ({len(missing)} in all), unexpected keys "
+            f"{result.unexpected_keys[:20]} ({len(result.unexpected_keys)} in all)"
+        )
+
+
+def build_detector(
+    arch: str,
+    num_classes: int,
+    min_size: int,
+    max_size: int,
+    anchor_sizes: tuple[int, ...] | None = None,
+    weights: str | Path | None = None,
+    backbone_weights: str | Path | None = None,
+    trainable_layers: int = 3,
+    norm: str = "batchnorm",
+    **rcnn_kwargs,
+) -> FasterRCNN:
+    """Faster R-CNN with an FPN backbone, 2-FC box head, class-specific regression.
+
+    `num_classes` includes background. `anchor_sizes`: one size per FPN level for the
+    ResNet archs (5 levels, P2..P6); for mobilenet_v3_large_fpn the same sizes are used on
+    each of its 3 levels (torchvision's layout). `weights` is a whole-detector state_dict,
+    `backbone_weights` a classification-network state_dict (its head is ignored).
+    `trainable_layers` counts backbone stages left trainable (5 = all for ResNet, 6 for
+    MobileNet). Extra keyword arguments go to `FasterRCNN` (sampling sizes, thresholds).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown detector arch {arch!r}; expected one of {ARCHS}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must include background and >=1 class, got {num_classes}")
+    norm_layer = _norm_layer(norm)
+    if arch in RESNET_ARCHS:
+        sizes = tuple(anchor_sizes) if anchor_sizes is not None else DEFAULT_ANCHOR_SIZES
+        if len(sizes) != 5:
+            raise ValueError(f"{arch}: need 5 anchor sizes (P2..P6), got {sizes}")
+        body = RESNET_ARCHS[arch](weights=None, norm_layer=norm_layer)
+        if backbone_weights is not None:
+            _load_into(body, backbone_weights, ignore_prefixes=("fc.",))
+        backbone = _resnet_fpn_extractor(body, trainable_layers)
+        per_level = tuple((s,) for s in sizes)
+    else:
+        sizes = tuple(anchor_sizes) if anchor_sizes is not None else DEFAULT_ANCHOR_SIZES
+        body = mobilenet_v3_large(weights=None, norm_layer=norm_layer)
+        if backbone_weights is not None:
+            _load_into(body, backbone_weights, ignore_prefixes=("classifier.",))
+        backbone = _mobilenet_extractor(body, True, trainable_layers)
+        per_level = (sizes,) * 3
+    anchors = AnchorGenerator(per_level, (ASPECT_RATIOS,) * len(per_level))
+    model = FasterRCNN(
+        backbone,
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=anchors,
+        **rcnn_kwargs,
+    )
+    if weights is not None:
+        _load_into(model, weights)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients: BBAM optimises a mask, never the detector."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _to_float_chw(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
+        return torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1).float() / 255
+    if not image.is_floating_point() or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"expected a 3xHxW float tensor in [0, 1], got {image.dtype} {image.shape}"
+        )
+    return image.to(device)
+
+
+def prepare_images(
+    model: FasterRCNN, images: Sequence[np.ndarray | torch.Tensor]
+) -> tuple[torch.Tensor, list[float], list[tuple[int, int]]]:
+    """Normalise, resize (test-time size) and pad images with the model's own transform.
+
+    Returns the padded batch (B, 3, H, W), the scale factor original -> resized per image
+    (as torchvision computes it; per-axis ratios are resized_size / original_size), and each
+    image's resized size (h, w) before padding. Float tensor inputs keep their autograd graph.
+    """
+    device = next(model.parameters()).device
+    tensors = [_to_float_chw(image, device) for image in images]
+    transform = model.transform
+    was_training = transform.training
+    transform.eval()  # test-time resize: always min_size[-1], never a random training size
+    try:
+        image_list, _ = transform(tensors)
+    finally:
+        transform.train(was_training)
+    scales = []
+    for tensor in tensors:
+        h, w = tensor.shape[-2:]
+        scales.append(
+            min(float(transform.min_size[-1]) / min(h, w), float(transform.max_size) / max(h, w))
+        )
+    sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]
+    return image_list.tensors, scales, sizes
+
+
+def roi_head_forward(
+    model: FasterRCNN,
+    images: torch.Tensor,
+    proposals: list[torch.Tensor],
+    image_sizes: list[tuple[int, int]] | None = None,
+) -> RoIHeadOutputs:
+    """Second-stage outputs for given proposals: backbone, RoIAlign, box head, predictor.
+
+    `images` come from `prepare_images`; proposals are xyxy in resized coordinates. Without
+    `image_sizes` the padded batch size is used to infer the FPN level scales (same result
+    except in degenerate cases). Boxes are decoded with the model's box coder, unclipped.
+    """
+    if images.ndim != 4 or len(proposals) != images.shape[0]:
+        raise ValueError(
+            f"need (B,3,H,W) images and B proposal tensors, got {tuple(images.shape)} and "
+            f"{len(proposals)}"
+        )
+    if image_sizes is None:
+        image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
+    heads = model.roi_heads
+    proposals = [p.to(device=images.device, dtype=images.dtype) for p in proposals]
+    features = model.backbone(images)
+    pooled = heads.box_roi_pool(features, proposals, image_sizes)
+    logits, regression = heads.box_predictor(heads.box_head(pooled))
+    boxes = heads.box_coder.decode(regression, proposals)
+    return RoIHeadOutputs(
+        logits=logits, deltas=regression.reshape(regression.shape[0], -1, 4), boxes=boxes
+    )
+
+
+def make_heads_fn(model: FasterRCNN) -> HeadsFn:
+    """Bind a model to the HeadsFn protocol the attribution engine consumes."""
+
+    def heads(images: torch.Tensor, proposals: list[torch.Tensor]) -> RoIHeadOutputs:
+        return roi_head_forward(model, images, proposals)
+
+    return heads

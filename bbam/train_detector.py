@@ -1,0 +1,439 @@
+"""Train the Faster R-CNN that BBAM explains (after torchvision's references/detection).
+
+Defaults are for training from scratch on CPU on small images (no pretrained weights can be
+downloaded here): ResNet-18-FPN with ordinary BatchNorm (FrozenBatchNorm with random init
+would freeze random statistics), all backbone stages trainable, short side 160 / long side
+224 (the synthetic images' own size, no upscaling), anchors 16..256 (objects of 10-150 px), fewer RPN/RoI samples than torchvision's
+defaults to keep a CPU epoch short, gradient clipping for stability without pretraining.
+With pretrained local weights, use norm="frozen_bn" and trainable_layers=3 like torchvision.
+
+Resumable: each epoch ends with an atomic out_dir/checkpoint.pt; a rerun with the same
+params_hash continues after the last finished epoch, with a different one it starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from bbam.data.images import load_rgb
+from bbam.data.records import Dataset, ImageRecord
+from bbam.data.torch_dataset import DetectionDataset, collate_fn
+from bbam.detector import ARCHS, NORMS, build_detector, freeze
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DetectorTrainConfig:
+    arch: str = "resnet18_fpn"
+    norm: str = "batchnorm"
+    trainable_layers: int = 5
+    min_size: int = 160
+    max_size: int = 224
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    epochs: int = 8
+    batch_size: int = 4
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    warmup_factor: float = 0.001
+    lr_steps: tuple[int, ...] = (6,)
+    lr_gamma: float = 0.1
+    grad_clip_norm: float = 10.0  # 0 disables
+    hflip: bool = True
+    workers: int = 0
+    amp: bool = True  # only effective on CUDA
+    seed: int = 0
+    rpn_batch_size_per_image: int = 256
+    rpn_post_nms_top_n_train: int = 300
+    rpn_post_nms_top_n_test: int = 300
+    box_batch_size_per_image: int = 64
+    log_every: int = 10
+    weights: str | None = None
+    backbone_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("anchor_sizes", "lr_steps"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name in ("weights", "backbone_weights"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else str(value))
+        if self.arch not in ARCHS:
+            raise ValueError(f"detector arch {self.arch!r} not in {ARCHS}")
+        if self.norm not in NORMS:
+            raise ValueError(f"detector norm {self.norm!r} not in {NORMS}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+
+def detector_from_config(
+    config: DetectorTrainConfig, num_classes: int, weights: str | Path | None = None
+) -> torch.nn.Module:
+    """The model a config describes (weights: override config.weights, e.g. a trained model.pt)."""
+    return build_detector(
+        config.arch,
+        num_classes,
+        config.min_size,
+        config.max_size,
+        anchor_sizes=config.anchor_sizes,
+        weights=weights if weights is not None else config.weights,
+        backbone_weights=config.backbone_weights,
+        trainable_layers=config.trainable_layers,
+        norm=config.norm,
+        rpn_batch_size_per_image=config.rpn_batch_size_per_image,
+        rpn_post_nms_top_n_train=config.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=config.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=config.box_batch_size_per_image,
+    )
+
+
+def load_detector(
+    model_path: str | Path,
+    arch: str,
+    num_classes: int,
+    min_size: int,
+    max_size: int,
+    anchor_sizes: tuple[int, ...] | None = None,
+    norm: str = "batchnorm",
+    device: str | torch.device = "cpu",
+    **rcnn_kwargs: Any,
+) -> torch.nn.Module:
+    """A trained detector (model.pt), frozen and in eval mode, for the attribution stages."""
+    model = build_detector(
+        arch,
+        num_classes,
+        min_size,
+        max_size,
+        anchor_sizes=anchor_sizes,
+        weights=model_path,
+        norm=norm,
+        **rcnn_kwargs,
+    )
+    return freeze(model.to(device))
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_json(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _append_log(path: Path | None, entry: dict) -> None:
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _training_target(target: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """Crowd regions are not objects to learn (as in torchvision's COCO reference)."""
+    keep = target["iscrowd"] == 0
+    return {"boxes": target["boxes"][keep].to(device), "labels": target["labels"][keep].to(device)}
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    device: torch.device,
+    epoch: int,
+    scaler: torch.amp.GradScaler | None = None,
+    warmup_iters: int = 0,
+    warmup_factor: float = 0.001,
+    grad_clip_norm: float = 0.0,
+    log_path: Path | None = None,
+    log_every: int = 10,
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over `loader`; returns the mean of each loss component and of their sum.
+
+    Linear warm-up runs over the first `warmup_iters` iterations of epoch 0 only (as in the
+    references); non-finite losses stop training with FloatingPointError.
+    """
+    model.train()
+    use_amp = scaler is not None and scaler.is_enabled()
+    warmup = None
+    warmup_iters = min(warmup_iters, len(loader) - 1)
+    if epoch == 0 and warmup_iters > 0:
+        warmup = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=warmup_factor, total_iters=warmup_iters
+        )
+    sums: dict[str, float] = {}
+    count = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
+    for it, (images, targets) in enumerate(bar):
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [_training_target(t, device) for t in targets]
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        total = float(loss.detach())
+        if not math.isfinite(total):
+            raise FloatingPointError(f"epoch {epoch} iter {it}: non-finite loss {values}")
+        optimizer.zero_grad(set_to_none=True)
+        if use_amp:
+            scaler.scale(loss).backward()
+            if grad_clip_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            optimizer.step()
+        if warmup is not None:
+            warmup.step()
+        count += 1
+        for k, v in {**values, "loss": total}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        lr = optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.4f}")
+        if log_every > 0 and (it % log_every == 0 or it == len(loader) - 1):
+            _append_log(
+                log_path,
+                {
+                    "epoch": epoch,
+                    "iter": it,
+                    "loss": total,
+                    **values,
+                    "lr": lr,
+                    "seconds": round(time.perf_counter() - start, 3),
+                },
+            )
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def _coco_ground_truth(records: list[ImageRecord], classes: list[str]) -> COCO:
+    images, annotations = [], []
+    for index, record in enumerate(records):
+        images.append({"id": index, "width": record.width, "height": record.height})
+        for inst in record.instances:
+            x1, y1, x2, y2 = (float(v) for v in inst.box)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": int(inst.label),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(inst.iscrowd),  # COCOeval ignores crowd matches
+                }
+            )
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+@torch.inference_mode()
+def evaluate_box_ap(
+    model: torch.nn.Module,
+    records: list[ImageRecord],
+    classes: list[str],
+    device: str | torch.device,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """COCO box AP, AP50, AP75 of the model on `records` (crowd GT is ignored, not missed)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            images = [
+                torch.from_numpy(load_rgb(r.path).copy())
+                .permute(2, 0, 1)
+                .float()
+                .div(255)
+                .to(device)
+                for r in chunk
+            ]
+            for offset, output in enumerate(model(images)):
+                boxes = output["boxes"].cpu().numpy()
+                for box, score, label in zip(
+                    boxes,
+                    output["scores"].cpu().tolist(),
+                    output["labels"].cpu().tolist(),
+                    strict=True,
+                ):
+                    x1, y1, x2, y2 = (float(v) for v in box)
+                    results.append(
+                        {
+                            "image_id": start + offset,
+                            "category_id": int(label),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": float(score),
+                        }
+                    )
+    finally:
+        model.train(was_training)
+    gt = _coco_ground_truth(records, classes)
+    if not results or not gt.getAnnIds():
+        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(results)
+        coco_eval = COCOeval(gt, dt, iouType="bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = [max(float(s), 0.0) for s in coco_eval.stats[:3]]  # -1 means "no GT": report 0
+    return {"ap": stats[0], "ap50": stats[1], "ap75": stats[2]}
+
+
+def train_detector(
+    train: Dataset,
+    val: Dataset,
+    out_dir: Path,
+    config: DetectorTrainConfig,
+    params_hash: str,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume), then write out_dir/{checkpoint.pt, model.pt, metrics.json, train_log.jsonl}.
+
+    Returns the metrics written to metrics.json: box AP/AP50/AP75 on `val` and train seconds.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if list(val.classes) != list(train.classes):
+        raise ValueError(f"train classes {train.classes} differ from val classes {val.classes}")
+    if not train.records:
+        raise ValueError("no training records")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_amp = config.amp and device.type == "cuda"
+    log_path = out_dir / "train_log.jsonl"
+    ckpt_path = out_dir / "checkpoint.pt"
+
+    torch.manual_seed(config.seed)
+    num_classes = len(train.classes) + 1
+    model = detector_from_config(config, num_classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(config.lr_steps), gamma=config.lr_gamma
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, train_seconds = 0, 0.0
+
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("params_hash") == params_hash:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, train_seconds = int(ckpt["epoch"]), float(ckpt["train_seconds"])
+            logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
+            _append_log(log_path, {"event": "resume", "epoch": start_epoch})
+        else:
+            logger.warning(
+                "%s was made with params_hash %s, not %s: starting over",
+                ckpt_path,
+                ckpt.get("params_hash"),
+                params_hash,
+            )
+            _append_log(log_path, {"event": "restart", "reason": "params_hash changed"})
+    else:
+        _append_log(log_path, {"event": "start"})
+
+    dataset = DetectionDataset(train.records, hflip=config.hflip)
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(config.seed + epoch)  # same order and flips when an epoch is redone
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=True,
+            num_workers=config.workers,
+            collate_fn=collate_fn,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed + epoch),
+        )
+        tic = time.perf_counter()
+        losses = train_one_epoch(
+            model,
+            optimizer,
+            loader,
+            device,
+            epoch,
+            scaler=scaler,
+            warmup_iters=config.warmup_iters,
+            warmup_factor=config.warmup_factor,
+            grad_clip_norm=config.grad_clip_norm,
+            log_path=log_path,
+            log_every=config.log_every,
+            progress=progress,
+        )
+        lr_scheduler.step()
+        train_seconds += time.perf_counter() - tic
+        _append_log(log_path, {"event": "epoch_end", "epoch": epoch, **losses})
+        _atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch + 1,
+                "train_seconds": train_seconds,
+                "params_hash": params_hash,
+                "config": dataclasses.asdict(config),
+            },
+            ckpt_path,
+        )
+
+    _atomic_torch_save(model.state_dict(), out_dir / "model.pt")
+    ap = evaluate_box_ap(model, val.records, val.classes, device)
+    metrics = {
+        "box_ap": ap["ap"],
+        "box_ap50": ap["ap50"],
+        "box_ap75": ap["ap75"],
+        "train_seconds": round(train_seconds, 2),
+        "epochs": config.epochs,
+        "num_train_images": len(train.records),
+        "num_val_images": len(val.records),
+        "device": device.type,
+        "params_hash": params_hash,
+    }
+    _atomic_write_json(metrics, out_dir / "metrics.json")
+    return metrics

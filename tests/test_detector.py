@@ -1,0 +1,341 @@
+"""Detector build, the no-RPN heads function, training, resume and weights errors (tiny sizes)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import bbam.train_detector as td
+from bbam.data.records import Dataset, ImageRecord, Instance
+from bbam.data.torch_dataset import DetectionDataset, collate_fn
+from bbam.detector import (
+    ARCHS,
+    build_detector,
+    freeze,
+    make_heads_fn,
+    prepare_images,
+    roi_head_forward,
+)
+from bbam.train_detector import DetectorTrainConfig, evaluate_box_ap, train_detector
+
+torch.set_num_threads(1)
+
+CLASSES = ["square", "disc"]
+
+
+def _shapes_records(root: Path, n: int, seed: int, h: int = 64, w: int = 80) -> list[ImageRecord]:
+    """Filled squares (label 1) and discs (label 2) on a noisy background, saved as PNG."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    yy, xx = np.mgrid[:h, :w]
+    for i in range(n):
+        rgb = rng.integers(0, 80, size=(h, w, 3)).astype(np.uint8)
+        instances = []
+        for k, label in enumerate((1, 2)):
+            size = int(rng.integers(18, 30))
+            x0 = int(rng.integers(0, w // 2 - size // 2)) + k * (w // 2)
+            x0 = min(x0, w - size)
+            y0 = int(rng.integers(0, h - size))
+            if label == 1:
+                mask = (xx >= x0) & (xx < x0 + size) & (yy >= y0) & (yy < y0 + size)
+            else:
+                r = size / 2
+                mask = (xx + 0.5 - x0 - r) ** 2 + (yy + 0.5 - y0 - r) ** 2 <= r * r
+            rgb[mask] = rng.integers(170, 255, size=3)
+            ys, xs = np.nonzero(mask)
+            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+            instances.append(Instance(k + 1, label, box, mask=mask))
+        path = root / f"img{i}.png"
+        Image.fromarray(rgb).save(path)
+        records.append(ImageRecord(f"img{i}", path, w, h, instances))
+    return records
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return _shapes_records(tmp_path_factory.mktemp("shapes"), 4, seed=0)
+
+
+def _tiny(num_classes: int = 3, **kwargs):
+    torch.manual_seed(0)
+    return build_detector(
+        "resnet18_fpn", num_classes, 64, 96, anchor_sizes=(8, 16, 32, 64, 128), **kwargs
+    )
+
+
+def _tiny_config(**kwargs) -> DetectorTrainConfig:
+    base = dict(
+        min_size=64,
+        max_size=96,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        epochs=1,
+        batch_size=2,
+        lr=0.01,
+        warmup_iters=1,
+        lr_steps=(5,),
+        log_every=1,
+    )
+    return DetectorTrainConfig(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_build_each_arch(arch):
+    model = build_detector(arch, 4, 64, 96, trainable_layers=2)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    assert model.roi_heads.box_predictor.bbox_pred.out_features == 16
+    assert model.transform.min_size == (64,) and model.transform.max_size == 96
+    flags = [p.requires_grad for p in model.backbone.body.parameters()]
+    trainable, frozen = any(flags), not all(flags)
+    assert trainable and frozen  # trainable_layers=2 freezes the early stages
+
+
+def test_anchor_sizes_per_level():
+    model = _tiny()
+    assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    with pytest.raises(ValueError, match="5 anchor sizes"):
+        build_detector("resnet18_fpn", 3, 64, 96, anchor_sizes=(8, 16))
+    with pytest.raises(ValueError, match="unknown detector arch"):
+        build_detector("vgg16", 3, 64, 96)
+
+
+def test_prepare_images_matches_model_transform(records):
+    model = _tiny().eval()
+    rgb = np.asarray(Image.open(records[0].path))
+    batch, scales, sizes = prepare_images(model, [rgb, rgb[:40, :50]])
+    image_list, _ = model.transform([torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255])
+    assert sizes[0] == tuple(image_list.image_sizes[0]) == (64, 80)
+    assert torch.allclose(batch[0, :, :64, :80], image_list.tensors[0, :, :64, :80], atol=1e-5)
+    assert scales == pytest.approx([1.0, 64 / 40])
+    assert sizes[1] == (64, 80)
+    assert batch.shape[-2] % 32 == 0 and batch.shape[-1] % 32 == 0
+    model.train()
+    prepare_images(model, [rgb])
+    assert model.transform.training  # mode restored
+
+
+def test_roi_head_forward_agrees_with_model(records):
+    model = _tiny().eval()
+    captured = {}
+    heads = model.roi_heads
+    hooks = [
+        heads.box_roi_pool.register_forward_hook(
+            lambda m, args, out: captured.update(proposals=args[1], image_shapes=args[2])
+        ),
+        heads.box_predictor.register_forward_hook(lambda m, args, out: captured.update(pred=out)),
+        heads.register_forward_hook(lambda m, args, out: captured.update(dets=out[0])),
+    ]
+    rgb = np.asarray(Image.open(records[0].path))
+    with torch.no_grad():
+        model([torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255])
+    for hook in hooks:
+        hook.remove()
+    proposals = captured["proposals"]
+    assert proposals[0].shape[0] > 10
+
+    batch, _, sizes = prepare_images(model, [rgb])
+    with torch.no_grad():
+        out = roi_head_forward(model, batch, proposals, sizes)
+        padded = make_heads_fn(model)(batch, proposals)
+    logits, regression = captured["pred"]
+    n = proposals[0].shape[0]
+    assert out.logits.shape == (n, 3) and out.deltas.shape == (n, 3, 4)
+    assert torch.allclose(out.logits, logits, atol=1e-4)
+    assert torch.allclose(out.deltas, regression.reshape(n, 3, 4), atol=1e-4)
+    assert torch.allclose(padded.logits, logits, atol=1e-4)
+
+    # decoded boxes, by the Faster R-CNN formula with weights (10, 10, 5, 5)
+    p = proposals[0]
+    pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
+    px, py = p[:, 0] + pw / 2, p[:, 1] + ph / 2
+    d = out.deltas[:, 2]
+    cx, cy = px + d[:, 0] / 10 * pw, py + d[:, 1] / 10 * ph
+    w, h = pw * torch.exp(d[:, 2] / 5), ph * torch.exp(d[:, 3] / 5)
+    expected = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    assert torch.allclose(out.boxes[:, 2], expected, atol=1e-3)
+
+    # every detection of the model is a clipped decoded box of ours with our softmax score
+    dets = captured["dets"][0]
+    assert len(dets["boxes"]) > 0
+    probs = out.logits.softmax(1)
+    hh, ww = sizes[0]
+    clipped = out.boxes.clone()
+    clipped[..., 0::2] = clipped[..., 0::2].clamp(0, ww)
+    clipped[..., 1::2] = clipped[..., 1::2].clamp(0, hh)
+    for box, score, label in zip(dets["boxes"], dets["scores"], dets["labels"], strict=True):
+        close = (clipped[:, label] - box).abs().max(1).values < 1e-3
+        close &= (probs[:, label] - score).abs() < 1e-5
+        assert close.any()
+
+
+def test_gradient_wrt_images(records):
+    model = freeze(_tiny())
+    rgb = np.asarray(Image.open(records[1].path))
+    raw = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255).requires_grad_()
+    batch, _, _ = prepare_images(model, [raw])
+    box = torch.from_numpy(records[1].instances[0].box)[None]
+    out = roi_head_forward(model, batch, [box.repeat(3, 1)])
+    (out.logits[:, 1].sum() + out.deltas[:, 1].abs().sum()).backward()
+    assert raw.grad is not None and torch.isfinite(raw.grad).all()
+    assert float(raw.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_lowers_loss(records):
+    torch.manual_seed(0)
+    model = _tiny(box_batch_size_per_image=32, rpn_post_nms_top_n_train=100)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    loader = DataLoader(DetectionDataset(records), batch_size=2, collate_fn=collate_fn)
+    device = torch.device("cpu")
+    history = [
+        td.train_one_epoch(model, optimizer, loader, device, epoch, progress=False)["loss"]
+        for epoch in range(6)
+    ]
+    assert all(np.isfinite(history))
+    assert history[-1] < 0.7 * history[0]
+
+
+def _datasets(records):
+    return Dataset(CLASSES, records), Dataset(CLASSES, records[:2])
+
+
+def test_kill_and_resume(records, tmp_path, monkeypatch):
+    train, val = _datasets(records)
+    config = _tiny_config(epochs=2)
+    real = td.train_one_epoch
+
+    def killed_in_epoch_1(model, optimizer, loader, device, epoch, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt  # the process dies during the second epoch
+        return real(model, optimizer, loader, device, epoch, **kwargs)
+
+    monkeypatch.setattr(td, "train_one_epoch", killed_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(train, val, tmp_path, config, params_hash="h1", progress=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["params_hash"] == "h1"
+    assert not (tmp_path / "model.pt").exists()
+    saved_momentum = [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
+    assert saved_momentum
+
+    seen = []
+
+    def recording(model, optimizer, loader, device, epoch, **kwargs):
+        state = optimizer.state_dict()["state"]
+        seen.append((epoch, [s["momentum_buffer"].clone() for s in state.values()]))
+        return real(model, optimizer, loader, device, epoch, **kwargs)
+
+    monkeypatch.setattr(td, "train_one_epoch", recording)
+    metrics = train_detector(train, val, tmp_path, config, params_hash="h1", progress=False)
+    assert [epoch for epoch, _ in seen] == [1]
+    restored = seen[0][1]
+    assert len(restored) == len(saved_momentum)
+    assert all(torch.equal(a, b) for a, b in zip(restored, saved_momentum, strict=True))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == metrics and set(metrics) >= {
+        "box_ap",
+        "box_ap50",
+        "box_ap75",
+        "train_seconds",
+    }
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert {"event": "resume", "epoch": 1} in log
+    assert any(entry.get("iter") == 0 and "loss_classifier" in entry for entry in log)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    model = td.load_detector(tmp_path / "model.pt", "resnet18_fpn", 3, 64, 96, (8, 16, 32, 64, 128))
+    assert not model.training and torch.equal(
+        model.state_dict()["backbone.body.conv1.weight"], state["backbone.body.conv1.weight"]
+    )
+
+    # a different params hash starts over from epoch 0
+    seen.clear()
+    train_detector(train, val, tmp_path, config, params_hash="h2", progress=False)
+    assert [epoch for epoch, _ in seen] == [0, 1]
+    assert all(float(t.abs().sum()) == 0 for t in seen[0][1]) or seen[0][1] == []
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(TypeError):
+        DetectorTrainConfig(**{"arch": "resnet18_fpn", "epochz": 3})
+    with pytest.raises(ValueError, match="arch"):
+        DetectorTrainConfig(arch="resnet7")
+    assert DetectorTrainConfig(anchor_sizes=[1, 2, 3, 4, 5]).anchor_sizes == (1, 2, 3, 4, 5)
+
+
+class _Oracle(torch.nn.Module):
+    """Returns given detections per image, to check the AP computation itself."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = outputs
+        self.calls = 0
+
+    def forward(self, images):
+        out = self.outputs[self.calls : self.calls + len(images)]
+        self.calls += len(images)
+        return out
+
+
+def test_evaluate_box_ap(records):
+    def dets(shift: float):
+        return [
+            {
+                "boxes": torch.tensor(np.stack([i.box for i in r.instances]) + shift),
+                "scores": torch.ones(len(r.instances)),
+                "labels": torch.tensor([i.label for i in r.instances]),
+            }
+            for r in records
+        ]
+
+    perfect = evaluate_box_ap(_Oracle(dets(0.0)), records, CLASSES, "cpu")
+    assert perfect["ap"] == pytest.approx(1.0) and perfect["ap50"] == pytest.approx(1.0)
+    shifted = evaluate_box_ap(_Oracle(dets(3.0)), records, CLASSES, "cpu")
+    assert shifted["ap50"] > shifted["ap75"] and shifted["ap"] < 1.0
+    wrong = dets(0.0)
+    for d in wrong:
+        d["labels"] = 3 - d["labels"]
+    assert evaluate_box_ap(_Oracle(wrong), records, CLASSES, "cpu")["ap50"] == 0.0
+
+
+def test_missing_weights_file_names_path(tmp_path):
+    missing = tmp_path / "nowhere" / "model.pt"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        _tiny(weights=missing)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        _tiny(backbone_weights=missing)
+
+
+def test_weights_roundtrip_and_incompatible_shapes(tmp_path):
+    source = _tiny(num_classes=3)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": source.state_dict(), "epoch": 3}, path)
+    loaded = _tiny(num_classes=3, weights=path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="cls_score.weight") as info:
+        _tiny(num_classes=5, weights=path)
+    assert str(path) in str(info.value) and "bbox_pred.weight" in str(info.value)
+
+    partial = tmp_path / "partial.pt"
+    torch.save({k: v for k, v in source.state_dict().items() if "rpn" not in k}, partial)
+    with pytest.raises(ValueError, match="missing keys"):
+        _tiny(weights=partial)
+
+
+def test_backbone_weights_from_classifier(tmp_path):
+    from torchvision.models import resnet18
+
+    classifier = resnet18(weights=None)
+    path = tmp_path / "resnet18.pt"
+    torch.save(classifier.state_dict(), path)
+    model = _tiny(backbone_weights=path, norm="frozen_bn")
+    assert torch.equal(model.backbone.body.conv1.weight, classifier.conv1.weight)
+    assert torch.equal(
+        model.backbone.body.layer1[0].bn1.running_var, classifier.layer1[0].bn1.running_var
+    )
