@@ -78,6 +78,12 @@ class AttributionConfig:
     early_stop: bool = True
     early_stop_tol: float = 0.01
     early_stop_patience: int = 20
+    # Masked passes see only a window around the instance: the box grown by crop_context x
+    # its size on each side (and covering all positives), snapped to crop_align pixels (the
+    # backbone stride keeps features aligned). Outside it the input is the baseline, i.e.
+    # the mask is 0 there -- where BBAM's sparsity drives it anyway. 0 disables.
+    crop_context: float = 0.5
+    crop_align: int = 32
     # CUDA-only speedups (ignored on CPU)
     amp: bool = True
     amp_dtype: str = "bfloat16"
@@ -98,6 +104,8 @@ class AttributionConfig:
         for name in ("num_jitters", "max_positives", "iterations", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AttributionConfig.{name} must be >= 1")
+        if self.crop_context < 0 or self.crop_align < 1:
+            raise ValueError("crop_context must be >= 0 and crop_align >= 1")
         if self.positives_per_iter < 0 or self.early_stop_patience < 1:
             raise ValueError("positives_per_iter must be >= 0 and early_stop_patience >= 1")
 
@@ -120,6 +128,7 @@ _PROFILES: dict[str, dict[str, Any]] = {
         "l1_weight": 0.007,
         "l1_reduction": "sum",
         "tv_weight": 1e-4,
+        "crop_context": 0.0,
     },
 }
 
@@ -222,6 +231,7 @@ class _State:
     p_ref: torch.Tensor  # (P,) reference target-class probability
     threshold: float
     stride: float
+    window: tuple[int, int, int, int]  # y0, x0, y1, x1 of the masked-pass crop
     param: torch.Tensor
     opt: torch.optim.Optimizer
     prev: torch.Tensor
@@ -270,6 +280,29 @@ def _no_positive(item: AttributionItem, hw, stride, config, seconds, device) -> 
     }
     return AttributionResult(
         item.key, "no_positive", np.zeros(shape, np.float16), hw, stride, stats, _valid_hw(item)
+    )
+
+
+def _crop_window(
+    box: torch.Tensor, proposals: torch.Tensor, hw: tuple[int, int], config: AttributionConfig
+) -> tuple[int, int, int, int]:
+    """The crop (y0, x0, y1, x1) of the masked passes; the whole image when disabled."""
+    if config.crop_context <= 0:
+        return 0, 0, hw[0], hw[1]
+    b = box.reshape(4).float().cpu()
+    p = proposals.float().cpu()
+    bw, bh = float(b[2] - b[0]), float(b[3] - b[1])
+    c = config.crop_context
+    x0 = min(float(b[0]) - c * bw, float(p[:, 0].min()))
+    y0 = min(float(b[1]) - c * bh, float(p[:, 1].min()))
+    x1 = max(float(b[2]) + c * bw, float(p[:, 2].max()))
+    y1 = max(float(b[3]) + c * bh, float(p[:, 3].max()))
+    a = config.crop_align
+    return (
+        max(0, math.floor(y0 / a) * a),
+        max(0, math.floor(x0 / a) * a),
+        min(hw[0], math.ceil(y1 / a) * a),
+        min(hw[1], math.ceil(x1 / a) * a),
     )
 
 
@@ -345,6 +378,7 @@ def _reference_pass(
                 p_ref=torch.softmax(logits[n][idx], dim=1)[:, label],
                 threshold=float(thr),
                 stride=stride,
+                window=_crop_window(it.box, props[k][idx], hw, config),
                 param=param,
                 opt=torch.optim.Adam([param], lr=config.lr),
                 prev=_grid_value(param.detach(), config).clone(),
@@ -372,9 +406,25 @@ def _losses(
             for g in grids
         ]
     )
-    x = images * masks
-    if config.baseline_value != 0.0:
-        x = x + config.baseline_value * (1.0 - masks)
+    full = (0, 0, int(hw[0]), int(hw[1]))
+    cropped = any(st.window != full for st in active)
+    if not cropped:
+        x = images * masks
+        if config.baseline_value != 0.0:
+            x = x + config.baseline_value * (1.0 - masks)
+    else:
+        hc = max(st.window[2] - st.window[0] for st in active)
+        wc = max(st.window[3] - st.window[1] for st in active)
+        parts_x = []
+        for n, st in enumerate(active):
+            y0, x0, y1, x1 = st.window
+            m = masks[n, :, y0:y1, x0:x1]
+            xi = st.image[:, y0:y1, x0:x1] * m
+            if config.baseline_value != 0.0:
+                xi = xi + config.baseline_value * (1.0 - m)
+            pad = (0, wc - (x1 - x0), 0, hc - (y1 - y0))
+            parts_x.append(F.pad(xi, pad, value=config.baseline_value))
+        x = torch.stack(parts_x)
     sel: list[torch.Tensor] = []
     for st in active:
         num = st.proposals.shape[0]
@@ -384,6 +434,11 @@ def _losses(
         else:
             sel.append(torch.arange(num, device=device))
     props = [st.proposals[s] for st, s in zip(active, sel, strict=True)]
+    if cropped:
+        props = [
+            p - p.new_tensor([st.window[1], st.window[0], st.window[1], st.window[0]])
+            for st, p in zip(active, props, strict=True)
+        ]
     counts = torch.tensor([len(s) for s in sel], device=device)
     seg = torch.repeat_interleave(torch.arange(len(active), device=device), counts)
     labels = torch.cat(

@@ -1,0 +1,266 @@
+"""Benchmark: BBAM `reference` vs `fast` profiles on the same instances, in one run.
+
+Measures instances/s and ms per (instance-)iteration of each profile, the agreement of the
+two (mean IoU of the maps thresholded at 0.5), and the achieved FLOP/s of `fast` against
+this machine's dense matmul throughput measured in the same run (heads forward+backward
+FLOPs from torch.utils.flop_counter on one iteration). Merges `attribution` into
+bench/results.json.
+
+    python bench/attribution.py                                  # toy detector, synthetic
+    python bench/attribution.py --detector runs/detector/model.pt --data-root data/synthetic
+
+With a trained torchvision detector the `detector` section of --params gives its
+architecture. `--reference-instances` bounds the slow side (the first N instances; the
+fast side runs all `--instances` and agreement is measured on the common ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from bbam.attribution import (
+    AttributionConfig,
+    AttributionItem,
+    AttributionResult,
+    attribute_instances,
+    map_to_image,
+    profile_config,
+)
+from bbam.heads import HeadsFn
+from bbam.toy_detector import ToyDetector, toy_scene
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def merge_results(key: str, value: dict, path: Path = RESULTS) -> None:
+    """Read-modify-write bench/results.json atomically, keeping other benchmarks' entries."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def toy_setup(n_instances: int, seed: int, size: int = 128) -> tuple[HeadsFn, list, dict]:
+    """Synthetic scenes of 1-3 textured disks; small strides suit the small images."""
+    rng = np.random.default_rng(seed)
+    items: list[AttributionItem] = []
+    det = ToyDetector().eval()
+    n_img = 0
+    while len(items) < n_instances:
+        disks: list[tuple[float, float, float, int]] = []
+        for _ in range(int(rng.integers(1, 4)) * 20):
+            if len(disks) == 3:
+                break
+            r = float(rng.uniform(10, 24))
+            cx, cy = (float(v) for v in rng.uniform(r + 2, size - r - 2, 2))
+            if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q + 4) ** 2 for x, y, q, _ in disks):
+                disks.append((cx, cy, r, int(rng.integers(1, 3))))
+        img, boxes, _ = toy_scene((size, size), disks)
+        for k, (box, disk) in enumerate(zip(boxes, disks, strict=True)):
+            items.append(AttributionItem(f"toy{n_img:03d}_{k}", img, box, disk[3]))
+        n_img += 1
+    return det, items[:n_instances], {"stride_coefs": (4.0, 12.0)}
+
+
+def real_setup(args: argparse.Namespace, device: torch.device) -> tuple[HeadsFn, list, dict]:
+    from bbam.data.coco import read_coco
+    from bbam.data.images import load_rgb
+    from bbam.detector import freeze, make_heads_fn, prepare_images
+    from bbam.train_detector import DetectorTrainConfig, detector_from_config
+
+    root = args.data_root
+    image_root = root / "VOC2012" / "JPEGImages"
+    data = read_coco(root / "annotations" / f"instances_{args.split}.json", image_root, False)
+    section = {}
+    if args.params.exists():
+        section = (yaml.safe_load(args.params.read_text()) or {}).get("detector", {}) or {}
+    config = DetectorTrainConfig(**section)
+    model = detector_from_config(config, len(data.classes) + 1, weights=args.detector)
+    model = freeze(model.to(device))
+    items: list[AttributionItem] = []
+    for record in data.records:
+        instances = [inst for inst in record.instances if not inst.iscrowd]
+        if not instances:
+            continue
+        batch, _, sizes = prepare_images(model, [load_rgb(record.path)])
+        h, w = sizes[0]
+        ratio = torch.tensor([w / record.width, h / record.height] * 2, dtype=torch.float32)
+        image = batch[0].detach()
+        for inst in instances:
+            box = torch.as_tensor(np.asarray(inst.box, dtype=np.float32)) * ratio
+            key = f"{record.image_id}_{inst.instance_id}"
+            items.append(AttributionItem(key, image, box, int(inst.label), (h, w)))
+        if len(items) >= args.instances:
+            break
+    return make_heads_fn(model), items[: args.instances], {}
+
+
+def dense_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """Best-of-5 throughput of an n x n matmul: the machine's practical dense peak."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4 if device.type == "cuda" else 1):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / (4 if device.type == "cuda" else 1))
+    return 2.0 * n**3 / best
+
+
+def flops_per_instance_iteration(heads, items, config: AttributionConfig, device) -> float:
+    """FLOPs of one batched iteration (heads forward + backward to the masks) per instance:
+    the difference between runs of 2 and 1 iterations cancels the reference pass."""
+    items = items[: config.batch_size]
+    counts = []
+    for iters in (1, 2):
+        cfg = dataclasses.replace(config, iterations=iters, early_stop=False)
+        with FlopCounterMode(display=False) as counter:
+            res = attribute_instances(heads, items, cfg, device)
+        counts.append(counter.get_total_flops())
+    ok = max(sum(r.status == "ok" for r in res), 1)
+    return (counts[1] - counts[0]) / ok
+
+
+def run(heads, items, config, device) -> tuple[list[AttributionResult], float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    results = attribute_instances(heads, items, config, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return results, time.perf_counter() - t0
+
+
+def agreement(a: list[AttributionResult], b: list[AttributionResult]) -> tuple[float, int]:
+    ious = []
+    for ra, rb in zip(a, b, strict=False):
+        if ra.status != "ok" or rb.status != "ok":
+            continue
+        ma = map_to_image(ra.grid, ra.resized_hw, ra.resized_hw, valid_hw=ra.valid_hw) > 0.5
+        mb = map_to_image(rb.grid, rb.resized_hw, rb.resized_hw, valid_hw=rb.valid_hw) > 0.5
+        union = (ma | mb).sum()
+        ious.append(1.0 if union == 0 else float((ma & mb).sum() / union))
+    return (float(np.mean(ious)) if ious else float("nan")), len(ious)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--detector", type=Path, default=None, help="trained model.pt")
+    parser.add_argument("--data-root", type=Path, default=Path("data/synthetic"))
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--instances", type=int, default=32)
+    parser.add_argument("--reference-instances", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true", help="do not touch results.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+
+    if args.detector is not None:
+        heads, items, overrides = real_setup(args, device)
+        source = f"detector {args.detector} on {args.data_root} ({args.split})"
+    else:
+        heads, items, overrides = toy_setup(args.instances, args.seed)
+        source = "toy detector on synthetic disks (128x128)"
+    if not items:
+        print("no instances found", file=sys.stderr)
+        return 1
+    n_ref = min(args.reference_instances, len(items))
+    ref_cfg = profile_config("reference", seed=args.seed, **overrides)
+    fast_cfg = profile_config("fast", seed=args.seed, **overrides)
+
+    # warm-up (allocator, kernels) so neither side pays first-call costs
+    attribute_instances(heads, items[:1], dataclasses.replace(fast_cfg, iterations=2), device)
+    fast_res, fast_s = run(heads, items, fast_cfg, device)
+    ref_res, ref_s = run(heads, items[:n_ref], ref_cfg, device)
+
+    ref_iters = sum(r.stats["iterations"] for r in ref_res)
+    fast_iters = sum(r.stats["iterations"] for r in fast_res)
+    ref_ips = n_ref / ref_s
+    fast_ips = len(items) / fast_s
+    iou, n_pairs = agreement(ref_res, fast_res[:n_ref])
+
+    amp = fast_cfg.amp and device.type == "cuda"
+    peak = dense_flops_per_s(device, torch.bfloat16 if amp else torch.float32)
+    peak_ref = peak if not amp else dense_flops_per_s(device, torch.float32)
+    f_fast = flops_per_instance_iteration(heads, items, fast_cfg, device)
+    f_ref = flops_per_instance_iteration(heads, items, ref_cfg, device)
+    util_fast = f_fast * fast_iters / fast_s / peak
+    util_ref = f_ref * ref_iters / ref_s / peak_ref
+
+    row = "{:<10} {:>9} {:>12} {:>12} {:>14} {:>10} {:>10}"
+    print(f"source: {source}; device: {device}; threads: {torch.get_num_threads()}")
+    print(row.format("profile", "instances", "inst/s", "ms/iter", "iters/inst", "GFLOP/s", "util"))
+    for name, n, ips, s, iters, f, util in (
+        ("reference", n_ref, ref_ips, ref_s, ref_iters, f_ref, util_ref),
+        ("fast", len(items), fast_ips, fast_s, fast_iters, f_fast, util_fast),
+    ):
+        print(
+            row.format(
+                name,
+                n,
+                f"{ips:.3f}",
+                f"{1000 * s / max(iters, 1):.2f}",
+                f"{iters / n:.1f}",
+                f"{f * iters / s / 1e9:.2f}",
+                f"{util:.4f}",
+            )
+        )
+    status = {
+        p: sum(r.status == "no_positive" for r in res)
+        for p, res in (("ref", ref_res), ("fast", fast_res))
+    }
+    print(
+        f"speedup {fast_ips / ref_ips:.1f}x; agreement IoU {iou:.3f} over {n_pairs} instances; "
+        f"dense peak {peak / 1e9:.1f} GFLOP/s; no_positive {status}"
+    )
+    result = {
+        "reference_instances_per_s": ref_ips,
+        "fast_instances_per_s": fast_ips,
+        "speedup": fast_ips / ref_ips,
+        "agreement_iou": iou,
+        "flops_utilization": util_fast,
+        "flops_utilization_reference": util_ref,
+        "ms_per_iter_reference": 1000 * ref_s / max(ref_iters, 1),
+        "ms_per_iter_fast": 1000 * fast_s / max(fast_iters, 1),
+        "iterations_per_instance_fast": fast_iters / len(items),
+        "instances": {"reference": n_ref, "fast": len(items), "agreement_pairs": n_pairs},
+        "source": source,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "dense_peak_gflops": peak / 1e9,
+    }
+    if not args.no_write:
+        merge_results("attribution", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
