@@ -54,12 +54,14 @@ class InstanceTrainConfig:
     weights: str | None = None  # full-model state dict (local file)
     weights_backbone: str | None = None  # backbone.body state dict, e.g. ImageNet ResNet (local)
     trainable_backbone_layers: int = 5
-    min_size: int = 160
-    max_size: int = 224
+    min_size: int = (
+        96  # torchvision transform resizes (short side), predictions come back full size
+    )
+    max_size: int = 136
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
     fpn_channels: int = 128  # torchvision: 256
     representation_size: int = 512  # box head MLP width; torchvision: 1024
-    mask_head_layers: tuple[int, ...] = (128, 128)  # torchvision: (256, 256, 256, 256)
+    mask_head_layers: tuple[int, ...] = (64, 64)  # torchvision: (256, 256, 256, 256)
     rpn_pre_nms_top_n_train: int = 1000
     rpn_post_nms_top_n_train: int = 500
     rpn_pre_nms_top_n_test: int = 500
@@ -70,12 +72,12 @@ class InstanceTrainConfig:
     mask_loss: str = "balanced"  # balanced (reference) | bce (torchvision)
     seed_hi: float = 0.9
     seed_lo: float = 0.1
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 4
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    lr_steps: tuple[int, ...] = (4, 5)
+    lr_steps: tuple[int, ...] = (3,)
     lr_gamma: float = 0.1
     clip_grad_norm: float | None = 10.0
     warmup_iters: int = 50

@@ -50,13 +50,14 @@ class SemanticTrainConfig:
     supervision: str = "bbam"  # full | bbam | box
     weights: str | None = None
     weights_backbone: str | None = None
-    crop_size: int = 160
-    epochs: int = 8
+    scale: float = 0.5  # images (and labels, nearest) are resized by this for training + inference
+    crop_size: int = 96  # random crop after scaling, padded with ignore where the image is smaller
+    epochs: int = 6
     batch_size: int = 8
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    lr_steps: tuple[int, ...] = (6,)
+    lr_steps: tuple[int, ...] = (5,)
     lr_gamma: float = 0.1
     clip_grad_norm: float | None = 10.0
     warmup_iters: int = 20
@@ -178,6 +179,10 @@ def semantic_target(
     return label
 
 
+def _scaled_size(hw: tuple[int, ...], scale: float) -> tuple[int, int]:
+    return max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
+
+
 class SemanticTrainDataset(torch.utils.data.Dataset):
     """Random crop (padded with ignore) + horizontal flip; labels are read lazily."""
 
@@ -190,6 +195,7 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
         crop_size: int,
         hflip: bool,
         skipped: SkipReport,
+        scale: float = 1.0,
     ) -> None:
         self.items: list[ImageRecord] = []
         self.args = (supervision, pseudo_dir, gt_dir)
@@ -199,7 +205,7 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
                     skipped.add("no pseudo label PNG", record.image_id)
                     continue
             self.items.append(record)
-        self.crop, self.hflip = crop_size, hflip
+        self.crop, self.hflip, self.scale = crop_size, hflip, scale
         self.skipped = skipped
 
     def __len__(self) -> int:
@@ -212,6 +218,12 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
             raise DataError(f"{record.path}: {label}")
         image = torch.from_numpy(np.array(load_rgb(record.path))).permute(2, 0, 1).float() / 255.0
         target = torch.from_numpy(label.astype(np.int64))
+        if self.scale != 1.0:
+            size = _scaled_size(target.shape, self.scale)
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+            target = F.interpolate(target[None, None].float(), size=size, mode="nearest")[
+                0, 0
+            ].long()
         h, w = target.shape
         ph, pw = max(0, self.crop - h), max(0, self.crop - w)
         if ph or pw:
@@ -256,7 +268,14 @@ def train_semantic(
     gdir = Path(gt_dir) if gt_dir is not None else None
     skipped = SkipReport()
     dataset = SemanticTrainDataset(
-        records, config.supervision, pdir, gdir, config.crop_size, config.hflip, skipped
+        records,
+        config.supervision,
+        pdir,
+        gdir,
+        config.crop_size,
+        config.hflip,
+        skipped,
+        config.scale,
     )
     if len(dataset) == 0:
         raise DataError(f"no trainable images ({dict(skipped.counts)})")
@@ -344,12 +363,27 @@ def load_semantic_model(
 
 @torch.no_grad()
 def predict_semantic(
-    model: SemanticNet, records: list[ImageRecord], device: str = "auto", progress: bool = False
+    model: SemanticNet,
+    records: list[ImageRecord],
+    device: str = "auto",
+    progress: bool = False,
+    scale: float = 1.0,
 ) -> Iterator[tuple[ImageRecord, np.ndarray]]:
-    """Yield (record, HxW uint8 label map) at the original image size, one image at a time."""
+    """Yield (record, HxW uint8 label map) at the original image size, one image at a time.
+
+    `scale` must be the training config's: the image is resized by it, logits go back bilinearly.
+    """
     dev = T.resolve_device(device)
     model = model.to(dev).eval()
     for record in tqdm(records, desc="deeplab predict", disable=not progress):
         image = torch.from_numpy(np.array(load_rgb(record.path))).permute(2, 0, 1).float() / 255.0
-        logits = model(image[None].to(dev))
+        image = image[None].to(dev)
+        size = image.shape[-2:]
+        if scale != 1.0:
+            image = F.interpolate(
+                image, size=_scaled_size(size, scale), mode="bilinear", align_corners=False
+            )
+        logits = model(image)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         yield record, logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
