@@ -192,3 +192,23 @@ def test_writers(tmp_path):
     assert float(rows[-1]["recall"]) == pytest.approx(1.0)
     data = json.loads(write_pr_curves(tmp_path / "pr.json", curves).read_text())
     assert len(data) == 3 and not list(tmp_path.glob(".*tmp"))
+
+
+def test_pseudo_label_quality():
+    from bbam.evaluate import pseudo_label_quality
+
+    recs, _ = _hand_case()
+    a, b = recs[0].instances[0], recs[1].instances[0]
+    half_b = _rect(4, 6, 0, 3)  # IoU .6 with b
+    pseudo = {
+        "a": [(1, a.box, a.mask), (2, a.box, ~a.mask)],  # wrong-label entry must not be used
+        "b": [(1, b.box, half_b)],
+    }
+    sem = {"a": a.mask.astype(np.uint8), "b": np.where(half_b, 1, 0).astype(np.uint8)}
+    sem["b"][4, 0] = 255  # ignore in a pseudo label counts as background
+    res = pseudo_label_quality(recs, pseudo, 2, sem)
+    assert res["pseudo_mean_instance_iou"] == pytest.approx((1.0 + 0.6) / 2)
+    # 128 px, 20 GT fg; predicted fg 10 (a) + 6 - 1 (b, one px set to 255) = 15, all correct
+    # bg: TP 108, 5 GT-fg px predicted bg -> 108/113; fg: 15/20
+    assert res["pseudo_sem_miou"] == pytest.approx((108 / 113 + 15 / 20) / 2)
+    assert pseudo_label_quality(recs, {}, 2)["pseudo_mean_instance_iou"] == 0.0
