@@ -311,3 +311,23 @@ def test_config_and_weights_errors(tmp_path):
     torch.save({"unrelated": torch.zeros(3)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="no parameter"):
         build_instance_model(InstanceTrainConfig(weights=str(tmp_path / "bad.pt")), 2)
+
+
+def test_datasets_count_skips(tmp_path):
+    from bbam.data.records import SkipReport
+    from bbam.segmenters.instance import InstanceTrainDataset
+    from bbam.segmenters.semantic import SemanticTrainDataset
+
+    records = _make_data(tmp_path, n=3)
+    records[2].instances[0].mask = None
+    skipped = SkipReport()
+    ds = SemanticTrainDataset(records, "full", None, None, 64, False, skipped)
+    assert len(ds) == 2 and skipped.counts == {"instance without GT mask (full supervision)": 1}
+    image, target = ds[0]
+    assert image.shape == (3, 64, 64) and set(target.unique().tolist()) == {0, 1}
+    pseudo = load_pseudo_gt(_pseudo_json(tmp_path, records[:2]), ["thing"])
+    skipped = SkipReport()
+    ids = InstanceTrainDataset(records, "bbam", pseudo, True, skipped)
+    assert len(ids) == 2 and skipped.counts == {"no pseudo labels for image": 1}
+    _, target = ids[1]
+    assert target["masks"].shape == (1, 64, 64) and (target["masks"] == IGNORE).any()

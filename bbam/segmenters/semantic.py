@@ -204,6 +204,12 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
                 if not (Path(pseudo_dir) / f"{record.image_id}.png").is_file():
                     skipped.add("no pseudo label PNG", record.image_id)
                     continue
+            elif supervision == "full" and not (
+                gt_dir is not None and (Path(gt_dir) / f"{record.image_id}.png").is_file()
+            ):
+                if any(i.mask is None for i in record.instances if not i.iscrowd):
+                    skipped.add("instance without GT mask (full supervision)", record.image_id)
+                    continue
             self.items.append(record)
         self.crop, self.hflip, self.scale = crop_size, hflip, scale
         self.skipped = skipped
