@@ -21,7 +21,9 @@ from torchvision.models.detection.backbone_utils import (
     _mobilenet_extractor,
     _resnet_fpn_extractor,
 )
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from bbam.heads import HeadsFn, RoIHeadOutputs
 
@@ -107,6 +109,8 @@ def build_detector(
     backbone_weights: str | Path | None = None,
     trainable_layers: int = 3,
     norm: str = "batchnorm",
+    fpn_channels: int = 256,
+    representation_size: int = 1024,
     **rcnn_kwargs,
 ) -> FasterRCNN:
     """Faster R-CNN with an FPN backbone, 2-FC box head, class-specific regression.
@@ -116,7 +120,9 @@ def build_detector(
     each of its 3 levels (torchvision's layout). `weights` is a whole-detector state_dict,
     `backbone_weights` a classification-network state_dict (its head is ignored).
     `trainable_layers` counts backbone stages left trainable (5 = all for ResNet, 6 for
-    MobileNet). Extra keyword arguments go to `FasterRCNN` (sampling sizes, thresholds).
+    MobileNet). `fpn_channels` / `representation_size` (box-head MLP width) default to
+    torchvision's 256 / 1024; smaller values make CPU training affordable. Extra keyword
+    arguments go to `FasterRCNN` (sampling sizes, thresholds).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown detector arch {arch!r}; expected one of {ARCHS}")
@@ -139,13 +145,20 @@ def build_detector(
             _load_into(body, backbone_weights, ignore_prefixes=("classifier.",))
         backbone = _mobilenet_extractor(body, True, trainable_layers)
         per_level = (sizes,) * 3
+    if fpn_channels != backbone.out_channels:
+        in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+        backbone.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, LastLevelMaxPool())
+        backbone.out_channels = fpn_channels
     anchors = AnchorGenerator(per_level, (ASPECT_RATIOS,) * len(per_level))
+    resolution = 7  # FasterRCNN's default MultiScaleRoIAlign output size
     model = FasterRCNN(
         backbone,
-        num_classes=num_classes,
+        num_classes=None,
         min_size=min_size,
         max_size=max_size,
         rpn_anchor_generator=anchors,
+        box_head=TwoMLPHead(fpn_channels * resolution**2, representation_size),
+        box_predictor=FastRCNNPredictor(representation_size, num_classes),
         **rcnn_kwargs,
     )
     if weights is not None:

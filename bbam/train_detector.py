@@ -3,9 +3,12 @@
 Defaults are for training from scratch on CPU on small images (no pretrained weights can be
 downloaded here): ResNet-18-FPN with ordinary BatchNorm (FrozenBatchNorm with random init
 would freeze random statistics), all backbone stages trainable, short side 160 / long side
-224 (the synthetic images' own size, no upscaling), anchors 16..256 (objects of 10-150 px), fewer RPN/RoI samples than torchvision's
-defaults to keep a CPU epoch short, gradient clipping for stability without pretraining.
-With pretrained local weights, use norm="frozen_bn" and trainable_layers=3 like torchvision.
+224 (the synthetic images' own size, no upscaling), anchors 16..256 (objects of 10-150 px),
+FPN with 128 channels and a 512-wide box head (torchvision: 256 / 1024), fewer RPN/RoI
+samples than torchvision's defaults to keep a CPU epoch short, and gradient clipping for
+stability without pretraining. For the paper's setup use arch="resnet101_fpn",
+fpn_channels=256, representation_size=1024 and, with pretrained local weights,
+norm="frozen_bn", trainable_layers=3 like torchvision.
 
 Resumable: each epoch ends with an atomic out_dir/checkpoint.pt; a rerun with the same
 params_hash continues after the last finished epoch, with a different one it starts over.
@@ -48,6 +51,8 @@ class DetectorTrainConfig:
     min_size: int = 160
     max_size: int = 224
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    fpn_channels: int = 128  # torchvision: 256
+    representation_size: int = 512  # box-head MLP width; torchvision: 1024
     epochs: int = 8
     batch_size: int = 4
     lr: float = 0.02
@@ -98,6 +103,8 @@ def detector_from_config(
         backbone_weights=config.backbone_weights,
         trainable_layers=config.trainable_layers,
         norm=config.norm,
+        fpn_channels=config.fpn_channels,
+        representation_size=config.representation_size,
         rpn_batch_size_per_image=config.rpn_batch_size_per_image,
         rpn_post_nms_top_n_train=config.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=config.rpn_post_nms_top_n_test,
@@ -116,7 +123,12 @@ def load_detector(
     device: str | torch.device = "cpu",
     **rcnn_kwargs: Any,
 ) -> torch.nn.Module:
-    """A trained detector (model.pt), frozen and in eval mode, for the attribution stages."""
+    """A trained detector (model.pt), frozen and in eval mode, for the attribution stages.
+
+    Extra keyword arguments go to `build_detector` (fpn_channels, representation_size, ...);
+    with a DetectorTrainConfig, `freeze(detector_from_config(config, n, weights=path))` is
+    the same thing without repeating the architecture keys.
+    """
     model = build_detector(
         arch,
         num_classes,
