@@ -59,6 +59,19 @@ def test_seed_growing_hand_grid():
     expect_bg = {(y, x) for y in range(7) for x in range(7) if not ignore[0, y, x]} - {(0, 0)}
     assert {tuple(x) for x in torch.nonzero(use_bg[0]).tolist()} == expect_bg | {(5, 1)}
     assert not (use_fg & use_bg).any()
+    # the neighbour rule applies to seeds too: an isolated fg seed drops out (reference)
+    lone = torch.zeros(1, 5, 5, dtype=torch.bool)
+    lone[0, 2, 2] = True
+    no_ign = torch.zeros_like(lone)
+    lone_fg, lone_bg = grow_seeds(torch.full((1, 5, 5), 0.5), lone, no_ign)
+    assert not lone_fg.any() and torch.equal(lone_bg, ~lone)
+    logits = torch.zeros(1, 5, 5, requires_grad=True)
+    loss = ignore_aware_mask_loss(logits, lone, no_ign)
+    loss.backward()
+    assert loss.item() == 0.0 and (logits.grad == 0).all()  # no counted fg -> zero (reference)
+    # without seed growing (full / box masks) every pixel counts
+    plain = ignore_aware_mask_loss(torch.zeros(1, 5, 5), lone, no_ign, seed_growing=False)
+    assert plain.item() == pytest.approx(float(np.log(2)))
 
 
 def test_mask_loss_gradient_zero_at_ignored_pixels():

@@ -115,21 +115,20 @@ def _neighbour_any(mask: torch.Tensor) -> torch.Tensor:
 def grow_seeds(
     probs: torch.Tensor, fg: torch.Tensor, ignore: torch.Tensor, hi: float = 0.9, lo: float = 0.1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference seed growing (mask_head/loss.py): which pixels count as fg / bg in the loss.
+    """Reference seed growing (BBAM mask_head/loss.py): which pixels count as fg / bg.
 
-    Non-ignored pixels are fixed seeds (fg or bg, never flipped). An ignored pixel becomes a
-    fg candidate where sigma > hi and a bg candidate where sigma < lo; a candidate counts only
-    if at least one of its 8 neighbours (seed or candidate) carries the same label. One pass,
-    no iteration. All other ignored pixels are left out of the loss.
+    Seeds: fg = foreground mask, bg = outside the not-background mask (fg | ignore band); they
+    are never flipped. Any non-bg-seed pixel with sigma > hi joins the fg selection and any
+    non-fg-seed pixel with sigma < lo the bg selection (so only ignore-band pixels are added).
+    As in the reference, a selected pixel - seed or grown - counts only if at least one of its
+    8 neighbours is selected with the same label (isolated pixels drop out). One pass.
     """
-    fg = fg.bool() & ~ignore.bool()
     ignore = ignore.bool()
-    bg = ~fg & ~ignore
-    cand_fg = ignore & (probs > hi)
-    cand_bg = ignore & (probs < lo)
-    grown_fg = cand_fg & _neighbour_any(fg | cand_fg)
-    grown_bg = cand_bg & _neighbour_any(bg | cand_bg)
-    return fg | grown_fg, bg | grown_bg
+    seed_fg = fg.bool() & ~ignore
+    seed_bg = ~seed_fg & ~ignore
+    sel_fg = (seed_fg | (probs > hi)) & ~seed_bg
+    sel_bg = (seed_bg | (probs < lo)) & ~seed_fg
+    return sel_fg & _neighbour_any(sel_fg), sel_bg & _neighbour_any(sel_bg)
 
 
 def ignore_aware_mask_loss(
@@ -139,14 +138,27 @@ def ignore_aware_mask_loss(
     balanced: bool = True,
     hi: float = 0.9,
     lo: float = 0.1,
+    seed_growing: bool = True,
 ) -> torch.Tensor:
-    """Class-balanced BCE over grown seeds: (mean over fg + mean over bg) / 2; others get no grad."""
-    with torch.no_grad():
-        use_fg, use_bg = grow_seeds(torch.sigmoid(logits.float()), fg, ignore, hi, lo)
+    """Class-balanced BCE: (mean over counted fg + mean over counted bg) / 2.
+
+    With seed growing (pseudo GT with ignore) the counted pixels come from `grow_seeds`, every
+    other pixel gets exactly zero gradient, and a batch lacking either counted fg or counted bg
+    gives a zero loss (reference behaviour). Without it (full/box masks) all pixels count and
+    an empty side contributes 0.
+    """
+    if seed_growing:
+        with torch.no_grad():
+            use_fg, use_bg = grow_seeds(torch.sigmoid(logits.float()), fg, ignore, hi, lo)
+    else:
+        use_fg = fg.bool() & ~ignore.bool()
+        use_bg = ~fg.bool() & ~ignore.bool()
     bce = F.binary_cross_entropy_with_logits(logits.float(), use_fg.float(), reduction="none")
+    counted = (use_fg | use_bg).float()
     if not balanced:
-        counted = (use_fg | use_bg).float()
         return (bce * counted).sum() / counted.sum().clamp(min=1)
+    if seed_growing and not (use_fg.any() and use_bg.any()):
+        return (bce * counted).sum() * 0
     fgw, bgw = use_fg.float(), use_bg.float()
     loss_fg = (bce * fgw).sum() / fgw.sum().clamp(min=1)
     loss_bg = (bce * bgw).sum() / bgw.sum().clamp(min=1)
@@ -170,12 +182,14 @@ class IgnoreAwareRoIHeads(RoIHeads):
         self,
         *args: Any,
         mask_loss: str = "balanced",
+        seed_growing: bool = True,
         seed_hi: float = 0.9,
         seed_lo: float = 0.1,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.balanced = mask_loss == "balanced"
+        self.seed_growing = seed_growing
         self.seed_hi = seed_hi
         self.seed_lo = seed_lo
 
@@ -217,7 +231,13 @@ class IgnoreAwareRoIHeads(RoIHeads):
         labels_t = torch.cat(labels)
         logits = mask_logits[torch.arange(labels_t.shape[0], device=labels_t.device), labels_t]
         return ignore_aware_mask_loss(
-            logits, torch.cat(fgs), torch.cat(igns), self.balanced, self.seed_hi, self.seed_lo
+            logits,
+            torch.cat(fgs),
+            torch.cat(igns),
+            self.balanced,
+            self.seed_hi,
+            self.seed_lo,
+            self.seed_growing,
         )
 
 
@@ -293,6 +313,7 @@ def build_instance_model(config: InstanceTrainConfig, num_classes: int) -> MaskR
         mask_head=old.mask_head,
         mask_predictor=old.mask_predictor,
         mask_loss=config.mask_loss,
+        seed_growing=config.supervision == "bbam",
         seed_hi=config.seed_hi,
         seed_lo=config.seed_lo,
     )
