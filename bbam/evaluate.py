@@ -272,6 +272,8 @@ def coco_metrics_from_records(
     results = []
     for p in predictions:
         q = dict(p)
+        if str(p["image_id"]) not in ids:
+            raise ValueError(f"prediction for unknown image_id {p['image_id']!r}")
         q["image_id"] = ids[str(p["image_id"])]
         if "segmentation" not in q:
             rle = mask_utils.encode(np.asfortranarray(np.asarray(q.pop("mask"), dtype=np.uint8)))

@@ -310,6 +310,7 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
         records, ["thing"], tmp_path / "b", _sem_cfg(epochs=2, lr=0.01), sem, progress=False
     )
     assert other.start_epoch == 0  # params_hash differs -> fresh start
+    assert T.params_hash(cfg) == T.params_hash(_sem_cfg(epochs=2, device="cuda", num_workers=3))
 
 
 def test_config_and_weights_errors(tmp_path):

@@ -15,6 +15,8 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 LOG_NAME = "train_log.jsonl"
+# Knobs that do not change the result: a run may resume on another device or worker count.
+NOT_HASHED = frozenset({"device", "num_workers", "log_every"})
 
 
 def build_config(cls: type, params: dict[str, Any] | None) -> Any:
@@ -32,7 +34,8 @@ def build_config(cls: type, params: dict[str, Any] | None) -> Any:
 
 def params_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
     """Stable hash of the config (and data identity) deciding whether a checkpoint may resume."""
-    payload = {"config": dataclasses.asdict(config), "extra": extra or {}}
+    config_dict = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED}
+    payload = {"config": config_dict, "extra": extra or {}}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
