@@ -29,14 +29,16 @@ def lock_timing(section: dict) -> tuple[float, float]:
     return float(config.lost_after_s), float(config.heartbeat_s)
 
 
-def gpu_slot(limit_name: str | None):
-    """Hold one slot of a global concurrency limit (strict: a missing limit is an error,
-    not silently no limit). None: no server-side limit (use ``worker --limit``)."""
+def gpu_slot(limit_name: str | None, lease_s: float):
+    """Hold one slot of a global concurrency limit. strict: a missing limit is an error, not
+    silently no limit. The slot's lease is renewed while we run; a killed holder's slot comes
+    back when the lease expires (server's repossessor), about when the dispatcher declares
+    the run lost. None: no server-side limit (bound GPUs with ``worker start --limit 1``)."""
     if not limit_name:
         return contextlib.nullcontext()
     from prefect.concurrency.sync import concurrency
 
-    return concurrency(limit_name, occupy=1, strict=True)
+    return concurrency(limit_name, occupy=1, strict=True, lease_duration=max(60.0, lease_s))
 
 
 @flow(name="attribute-shard", log_prints=True)
@@ -55,7 +57,7 @@ def attribute_shard_flow(
     owner = f"flow-run {flow_run.get_id()} attempt {attempt}"
     lock = ShardLock(directory, owner, stale_s, heartbeat_s, wait_s=stale_s + 2 * heartbeat_s)
     with lock:
-        with gpu_slot(concurrency_limit):
+        with gpu_slot(concurrency_limit, stale_s):
             summary = attribute_shard.fn(params_path, shard, out_dir, params_hash)
         lock.check()  # a run presumed dead must not report success
         summary.update(attempt=attempt, flow_run_id=flow_run.get_id())

@@ -116,17 +116,18 @@ def dispatch_shards(
     clock = time.monotonic()
 
     def submit(shard: int, attempt: int) -> tuple[int, UUID]:
+        parameters = {
+            "params_path": params_path,
+            "shard": shard,
+            "params_hash": params_hash,
+            "out_dir": out_dir,
+        }
+        if config.gpu_concurrency_limit:  # else the deployment's own default applies
+            parameters["concurrency_limit"] = config.gpu_concurrency_limit
         while True:
             run = run_deployment(
                 config.deployment,
-                parameters={
-                    "params_path": params_path,
-                    "shard": shard,
-                    "params_hash": params_hash,
-                    "attempt": attempt,
-                    "out_dir": out_dir,
-                    "concurrency_limit": config.gpu_concurrency_limit,
-                },
+                parameters=parameters | {"attempt": attempt},
                 timeout=0,
                 idempotency_key=f"{params_hash}-shard{shard}-attempt{attempt}",
                 tags=["bbam", f"shard-{shard}"],

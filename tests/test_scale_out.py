@@ -25,7 +25,7 @@ from tasks.shard_lock import LockLost, ShardBusy, ShardLock, read_lock
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 POOL = "bbam-test-pool"
-DEPLOYMENT = "attribute-shard/attribute-shard-test"
+DEPLOYMENT = "attribute-shard/attribute-shard-process"
 
 
 # ---------------------------------------------------------------- fast: lock, prefect.yaml
@@ -125,6 +125,7 @@ def make_workspace(root: Path, num_images: int = 12, num_shards: int = 4) -> dic
             "heartbeat_s": 2,
             "dispatch_poll_s": 1,
             "dispatch_timeout_s": 200,
+            "gpu_concurrency_limit": "gpu",
         },
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -166,23 +167,18 @@ def _ppid(pid: int) -> int:
 
 
 SETUP = """
-import asyncio, sys
+import asyncio
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
 
-async def main(workdir):
+async def main():
     async with get_client() as client:
         await client.create_work_pool(WorkPoolCreate(name={pool!r}, type="process"))
-        flow_id = await client.create_flow_from_name("attribute-shard")
-        await client.create_deployment(
-            flow_id=flow_id,
-            name="attribute-shard-test",
-            work_pool_name={pool!r},
-            entrypoint="flows.attribute_shard.attribute_shard_flow",
-            pull_steps=[{{"prefect.deployments.steps.set_working_directory": {{"directory": workdir}}}}],
+        await client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name="gpu", limit=2)
         )
 
-asyncio.run(main(sys.argv[1]))
+asyncio.run(main())
 """
 
 
@@ -205,6 +201,7 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
+        "BBAM_CHECKOUT": str(work),  # the pull step's working directory
     }
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -247,9 +244,22 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "server not healthy:\n" + tail("server")
                 time.sleep(1)
         setup = SETUP.format(pool=POOL)
-        subprocess.run(
-            [sys.executable, "-c", setup, str(work)], cwd=work, env=env, check=True, timeout=120
-        )
+        subprocess.run([sys.executable, "-c", setup], cwd=work, env=env, check=True, timeout=120)
+        # Deploy with the repository's own prefect.yaml; the temp dir plays the checkout.
+        for package in ("flows", "tasks"):
+            (work / package).symlink_to(ROOT / package)
+        deploy = subprocess.run(
+            [
+                str(BIN / "prefect"), "deploy", "--no-prompt", "--prefect-file",
+                str(ROOT / "prefect.yaml"), "--name", "attribute-shard-process", "--pool", POOL,
+            ],
+            cwd=work, env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        output = deploy.stdout + deploy.stderr
+        # prefect 3.8.8's CLI creates the deployment, then fails listing the pool's workers
+        # (offset/limit None -> 422); tolerate exactly that, the dispatcher needs the rest.
+        known_bug = "workers/filter" in output and "422" in output
+        assert deploy.returncode == 0 or known_bug, output[-3000:]
         workers = [
             spawn(
                 f"worker{i}",
