@@ -72,12 +72,12 @@ class InstanceTrainConfig:
     mask_loss: str = "balanced"  # balanced (reference) | bce (torchvision)
     seed_hi: float = 0.9
     seed_lo: float = 0.1
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 4
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    lr_steps: tuple[int, ...] = (3,)
+    lr_steps: tuple[int, ...] = (2,)
     lr_gamma: float = 0.1
     clip_grad_norm: float | None = 10.0
     warmup_iters: int = 50

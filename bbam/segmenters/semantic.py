@@ -52,12 +52,12 @@ class SemanticTrainConfig:
     weights_backbone: str | None = None
     scale: float = 0.5  # images (and labels, nearest) are resized by this for training + inference
     crop_size: int = 96  # random crop after scaling, padded with ignore where the image is smaller
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 8
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    lr_steps: tuple[int, ...] = (5,)
+    lr_steps: tuple[int, ...] = (4,)
     lr_gamma: float = 0.1
     clip_grad_norm: float | None = 10.0
     warmup_iters: int = 20
