@@ -430,6 +430,8 @@ def instance_targets(
         image, anns = found
         h, w = int(image.get("height", h)), int(image.get("width", w))
         for ann in anns:
+            if ann.get("iscrowd"):
+                continue
             where = f"{pseudo.path} annotation {ann.get('id')}"
             fg = decode_segmentation(ann["segmentation"], h, w, where)
             enc = fg.astype(np.uint8) * FG
