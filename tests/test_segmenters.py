@@ -345,3 +345,23 @@ def test_datasets_count_skips(tmp_path):
     assert len(ids) == 2 and skipped.counts == {"no pseudo labels for image": 1}
     _, target = ids[1]
     assert target["masks"].shape == (1, 64, 64) and (target["masks"] == IGNORE).any()
+
+
+def test_instance_checkpoint_resume(tmp_path):
+    records = _make_data(tmp_path, n=2)
+    cfg = InstanceTrainConfig(
+        supervision="full",
+        epochs=1,
+        batch_size=2,
+        min_size=64,
+        max_size=64,
+        device="cpu",
+        hflip=False,
+    )
+    first = train_instance(records, ["thing"], tmp_path / "ins", cfg, progress=False)
+    again = train_instance(records, ["thing"], tmp_path / "ins", cfg, progress=False)
+    assert len(first.losses) == 1 and again.start_epoch == 1 and again.losses == []
+    for a, b in zip(
+        first.model.state_dict().values(), again.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
