@@ -206,11 +206,13 @@ def test_training_lowers_loss(records):
     loader = DataLoader(DetectionDataset(records), batch_size=2, collate_fn=collate_fn)
     device = torch.device("cpu")
     history = [
-        td.train_one_epoch(model, optimizer, loader, device, epoch, progress=False)["loss"]
+        td.train_one_epoch(
+            model, optimizer, loader, device, epoch, grad_clip_norm=10.0, progress=False
+        )["loss"]
         for epoch in range(6)
     ]
     assert all(np.isfinite(history))
-    assert history[-1] < 0.7 * history[0]
+    assert np.mean(history[-2:]) < 0.7 * history[0]
 
 
 def _datasets(records):
