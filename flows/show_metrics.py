@@ -26,7 +26,6 @@ def _fmt(value) -> str:
 def metrics_rows() -> list[tuple[str, str]]:
     detector = _load("detector")
     attribution = _load("attribution")
-    pseudo = _load("pseudo_labels")
     evaluation = _load("evaluation")
     rows = [
         ("detector box AP50 (val)", _fmt(detector.get("ap50"))),
@@ -34,7 +33,6 @@ def metrics_rows() -> list[tuple[str, str]]:
             "attribution ok / no_positive / failed",
             "/".join(_fmt(attribution.get(k)) for k in ("ok", "no_positive", "failed")),
         ),
-        ("pseudo-label mean IoU vs GT (train, %)", _fmt(pseudo.get("mean_instance_iou_vs_gt"))),
     ]
     for key, value in evaluation.get("table", {}).items():
         rows.append((key, _fmt(value)))

@@ -35,7 +35,7 @@ from bbam.shards import instance_key, plan_shard
 from tasks.attribution import shard_dir
 from tasks.shard_lock import read_lock
 
-ACTIVE = ("PENDING", "RUNNING", "CANCELLING", "PAUSED")
+ACTIVE = ("PENDING", "RUNNING", "CANCELLING")  # a worker holds them: must heartbeat
 FAILED = ("FAILED", "CRASHED", "CANCELLED")
 SUMMARY_NAME = "last_run.json"
 
@@ -51,6 +51,17 @@ class DispatchConfig:
     poll_s: float = 2.0
     timeout_s: float = 0.0  # whole dispatch; 0 = no limit
     gpu_concurrency_limit: str | None = None  # global concurrency limit name, strict
+
+    def __post_init__(self) -> None:
+        if self.max_dispatch_attempts < 1:
+            raise ValueError("attribution.max_dispatch_attempts must be >= 1")
+        if not 0 < 2 * self.heartbeat_s < self.lost_after_s:
+            raise ValueError(
+                f"attribution.heartbeat_s ({self.heartbeat_s}) must be > 0 and under half of "
+                f"lost_after_s ({self.lost_after_s})"
+            )
+        if self.poll_s <= 0 or self.timeout_s < 0:
+            raise ValueError("attribution.dispatch_poll_s must be > 0, dispatch_timeout_s >= 0")
 
     @classmethod
     def from_section(cls, section: dict) -> DispatchConfig:

@@ -1,0 +1,27 @@
+"""Stage 5: Mask R-CNN and DeepLabV3 under each supervision in ``segmenters.supervisions``
+(``full`` = GT masks, the upper bound; ``bbam`` = our pseudo labels; ``box`` = filled boxes).
+
+``python -m flows.train_segmenters --params params.yaml``
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import load_params, stage_cli
+from tasks.segmenters import train_instance_task, train_semantic_task
+
+
+@flow(name="train-segmenters")
+def train_segmenters_flow(params_path: str = "params.yaml") -> dict:
+    params = load_params(params_path)
+    models = {}
+    for supervision in params["segmenters"]["supervisions"]:
+        models[f"instance_{supervision}"] = train_instance_task(params_path, supervision)
+        models[f"semantic_{supervision}"] = train_semantic_task(params_path, supervision)
+    print(f"[bbam] train_segmenters: {len(models)} models: {', '.join(models)}")
+    return models
+
+
+if __name__ == "__main__":
+    stage_cli("train_segmenters", train_segmenters_flow)

@@ -1,0 +1,106 @@
+"""Prefect tasks: score each trained segmenter on val, pseudo labels on train, write the report."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from prefect import task
+
+from bbam.data.coco import coco_image_ids, decode_segmentation, load_coco_json, read_coco
+from bbam.data.images import load_rgb
+from bbam.evaluate import (
+    coco_metrics_from_records,
+    pseudo_label_quality,
+    semantic_miou,
+    voc_instance_metrics,
+)
+from bbam.segmenters.instance import load_instance_model, predict_instances
+from bbam.segmenters.semantic import load_semantic_model, predict_semantic, render_label_map
+from flows.common import load_params, load_split, split_paths
+from tasks.segmenters import PSEUDO_DIR, SEGMENTERS_DIR, instance_config, semantic_config
+
+
+@task(name="evaluate-instance-segmenter")
+def evaluate_instance(params_path: str, supervision: str) -> dict:
+    params = load_params(params_path)
+    val = load_split(params, "val")
+    config = instance_config(params, supervision)
+    model = load_instance_model(
+        SEGMENTERS_DIR / f"instance_{supervision}" / "model.pt", config, len(val.classes) + 1
+    )
+    predictions = predict_instances(model, val.records, device=config.device)
+    voc = voc_instance_metrics(val.records, predictions, len(val.classes) + 1)
+    coco = coco_metrics_from_records(val.records, val.classes, predictions)
+    return {"voc": voc, "coco": coco}
+
+
+@task(name="evaluate-semantic-segmenter")
+def evaluate_semantic(params_path: str, supervision: str) -> dict:
+    params = load_params(params_path)
+    val = load_split(params, "val")
+    config = semantic_config(params, supervision)
+    model = load_semantic_model(
+        SEGMENTERS_DIR / f"semantic_{supervision}" / "model.pt", config, len(val.classes) + 1
+    )
+    pairs = (
+        (prediction, render_label_map(record))
+        for record, prediction in predict_semantic(
+            model, val.records, device=config.device, scale=config.scale
+        )
+    )
+    return semantic_miou(pairs, len(val.classes) + 1)
+
+
+def _pseudo_split(params: dict):
+    """The pseudo GT read back as a dataset: its masks are the pseudo foregrounds."""
+    split = params["attribution"]["split"]
+    _, image_root = split_paths(params, split)
+    return read_coco(PSEUDO_DIR / f"instances_{split}.json", image_root)
+
+
+@task(name="pseudo-label-quality")
+def evaluate_pseudo_labels(params_path: str) -> dict:
+    """Pseudo GT vs GT on the split that was labelled (where GT masks exist)."""
+    params = load_params(params_path)
+    train = load_split(params, params["attribution"]["split"])
+    if not any(i.mask is not None for r in train.records for i in r.instances):
+        return {}
+    pseudo = _pseudo_split(params)
+    instances = {
+        r.image_id: [(i.label, i.box, i.mask) for i in r.instances] for r in pseudo.records
+    }
+    semantic = {}
+    for record in train.records:
+        path = PSEUDO_DIR / "semantic" / f"{record.image_id}.png"
+        if path.is_file():
+            semantic[record.image_id] = np.asarray(Image.open(path))
+    return pseudo_label_quality(train.records, instances, len(train.classes) + 1, semantic)
+
+
+def report_samples(params: dict, count: int) -> list[dict]:
+    """Labelled images with their pseudo foreground and ignore band (report overlays)."""
+    split = params["attribution"]["split"]
+    pseudo = _pseudo_split(params)
+    raw = load_coco_json(PSEUDO_DIR / f"instances_{split}.json")
+    ignores: dict[int, list[dict]] = {}
+    for ann in raw["annotations"]:
+        ignores.setdefault(int(ann["image_id"]), []).append(ann.get("ignore"))
+    ids = coco_image_ids(PSEUDO_DIR / f"instances_{split}.json")
+    samples = []
+    for record in pseudo.records[:count]:
+        shape = (record.height, record.width)
+        fg, ignore = np.zeros(shape, bool), np.zeros(shape, bool)
+        for instance in record.instances:
+            fg |= instance.mask
+        for rle in ignores.get(ids[record.image_id], []):
+            if rle:
+                ignore |= decode_segmentation(rle, *shape, where=record.image_id)
+        samples.append(
+            {
+                "name": record.image_id,
+                "image": load_rgb(record.path),
+                "pseudo_fg": fg,
+                "pseudo_ignore": ignore & ~fg,
+            }
+        )
+    return samples
