@@ -7,7 +7,8 @@ shards with ``tasks.attribution.attribute_shard`` directly, not Prefect workers:
 real server + workers costs about a minute of start-up on this 2-core machine and
 would measure that, not the shards (tests/test_scale_out.py runs the real thing).
 Throughput = instances attributed / (last worker end - first worker start), timed
-inside the workers after imports. The merge timing writes 8 shard folders of
+inside the workers after imports; 1 and 2 workers run interleaved ``--repeats`` times
+and the best of each is kept (the machine is shared, its load drifts). The merge timing writes 8 shard folders of
 rows/8 rows each with ``bbam.manifest.write_part`` (5 parts per shard, with 2%
 rows re-written by a later part so latest-per-key has work) and times
 ``merge_manifests``. Merges ``scale`` into bench/results.json.
@@ -90,9 +91,9 @@ def make_workspace(root: Path, images: int, iterations: int, num_shards: int) ->
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def throughput(root: Path, workers: int, num_shards: int) -> dict:
+def throughput(root: Path, workers: int, num_shards: int, name: str) -> dict:
     """Instances per second with ``workers`` processes sharing the shards round-robin."""
-    out_dir = f"runs/attribution-{workers}w"
+    out_dir = f"runs/attribution-{name}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.setdefault("PREFECT_HOME", str(root / ".prefect"))
     procs = []
@@ -173,18 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs each")
     parser.add_argument("--no-write", action="store_true", help="do not touch results.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bbam-scale-") as tmp:
         root = Path(tmp)
         make_workspace(root, args.images, args.iterations, args.shards)
-        runs = [throughput(root, workers, args.shards) for workers in (1, 2)]
+        trials = [
+            throughput(root, workers, args.shards, f"{workers}w-{r}")
+            for r in range(args.repeats)
+            for workers in (1, 2)
+        ]  # interleaved, best of repeats: the machine is shared and its load drifts
+        runs = [
+            max((t for t in trials if t["workers"] == w), key=lambda t: t["per_s"]) for w in (1, 2)
+        ]
         merge_s = merge_timing(root / "merge", args.rows)
     print(f"{'workers':>8} {'instances':>10} {'wall s':>8} {'inst/s':>8}")
-    for run in runs:
+    for run in trials:
         print(
             f"{run['workers']:>8} {run['instances']:>10} {run['wall_s']:>8.2f} {run['per_s']:>8.3f}"
         )
+    print(f"best: 1 worker {runs[0]['per_s']:.3f} inst/s, 2 workers {runs[1]['per_s']:.3f} inst/s")
     print(f"merge_manifests of {args.rows} rows: {merge_s:.2f} s (goal < 10 s)")
     values = {
         "instances_per_s_1_worker": round(runs[0]["per_s"], 4),

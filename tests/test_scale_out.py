@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.dispatch import DispatchConfig, dispatch_shards
 from tasks.shard_lock import LockLost, ShardBusy, ShardLock, read_lock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,23 @@ def test_stale_lock_is_broken_and_old_holder_notices(tmp_path: Path) -> None:
     assert read_lock(tmp_path)["owner"] == "new"
     new.release()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_dispatch_config_reads_the_attribution_section() -> None:
+    section = {"num_shards": 4, "dispatch_poll_s": 0.5, "lost_after_s": 30, "heartbeat_s": 3}
+    config = DispatchConfig.from_section(section)
+    assert (config.poll_s, config.lost_after_s, config.heartbeat_s) == (0.5, 30, 3)
+    assert config.max_dispatch_attempts == DispatchConfig().max_dispatch_attempts
+    with pytest.raises(ValueError, match="heartbeat_s"):
+        DispatchConfig.from_section({"lost_after_s": 10, "heartbeat_s": 6})
+    with pytest.raises(ValueError, match="max_dispatch_attempts"):
+        DispatchConfig(max_dispatch_attempts=0)
+
+
+def test_deployments_executor_needs_a_server(monkeypatch) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(RuntimeError, match="PREFECT_API_URL"):
+        dispatch_shards("params.yaml", [0], "h", "runs/attribution", DispatchConfig())
 
 
 def test_prefect_yaml_deployments_point_at_real_flows() -> None:
