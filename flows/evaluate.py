@@ -21,6 +21,7 @@ from tasks.evaluate import (
 
 METRICS = Path("metrics/evaluation.json")
 REPORT_DIR = Path("reports")
+PLOTS_DIR = Path("plots")
 
 
 def _ratio(weak: float | None, full: float | None) -> float | None:
@@ -77,7 +78,7 @@ def evaluate_flow(params_path: str = "params.yaml") -> dict:
     }
     write_metrics(METRICS, metrics)
     for supervision, curve in curves.items():
-        write_pr_curves(REPORT_DIR / f"pr_curves_{supervision}.csv", curve)
+        write_pr_curves(PLOTS_DIR / f"pr_curves_{supervision}.csv", curve)
     write_pr_curves(
         REPORT_DIR / "pr_curves.csv", curves.get("bbam") or next(iter(curves.values()), {})
     )

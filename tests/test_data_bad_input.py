@@ -192,3 +192,10 @@ def test_json_without_images_list_names_file(tmp_path):
     path.write_text(json.dumps({"images": {}, "categories": []}))
     with pytest.raises(DataError, match=r"odd\.json.*'images'"):
         read_coco(path, tmp_path)
+
+
+def test_loaded_images_are_writable(tmp_path):
+    """C extensions such as pydensecrf refuse read-only buffers."""
+    path = tmp_path / "x.png"
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(path)
+    assert load_rgb(path).flags.writeable

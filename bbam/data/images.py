@@ -38,9 +38,11 @@ def load_rgb(path: str | Path) -> np.ndarray:
             if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 gray = _to_uint8(np.asarray(image))
                 return np.repeat(gray[..., None], 3, axis=2)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            if image.mode in ("RGBA", "LA", "PA") or (
+                image.mode == "P" and "transparency" in image.info
+            ):
                 image = image.convert("RGBA")
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = np.array(image.convert("RGB"))  # a writable copy: C extensions (CRF) need one
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: unreadable or corrupt image ({exc})") from exc
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
