@@ -44,6 +44,10 @@ from bbam.toy_detector import ToyDetector, toy_scene
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def merge_results(key: str, value: dict, path: Path = RESULTS) -> None:
     """Read-modify-write bench/results.json atomically, keeping other benchmarks' entries."""
     data = json.loads(path.read_text()) if path.exists() else {}
@@ -196,10 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     ref_cfg = profile_config("reference", seed=args.seed, **overrides)
     fast_cfg = profile_config("fast", seed=args.seed, **overrides)
 
+    log(f"{len(items)} instances from {source}; warm-up")
     # warm-up (allocator, kernels) so neither side pays first-call costs
     attribute_instances(heads, items[:1], dataclasses.replace(fast_cfg, iterations=2), device)
     fast_res, fast_s = run(heads, items, fast_cfg, device)
+    log(f"fast: {fast_s:.1f} s; reference on {n_ref} instances")
     ref_res, ref_s = run(heads, items[:n_ref], ref_cfg, device)
+    log(f"reference: {ref_s:.1f} s; measuring FLOPs")
 
     ref_iters = sum(r.stats["iterations"] for r in ref_res)
     fast_iters = sum(r.stats["iterations"] for r in fast_res)
