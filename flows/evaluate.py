@@ -79,9 +79,6 @@ def evaluate_flow(params_path: str = "params.yaml") -> dict:
     write_metrics(METRICS, metrics)
     for supervision, curve in curves.items():
         write_pr_curves(PLOTS_DIR / f"pr_curves_{supervision}.csv", curve)
-    write_pr_curves(
-        REPORT_DIR / "pr_curves.csv", curves.get("bbam") or next(iter(curves.values()), {})
-    )
     samples = report_samples(params, int(params.get("evaluate", {}).get("report_samples", 8)))
     path = write_report(REPORT_DIR, {**per_supervision, **metrics["table"]}, samples)
     print(f"[bbam] evaluate: report at {path}")

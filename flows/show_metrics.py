@@ -28,7 +28,10 @@ def metrics_rows() -> list[tuple[str, str]]:
     attribution = _load("attribution")
     evaluation = _load("evaluation")
     rows = [
-        ("detector box AP50 (val)", _fmt(detector.get("ap50"))),
+        (
+            "detector box AP50 (val, %)",
+            _fmt(100 * detector["box_ap50"]) if "box_ap50" in detector else "-",
+        ),
         (
             "attribution ok / no_positive / failed",
             "/".join(_fmt(attribution.get(k)) for k in ("ok", "no_positive", "failed")),
