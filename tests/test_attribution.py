@@ -250,3 +250,24 @@ def test_valid_hw_crops_padding(detector, scene):
     np.testing.assert_allclose(m, full[:96, :96], atol=1e-6)
     with pytest.raises(ValueError):
         attribute_instances(detector, [AttributionItem("q", img, box, 1, (97, 96))], cfg, "cpu")
+
+
+def test_crop_window_matches_full_image(detector, scene):
+    img, box, _ = scene
+    items = [AttributionItem("a", img, box, 1)]
+    crop = profile_config(
+        "fast", **{**SMALL, "iterations": 60, "early_stop": False, "crop_align": 8}
+    )
+    full = dataclasses.replace(crop, crop_context=0.0)
+    seen = []
+
+    def heads(images, proposals):
+        seen.append(tuple(images.shape[-2:]))
+        return detector(images, proposals)
+
+    a = attribute_instances(heads, items, crop, "cpu")[0]
+    assert min(h * w for h, w in seen[1:]) < SIZE[0] * SIZE[1]  # masked passes were cropped
+    b = attribute_instances(detector, items, full, "cpu")[0]
+    ma = map_to_image(a.grid, a.resized_hw, a.resized_hw) > 0.5
+    mb = map_to_image(b.grid, b.resized_hw, b.resized_hw) > 0.5
+    assert (ma & mb).sum() / (ma | mb).sum() >= 0.9
