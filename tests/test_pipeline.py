@@ -1,0 +1,273 @@
+"""End to end through DVC on a tiny custom COCO dataset: a SIGKILL in the middle of
+an attribution shard, ``dvc repro`` again, and nothing lost or recomputed.
+
+The dataset is written here with its own categories (not the synthetic default's) and
+non-contiguous category ids, through ``data.name: custom`` -- the bring-your-own-data
+path of the README. The detector keeps its random initialisation (``lr: 0``) and the
+IoU cascade is ``[0.0]`` so that positives exist without minutes of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from bbam.data.records import Dataset
+from bbam.data.synthetic import SyntheticConfig, generate_synthetic
+from bbam.data.voc import read_voc
+from bbam.data.writers import write_coco_json
+from bbam.manifest import load_grid, read_shard
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+CATEGORIES = ["kiwi", "lemon", "mango", "plum"]
+CATEGORY_IDS = [3, 17, 40, 41]
+
+
+def _env(project: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(project / ".dvc-site-cache"),
+        BBAM_PREFECT_HOME=str(project / ".prefect"),
+        PYTHONPATH=str(project),
+        OMP_NUM_THREADS="1",
+    )
+    env.pop("PREFECT_HOME", None)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _write_custom_coco(root: Path) -> None:
+    """A small COCO dataset with its own category names and ids."""
+    generate_synthetic(
+        root / "gen", SyntheticConfig(num_train=10, num_val=5, image_size=(64, 96), seed=3)
+    )
+    for split in ("train", "val"):
+        ds = read_voc(root / "gen", split, classes=["ring", "star", "crescent", "cross"])
+        images = root / "images" / split
+        images.mkdir(parents=True)
+        for record in ds.records:
+            target = images / record.path.name
+            shutil.copy(record.path, target)
+            record.path = target
+        write_coco_json(
+            root / "annotations" / f"instances_{split}.json",
+            Dataset(CATEGORIES, ds.records),
+            image_root=images,
+            category_ids=CATEGORY_IDS,
+        )
+    shutil.rmtree(root / "gen")
+
+
+def _params(project: Path) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["torch_threads"] = 1
+    params["data"] = {
+        "name": "custom",
+        "root": "mydata",
+        "archives_dir": None,
+        "train_json": "mydata/annotations/instances_train.json",
+        "train_images": "mydata/images/train",
+        "val_json": "mydata/annotations/instances_val.json",
+        "val_images": "mydata/images/val",
+    }
+    params["detector"].update(
+        epochs=1, min_size=64, max_size=96, lr=0.0, warmup_iters=1, lr_steps=[1], batch_size=4
+    )
+    params["attribution"].update(
+        num_shards=3,
+        chunk_size=1,
+        overrides={
+            "iou_thresholds": [0.0],
+            "iterations": 12,
+            "early_stop": False,
+            "num_jitters": 32,
+            "positives_per_iter": 4,
+        },
+    )
+    params["segmenters"] = {
+        "supervisions": ["full", "bbam"],
+        "instance": {"epochs": 1, "min_size": 64, "max_size": 96, "max_iters_per_epoch": 2},
+        "semantic": {"epochs": 1, "max_iters_per_epoch": 2},
+    }
+    params["evaluate"] = {"report_samples": 2}
+    return params
+
+
+def _copy_code(path: Path) -> None:
+    """A copy, not a symlink: DVC hashes the code folders as stage dependencies."""
+    for name in ("bbam", "flows", "tasks"):
+        shutil.copytree(REPO / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def _make_project(path: Path, params: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    _copy_code(path)
+    shutil.copy(REPO / "dvc.yaml", path / "dvc.yaml")
+    if not (path / "mydata").exists():
+        _write_custom_coco(path / "mydata")
+    (path / "params.yaml").write_text(yaml.safe_dump(params or _params(path), sort_keys=False))
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=path, env=_env(path), check=True)
+    return path
+
+
+def _run(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        list(args), cwd=project, env=_env(project), capture_output=True, text=True, timeout=900
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def _shard_dirs(project: Path) -> list[Path]:
+    return sorted((project / "runs/attribution/shards").glob("shard-*"))
+
+
+def _rows(project: Path) -> dict[str, dict]:
+    rows = {}
+    for shard_dir in _shard_dirs(project):
+        for row in read_shard(shard_dir).to_pylist():
+            rows[row["key"]] = {**row, "dir": shard_dir}
+    return rows
+
+
+def _kill_attribution_mid_shard(project: Path) -> dict[str, dict]:
+    """Start ``dvc repro attribute``, SIGKILL it once some rows are on disk but not all."""
+    proc = subprocess.Popen(
+        ["dvc", "repro", "attribute"],
+        cwd=project,
+        env=_env(project),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            parts = [p for d in _shard_dirs(project) for p in d.glob("part-*.parquet")]
+            if len(parts) >= 3:
+                break
+            if proc.poll() is not None:
+                raise AssertionError("the attribution stage ended before it could be killed")
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no attribution progress within the deadline")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return _rows(project)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    project = _make_project(tmp_path_factory.mktemp("bbam") / "project")
+    _run(project, "dvc", "repro", "train_detector")
+    before = _kill_attribution_mid_shard(project)
+    train = json.loads((project / "mydata/annotations/instances_train.json").read_text())
+    total = sum(not a.get("iscrowd") for a in train["annotations"])
+    assert 0 < len(before) < total, "the kill should land in the middle of the stage"
+    _run(project, "dvc", "repro")
+    return project, before, total
+
+
+def test_killed_attribution_resumes_without_loss_or_recompute(pipeline_run):
+    project, before, total = pipeline_run
+    merged = pq.read_table(project / "runs/attribution/manifest.parquet").to_pylist()
+    keys = [row["key"] for row in merged]
+    assert len(keys) == len(set(keys)) == total, "every instance exactly once"
+    after = {row["key"]: row for row in merged}
+    recomputed = [k for k, row in before.items() if after[k]["run_id"] != row["run_id"]]
+    assert recomputed == [], f"{len(recomputed)} finished instances were recomputed"
+    resumed_run_ids = {after[k]["run_id"] for k in after if k not in before}
+    assert resumed_run_ids and not resumed_run_ids & {r["run_id"] for r in before.values()}
+    summary = json.loads((project / "metrics/attribution.json").read_text())
+    assert summary["instances"] == total
+    assert summary["skipped_done"] == len(before)
+
+
+def test_resumed_maps_equal_an_uninterrupted_run(pipeline_run, tmp_path):
+    project, _, _ = pipeline_run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _copy_code(fresh)
+    shutil.copytree(project / "mydata", fresh / "mydata")
+    shutil.copytree(project / "runs/detector", fresh / "runs/detector")
+    shutil.copy(project / "params.yaml", fresh / "params.yaml")
+    _run(fresh, sys.executable, "-m", "flows.attribute", "--params", "params.yaml")
+    resumed, uninterrupted = _rows(project), _rows(fresh)
+    assert resumed.keys() == uninterrupted.keys()
+    for key, row in resumed.items():
+        assert row["status"] == uninterrupted[key]["status"]
+        if row["status"] == "ok":
+            a = load_grid(row["dir"], row)
+            b = load_grid(uninterrupted[key]["dir"], uninterrupted[key])
+            np.testing.assert_array_equal(a, b)  # CPU runs are deterministic given the seed
+
+
+def test_whole_pipeline_outputs_for_custom_categories(pipeline_run):
+    project, _, total = pipeline_run
+    pseudo = json.loads((project / "runs/pseudo_labels/instances_train.json").read_text())
+    assert [c["name"] for c in pseudo["categories"]] == CATEGORIES
+    assert {a["category_id"] for a in pseudo["annotations"]} <= set(CATEGORY_IDS)
+    assert len(pseudo["annotations"]) == total
+    assert all("ignore" in a for a in pseudo["annotations"])
+    evaluation = json.loads((project / "metrics/evaluation.json").read_text())
+    assert set(evaluation) >= {"full", "bbam", "table"}
+    assert (project / "reports/index.html").is_file()
+    shown = _run(project, sys.executable, "-m", "flows.show_metrics").stdout
+    assert "semantic mIoU bbam" in shown and "report:" in shown
+
+
+def test_changing_one_param_reruns_only_dependent_stages(pipeline_run):
+    project, _, _ = pipeline_run
+    status = _run(project, "dvc", "status", "--json").stdout
+    assert json.loads(status) == {}, "everything is up to date after the run"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    original = yaml.safe_dump(params, sort_keys=False)
+    params["refine"]["th_fg"] = 0.8
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = set(json.loads(_run(project, "dvc", "status", "--json").stdout))
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert "pseudo_labels" in changed
+    assert not changed & {"prepare_data", "train_detector", "attribute"}
+
+
+def test_failed_instances_are_recorded_and_fail_the_stage_past_the_limit(pipeline_run, tmp_path):
+    project, _, _ = pipeline_run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _copy_code(broken)
+    shutil.copytree(project / "mydata", broken / "mydata")
+    shutil.copytree(project / "runs/detector", broken / "runs/detector")
+    images = sorted((broken / "mydata/images/train").iterdir())
+    images[0].write_bytes(b"\xff\xd8 truncated")  # one unreadable image
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["attribution"]["overrides"]["iterations"] = 2
+    for limit, expect_ok in ((0.9, True), (0.0, False)):
+        params["attribution"]["max_failure_fraction"] = limit
+        (broken / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        result = _run(
+            broken, sys.executable, "-m", "flows.attribute", "--params", "params.yaml", check=False
+        )
+        assert (result.returncode == 0) is expect_ok, result.stderr[-2000:]
+    rows = _rows(broken)
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert failed and all(images[0].name in r["error"] for r in failed)
+    assert all(r["status"] != "failed" for r in rows.values() if r["image_id"] != images[0].stem)
