@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": metrics["train_seconds"],
         "box_ap50": round(metrics["box_ap50"], 4),
         "positive_fraction": round(fraction, 4),
+        "epochs": config.epochs,
     }
     rows = [
         ("config", f"{config.arch} {config.min_size}/{config.max_size} x{config.epochs} ep"),
