@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "ms_per_iter_fast": 1000 * fast_s / max(fast_iters, 1),
         "iterations_per_instance_fast": fast_iters / len(items),
         "instances": {"reference": n_ref, "fast": len(items), "agreement_pairs": n_pairs},
+        "no_positive": status,
         "source": source,
         "device": str(device),
         "threads": torch.get_num_threads(),
