@@ -94,6 +94,9 @@ def pending_work(
         else:
             counts["new"] += 1
             work.append(WorkItem(record, instance, 1))
+    # Same-size images next to each other: the engine batches instances whose resized
+    # images have one size, so this keeps chunks full on datasets of mixed sizes.
+    work.sort(key=lambda w: (w.record.height, w.record.width))
     return work, counts
 
 
