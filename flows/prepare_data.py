@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import flow, task
@@ -41,19 +42,32 @@ def prepare(params_path: str) -> dict:
 
 @task(name="voc-to-coco")
 def voc_to_coco(params_path: str) -> None:
-    """Write VOC splits as COCO JSON (the format later stages read), unless present."""
+    """Write VOC splits as COCO JSON (the format later stages read), unless present.
+
+    ``data.<split>_voc_split`` names the VOC split (``train_aug`` needs ``<root>/SBD``);
+    ``file_name``s are relative to ``data.<split>_images``, which must hold the split's images
+    (``<root>/VOC2012/JPEGImages``; every train_aug image is there).
+    """
+    from bbam.data.records import DataError
     from bbam.data.voc import read_voc
     from bbam.data.writers import write_coco_json
 
     params = load_params(params_path)
-    root = Path(params["data"]["root"])
+    root = Path(os.path.abspath(params["data"]["root"]))
+    sbd = root / "SBD" if (root / "SBD").exists() else None
     for split in ("train", "val"):
         annotation_json, image_root = split_paths(params, split)
         if annotation_json.exists():
             continue
         voc_split = params["data"].get(f"{split}_voc_split", split)
-        sbd = root / "SBD" if (root / "SBD").exists() else None
         dataset = read_voc(root, voc_split, sbd_root=sbd)
+        image_root = Path(os.path.abspath(image_root))
+        for record in dataset.records:
+            if not Path(record.path).is_relative_to(image_root):
+                raise DataError(
+                    f"{params_path}: data.{split}_images={image_root} does not hold "
+                    f"{record.path} (VOC images are in <data.root>/VOC2012/JPEGImages)"
+                )
         write_coco_json(annotation_json, dataset, image_root=image_root)
 
 

@@ -1,0 +1,90 @@
+"""Every params file (params.yaml, configs/*.yaml) builds every stage's config as the flows do."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bbam.attribution import profile_config
+from bbam.refine import RefineConfig
+from flows.common import detector_config
+from tasks.dispatch import DispatchConfig
+from tasks.pseudo_labels import proposal_config
+from tasks.segmenters import instance_config, semantic_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS_FILES = ["params.yaml", "configs/voc.yaml", "configs/coco.yaml"]
+
+
+def load(name: str) -> dict:
+    params = yaml.safe_load((ROOT / name).read_text())
+    assert isinstance(params, dict), name
+    return params
+
+
+def dvc_templated_keys() -> set[str]:
+    return set(re.findall(r"\$\{([\w.]+)\}", (ROOT / "dvc.yaml").read_text()))
+
+
+def lookup(params: dict, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        assert isinstance(node, dict) and part in node, f"missing key {dotted}"
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("name", PARAMS_FILES)
+def test_params_file_builds_every_stage_config(name):
+    params = load(name)
+    assert set(params) == set(load("params.yaml"))
+    for key in dvc_templated_keys():
+        assert isinstance(lookup(params, key), str) and lookup(params, key)
+    detector = detector_config(params)
+    assert detector.seed == params["seed"]
+    section = params["attribution"]
+    attribution = profile_config(section["profile"], **(section.get("overrides") or {}))
+    assert attribution.iterations >= 1
+    DispatchConfig.from_section(section)
+    assert int(section["num_shards"]) >= 1
+    assert lookup(params, f"data.{section['split']}_json")  # the attributed split exists
+    RefineConfig(**params["refine"])
+    mcg, mcg_dir = proposal_config(params)
+    if mcg.enabled and mcg.source == "mcg":
+        assert mcg_dir, f"{name}: proposals.source mcg needs proposals.mcg_dir"
+    supervisions = params["segmenters"]["supervisions"]
+    assert set(supervisions) <= {"full", "bbam", "box"} and supervisions
+    for supervision in supervisions:
+        assert instance_config(params, supervision).supervision == supervision
+        assert semantic_config(params, supervision).supervision == supervision
+    assert int(params["evaluate"]["report_samples"]) >= 0
+
+
+def test_real_data_configs_follow_the_paper():
+    voc, coco = load("configs/voc.yaml"), load("configs/coco.yaml")
+    for params, dataset in ((voc, "voc"), (coco, "coco")):
+        assert params["data"]["name"] == dataset and params["device"] == "auto"
+        det = detector_config(params)
+        assert (det.norm, det.min_size, det.max_size) == ("frozen_bn", 800, 1333)
+        assert det.anchor_sizes == (32, 64, 128, 256, 512)
+        assert det.backbone_weights and det.backbone_weights.startswith("weights/")
+        assert params["proposals"]["source"] == "mcg"
+        assert Path(params["proposals"]["mcg_dir"]) == Path(params["data"]["root"]) / "MCG"
+        assert set(params["segmenters"]["supervisions"]) == {"bbam", "full", "box"}
+    assert detector_config(voc).arch == "resnet101_fpn"
+    assert detector_config(coco).arch == "resnet50_fpn"
+    assert voc["data"]["train_voc_split"] == "train_aug"
+    assert voc["attribution"]["profile"] == "reference"
+    assert profile_config("reference") == profile_config(voc["attribution"]["profile"])
+    assert voc["attribution"]["num_shards"] == 24
+    assert coco["attribution"]["profile"] == "fast"
+    assert instance_config(voc, "bbam").arch == "resnet101_fpn"
+    assert semantic_config(voc, "bbam").arch == "resnet101"
+
+
+def test_unknown_key_in_a_config_section_raises():
+    params = load("configs/voc.yaml")
+    params["detector"]["min_szie"] = 800
+    with pytest.raises(TypeError, match="min_szie"):
+        detector_config(params)

@@ -1,0 +1,186 @@
+"""The prepare_data stage's tasks on fixture archives, with the real-data params files.
+
+The tasks' ``.fn`` run in the order the flow calls them (no Prefect engine: fast), in a
+temporary working directory, so the relative paths of configs/voc.yaml and configs/coco.yaml
+are used exactly as written. Archives come from ``data.archives_dir``; the network is never
+touched.
+"""
+
+import json
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from archive_server import (
+    COCO_CATEGORIES,
+    COCO_IMAGES,
+    TRAIN_AUG,
+    VOC_IMAGES,
+    VOC_SEG,
+    box_masks,
+    coco_zips,
+    mcg_tgz,
+    sbd_tgz,
+    voc_tar,
+)
+
+import bbam.data.prepare as prepare_module
+from bbam.data.coco import read_coco
+from bbam.data.download import ARCHIVES, DATASET_ARCHIVES
+from bbam.data.records import DataError
+from bbam.data.voc import VOC_CLASSES
+from flows.prepare_data import prepare, summarise, voc_to_coco
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("network used")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
+    # The fixture archives are not the real ones: keep names and layout, drop the public md5s.
+    fixture_registry = {
+        name: type(a)(a.name, a.urls, a.filename, None, None, a.extract_to)
+        for name, a in ARCHIVES.items()
+    }
+    monkeypatch.setattr(prepare_module, "ARCHIVES", fixture_registry)
+
+
+def write_archives(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def voc_archives(folder: Path) -> Path:
+    return write_archives(
+        folder,
+        {
+            ARCHIVES["voc2012_trainval"].filename: voc_tar(),
+            ARCHIVES["sbd"].filename: sbd_tgz(),
+            ARCHIVES["mcg_voc2012"].filename: mcg_tgz("MCG-Pascal-Main", list(VOC_IMAGES)),
+        },
+    )
+
+
+def params_file(tmp_path: Path, config: str, archives: Path, **data) -> str:
+    """configs/<config> with data.archives_dir set (and any other data keys), in tmp_path."""
+    params = yaml.safe_load((CONFIGS / config).read_text())
+    params["data"].update(archives_dir=str(archives), **data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def run_prepare_stage(params_path: str) -> dict:
+    """What flows.prepare_data.prepare_data does, task by task."""
+    params = yaml.safe_load(Path(params_path).read_text())
+    prepare.fn(params_path)
+    if params["data"]["name"] == "voc":
+        voc_to_coco.fn(params_path)
+    return summarise.fn(params_path)
+
+
+def test_voc_config_prepares_train_aug_and_val_as_coco(tmp_path, monkeypatch):
+    archives = voc_archives(tmp_path / "archives")
+    monkeypatch.chdir(tmp_path)
+    params_path = params_file(tmp_path, "voc.yaml", archives)
+    params = yaml.safe_load(Path(params_path).read_text())
+
+    summary = run_prepare_stage(params_path)
+
+    data = params["data"]
+    for split, ids in (("train", TRAIN_AUG), ("val", VOC_SEG["val"])):
+        ds = read_coco(data[f"{split}_json"], data[f"{split}_images"])
+        assert ds.classes == list(VOC_CLASSES)
+        assert [r.image_id for r in ds.records] == ids
+        for record in ds.records:
+            assert record.path.is_file()
+            assert record.path.parent == Path(data[f"{split}_images"])
+            objects = VOC_IMAGES[record.image_id]
+            assert len(record.instances) == len(objects)
+            inst_map, _ = box_masks(record.image_id)
+            for k, (instance, (name, box)) in enumerate(
+                zip(record.instances, objects, strict=True), start=1
+            ):
+                assert ds.classes[instance.label - 1] == name
+                np.testing.assert_allclose(instance.box, box)
+                np.testing.assert_array_equal(instance.mask, inst_map == k)
+        want = Counter(name for i in ids for name, _ in VOC_IMAGES[i])
+        got = summary[split]
+        assert got["images"] == len(ids) and got["instances"] == sum(want.values())
+        assert {k: v for k, v in got["per_class"].items() if v} == dict(want)
+    # The MCG folder the refine stage reads is where the config points.
+    mcg = sorted(p.stem for p in Path(params["proposals"]["mcg_dir"]).glob("*.mat"))
+    assert mcg == sorted(VOC_IMAGES)
+    # Category ids are the VOC indices 1..20.
+    coco = json.loads(Path(data["train_json"]).read_text())
+    assert [c["id"] for c in coco["categories"]] == list(range(1, 21))
+
+
+def test_voc_to_coco_keeps_existing_json_and_rejects_wrong_image_folder(tmp_path, monkeypatch):
+    archives = voc_archives(tmp_path / "archives")
+    monkeypatch.chdir(tmp_path)
+    params_path = params_file(tmp_path, "voc.yaml", archives)
+    run_prepare_stage(params_path)
+    train_json = Path(yaml.safe_load(Path(params_path).read_text())["data"]["train_json"])
+    before = train_json.stat().st_mtime_ns
+    voc_to_coco.fn(params_path)  # already there: not rewritten
+    assert train_json.stat().st_mtime_ns == before
+
+    wrong = params_file(
+        tmp_path,
+        "voc.yaml",
+        archives,
+        train_json="data/voc/annotations/other.json",
+        train_images="data/voc/VOC2012/SegmentationClass",
+    )
+    with pytest.raises(DataError, match="train_images"):
+        voc_to_coco.fn(wrong)
+    assert not Path("data/voc/annotations/other.json").exists()
+
+
+def test_missing_archive_fails_without_network(tmp_path, monkeypatch):
+    archives = voc_archives(tmp_path / "archives")
+    (archives / ARCHIVES["sbd"].filename).unlink()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="benchmark.tgz"):
+        prepare.fn(params_file(tmp_path, "voc.yaml", archives))
+
+
+def test_coco_config_prepares_and_reads_back(tmp_path, monkeypatch):
+    files = coco_zips()
+    for role, stems in (
+        ("mcg_train", ["COCO_train2014_000000000009"]),
+        ("mcg_val", ["COCO_val2014_000000000139", "COCO_val2014_000000000285"]),
+    ):
+        files[ARCHIVES[DATASET_ARCHIVES["coco"][role]].filename] = mcg_tgz("MCG", stems)
+    archives = write_archives(tmp_path / "archives", files)
+    monkeypatch.chdir(tmp_path)
+    params_path = params_file(tmp_path, "coco.yaml", archives)
+    params = yaml.safe_load(Path(params_path).read_text())
+
+    summary = run_prepare_stage(params_path)
+
+    names = {c["id"]: c["name"] for c in COCO_CATEGORIES}
+    for split, coco_split in (("train", "train2017"), ("val", "val2017")):
+        ds = read_coco(params["data"][f"{split}_json"], params["data"][f"{split}_images"])
+        assert ds.classes == [names[i] for i in sorted(names)]
+        images = COCO_IMAGES[coco_split]
+        assert sorted(r.image_id for r in ds.records) == sorted(f"{i:012d}" for i in images)
+        for record in ds.records:
+            assert record.path.is_file()
+            objects = images[int(record.image_id)]
+            for instance, (cat, (x, y, w, h)) in zip(record.instances, objects, strict=True):
+                assert ds.classes[instance.label - 1] == names[cat]
+                np.testing.assert_allclose(instance.box, [x, y, x + w, y + h])
+        assert summary[split]["images"] == len(images)
+    mcg = sorted(p.stem for p in Path(params["proposals"]["mcg_dir"]).glob("*.mat"))
+    assert mcg == sorted(f"{i:012d}" for imgs in COCO_IMAGES.values() for i in imgs)
