@@ -56,6 +56,7 @@ class AttributionConfig:
     positives_per_iter: int = 16  # 0 = all positives every iteration (reference)
     # mask (reference T L183-191, D L106-143)
     stride_coefs: tuple[float, float] = (16.0, 48.0)
+    stride_reference_size: float = 0.0  # >0: scale strides by short side / this (see mask_stride)
     grid_rounding: str = "floor"
     init: str = "box_union"
     init_value: float = 0.5
@@ -167,11 +168,24 @@ class AttributionResult:
     valid_hw: tuple[int, int] | None = None  # unpadded part of resized_hw (None: all of it)
 
 
-def mask_stride(box: torch.Tensor, image_hw: tuple[int, int], coefs: Sequence[float]) -> float:
-    """s(a) = coef0 + coef1 * sqrt(a), a = box area / image area (both in the resized image)."""
+def mask_stride(
+    box: torch.Tensor,
+    image_hw: tuple[int, int],
+    coefs: Sequence[float],
+    reference_size: float = 0.0,
+) -> float:
+    """s(a) = coef0 + coef1 * sqrt(a), a = box area / image area (both in the resized image).
+
+    The reference's coefficients are pixels of an image resized to short side 800. With
+    ``reference_size`` > 0 the stride is scaled by short side / ``reference_size``, so a
+    detector run at another resolution gets a grid of the same shape (0: pixels as is).
+    """
     b = box.reshape(4).tolist()
     area = max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
-    return float(coefs[0] + coefs[1] * math.sqrt(area / float(image_hw[0] * image_hw[1])))
+    stride = coefs[0] + coefs[1] * math.sqrt(area / float(image_hw[0] * image_hw[1]))
+    if reference_size > 0:
+        stride *= min(image_hw) / float(reference_size)
+    return float(max(stride, 1.0))
 
 
 def grid_shape(image_hw: tuple[int, int], stride: float, rounding: str) -> tuple[int, int]:
@@ -351,7 +365,9 @@ def _reference_pass(
         n = where[k]
         label = int(it.label)
         box = it.box.to(device=device, dtype=torch.float32)
-        stride = mask_stride(it.box, _valid_hw(it), config.stride_coefs)
+        stride = mask_stride(
+            it.box, _valid_hw(it), config.stride_coefs, config.stride_reference_size
+        )
         idx, thr = select_positives(
             logits[n], boxes[n], label, box, config.iou_thresholds, config.max_positives,
             config.iou_truncate,

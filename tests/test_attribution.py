@@ -271,3 +271,14 @@ def test_crop_window_matches_full_image(detector, scene):
     ma = map_to_image(a.grid, a.resized_hw, a.resized_hw) > 0.5
     mb = map_to_image(b.grid, b.resized_hw, b.resized_hw) > 0.5
     assert (ma & mb).sum() / (ma | mb).sum() >= 0.9
+
+
+def test_stride_scales_with_image_size_when_asked():
+    box = torch.tensor([0.0, 0.0, 50.0, 50.0])
+    raw = mask_stride(box, (100, 100), (16.0, 48.0))
+    assert mask_stride(box, (100, 100), (16.0, 48.0), reference_size=800.0) == pytest.approx(
+        raw * 100 / 800
+    )
+    big = torch.tensor([0.0, 0.0, 400.0, 400.0])
+    assert mask_stride(big, (800, 800), (16.0, 48.0), 800.0) == pytest.approx(raw)
+    assert profile_config("reference").stride_reference_size == 0.0  # raw pixels
