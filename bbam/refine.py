@@ -47,6 +47,7 @@ class RefineConfig:
     blur: bool = True
     blur_base: float = 16.0
     blur_scale: float = 48.0
+    blur_reference_size: float = 0.0  # >0: scale k by image short side / this (0 = reference)
     # DenseCRF
     crf: bool = True
     crf_iterations: int = 10
@@ -133,7 +134,12 @@ def rank_rescale(heatmap: np.ndarray, sl: tuple[slice, slice], th: float) -> np.
 
 
 def blur_kernel_k(box_area: int, height: int, width: int, cfg: RefineConfig) -> int:
-    return int(cfg.blur_base + cfg.blur_scale * math.sqrt(box_area / float(height * width)))
+    """k = int(16 + 48 sqrt(B / (W H))) in pixels (reference, tuned on VOC's ~500x375
+    images); with ``blur_reference_size`` > 0, scaled by short side / that size."""
+    k = cfg.blur_base + cfg.blur_scale * math.sqrt(box_area / float(height * width))
+    if cfg.blur_reference_size > 0:
+        k *= min(height, width) / float(cfg.blur_reference_size)
+    return max(1, int(k))
 
 
 def dense_crf(image: np.ndarray, prob_fg: np.ndarray, cfg: RefineConfig) -> np.ndarray:

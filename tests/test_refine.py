@@ -66,6 +66,8 @@ def test_blur_kernel_formula():
     cfg = RefineConfig()
     assert blur_kernel_k(100 * 50, 200, 300, cfg) == int(16 + 48 * math.sqrt(5000 / 60000))
     assert blur_kernel_k(0, 200, 300, cfg) == 16
+    scaled = RefineConfig(blur_reference_size=400.0)
+    assert blur_kernel_k(0, 200, 300, scaled) == 8  # half the reference's short side
 
 
 def test_absolute_mode_thresholds_and_ignore_band():
