@@ -7,7 +7,7 @@ FLOPs from torch.utils.flop_counter on one iteration). Merges `attribution` into
 bench/results.json.
 
     python bench/attribution.py                                  # toy detector, synthetic
-    python bench/attribution.py --detector runs/detector/model.pt --data-root data/synthetic
+    python bench/attribution.py --detector runs/detector/model.pt --params params.yaml
 
 With a trained torchvision detector the `detector` section of --params gives its
 architecture. `--reference-instances` bounds the slow side (the first N instances; the
@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from bbam.attribution import (
@@ -82,19 +81,17 @@ def toy_setup(n_instances: int, seed: int, size: int = 128) -> tuple[HeadsFn, li
 
 
 def real_setup(args: argparse.Namespace, device: torch.device) -> tuple[HeadsFn, list, dict]:
-    from bbam.data.coco import read_coco
     from bbam.data.images import load_rgb
     from bbam.detector import freeze, make_heads_fn, prepare_images
-    from bbam.train_detector import DetectorTrainConfig, detector_from_config
+    from bbam.train_detector import detector_from_config
+    from flows.common import detector_config, load_params, load_split
 
-    root = args.data_root
-    image_root = root / "VOC2012" / "JPEGImages"
-    data = read_coco(root / "annotations" / f"instances_{args.split}.json", image_root, False)
-    section = {}
-    if args.params.exists():
-        section = (yaml.safe_load(args.params.read_text()) or {}).get("detector", {}) or {}
-    config = DetectorTrainConfig(**section)
-    model = detector_from_config(config, len(data.classes) + 1, weights=args.detector)
+    params = load_params(args.params)
+    data = load_split(params, args.split, with_masks=False)
+    overrides = dict(params["attribution"].get("overrides") or {})
+    model = detector_from_config(
+        detector_config(params), len(data.classes) + 1, weights=args.detector
+    )
     model = freeze(model.to(device))
     items: list[AttributionItem] = []
     for record in data.records:
@@ -109,9 +106,9 @@ def real_setup(args: argparse.Namespace, device: torch.device) -> tuple[HeadsFn,
             box = torch.as_tensor(np.asarray(inst.box, dtype=np.float32)) * ratio
             key = f"{record.image_id}_{inst.instance_id}"
             items.append(AttributionItem(key, image, box, int(inst.label), (h, w)))
-        if len(items) >= args.instances:
+        if len(items) >= 3 * args.instances:  # room for screening out no-positive ones
             break
-    return make_heads_fn(model), items[: args.instances], {}
+    return make_heads_fn(model), items, overrides
 
 
 def dense_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
@@ -170,7 +167,6 @@ def agreement(a: list[AttributionResult], b: list[AttributionResult]) -> tuple[f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--detector", type=Path, default=None, help="trained model.pt")
-    parser.add_argument("--data-root", type=Path, default=Path("data/synthetic"))
     parser.add_argument("--split", default="val")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--instances", type=int, default=32)
@@ -189,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.detector is not None:
         heads, items, overrides = real_setup(args, device)
-        source = f"detector {args.detector} on {args.data_root} ({args.split})"
+        source = f"detector {args.detector}, data of {args.params} ({args.split})"
     else:
         heads, items, overrides = toy_setup(args.instances, args.seed)
         source = "toy detector on synthetic disks (128x128)"
@@ -200,9 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     ref_cfg = profile_config("reference", seed=args.seed, **overrides)
     fast_cfg = profile_config("fast", seed=args.seed, **overrides)
 
-    log(f"{len(items)} instances from {source}; warm-up")
-    # warm-up (allocator, kernels) so neither side pays first-call costs
-    attribute_instances(heads, items[:1], dataclasses.replace(fast_cfg, iterations=2), device)
+    log(f"{len(items)} instances from {source}; screening for positives (also a warm-up)")
+    # Both profiles are timed on the same instances, all with positives: a no_positive
+    # instance costs one forward pass and would flatter whichever side has more of them.
+    screen = attribute_instances(heads, items, dataclasses.replace(ref_cfg, iterations=1), device)
+    screened_out = sum(r.status != "ok" for r in screen)
+    items = [it for it, r in zip(items, screen, strict=True) if r.status == "ok"][: args.instances]
+    log(f"{screened_out} instances without positives left out; {len(items)} remain")
+    if not items:
+        print("no instance has a positive proposal", file=sys.stderr)
+        return 1
+    n_ref = min(args.reference_instances, len(items))
     fast_res, fast_s = run(heads, items, fast_cfg, device)
     log(f"fast: {fast_s:.1f} s; reference on {n_ref} instances")
     ref_res, ref_s = run(heads, items[:n_ref], ref_cfg, device)
@@ -259,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "ms_per_iter_fast": 1000 * fast_s / max(fast_iters, 1),
         "iterations_per_instance_fast": fast_iters / len(items),
         "instances": {"reference": n_ref, "fast": len(items), "agreement_pairs": n_pairs},
+        "screened_out_no_positive": screened_out,
         "no_positive": status,
         "source": source,
         "device": str(device),

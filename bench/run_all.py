@@ -1,0 +1,139 @@
+"""``make bench``: reproduce the pipeline, then measure it; writes bench/results.json.
+
+Objects written (each by its own script or step, merged into one file):
+- ``detector``: box AP of the pipeline's detector and the fraction of instances with at
+  least one positive proposal (train and val);
+- ``attribution``: ``reference`` vs ``fast`` on the same instances (bench/attribution.py);
+- ``pseudo_labels``: pseudo-mask mIoU of BBAM variants and baselines (bench/pseudo_labels.py);
+- ``segmenters``: weak / full / box supervision for both networks and the ratios;
+- ``scale``: 1 vs 2 workers and merging 10^6 manifest rows (bench/scale.py).
+
+Nothing here is a test: numbers are printed and recorded, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.json"
+sys.path.insert(0, str(ROOT))
+
+
+def merge(key: str, value: dict) -> None:
+    from bbam.data.writers import atomic_write_json
+
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    data[key] = value
+    atomic_write_json(RESULTS, data)
+
+
+def run(*args: str) -> None:
+    print(f"\n$ {' '.join(args)}", flush=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(list(args), cwd=ROOT, env=env, check=True)
+
+
+def detector_object(params_path: str, proposals: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from detector import positive_fraction
+
+    from flows.common import load_detector_from_params, load_params, load_split
+
+    params = load_params(params_path)
+    metrics = json.loads((ROOT / "metrics/detector.json").read_text())
+    out = {
+        "train_seconds": metrics["train_seconds"],
+        "box_ap50": metrics["box_ap50"],
+        "box_ap": metrics["box_ap"],
+        "epochs": metrics["epochs"],
+    }
+    for split in ("val", "train"):
+        dataset = load_split(params, split, with_masks=False)
+        model = load_detector_from_params(params, len(dataset.classes) + 1, torch.device("cpu"))
+        fraction, count = positive_fraction(model, dataset.records, proposals)
+        out[f"positive_fraction_{split}"] = fraction
+        out[f"instances_{split}"] = count
+    out["positive_fraction"] = out["positive_fraction_val"]
+    return out
+
+
+def segmenters_object(params_path: str) -> dict:
+    """Weak and full come from the pipeline run; the box baseline is trained here."""
+    from tasks.evaluate import evaluate_instance, evaluate_semantic
+    from tasks.segmenters import train_instance_task, train_semantic_task
+
+    evaluation = json.loads((ROOT / "metrics/evaluation.json").read_text())
+    if "box" not in evaluation:
+        train_instance_task.fn(params_path, "box")
+        train_semantic_task.fn(params_path, "box")
+        sem = evaluate_semantic.fn(params_path, "box")
+        ins = evaluate_instance.fn(params_path, "box")["voc"]
+        evaluation["box"] = {"sem_miou": 100 * sem["miou"], "ins_ap50": 100 * ins["ap50"]}
+
+    def get(sup: str, key: str) -> float | None:
+        return evaluation.get(sup, {}).get(key)
+
+    out = {}
+    for sup in ("full", "bbam", "box"):
+        out[f"sem_miou_{sup}"] = get(sup, "sem_miou")
+        out[f"ins_ap50_{sup}"] = get(sup, "ins_ap50")
+    full_sem, full_ins = out["sem_miou_full"], out["ins_ap50_full"]
+    out["sem_ratio"] = 100 * out["sem_miou_bbam"] / full_sem if full_sem else None
+    out["ins_ap50_ratio"] = 100 * out["ins_ap50_bbam"] / full_ins if full_ins else None
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--skip", nargs="*", default=[], help="objects to skip")
+    parser.add_argument("--reference-instances", type=int, default=4)
+    parser.add_argument("--fast-instances", type=int, default=32)
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    started = time.perf_counter()
+    run("dvc", "repro")
+    from flows.common import load_params
+
+    params = load_params(args.params)
+    data = params["data"]
+    if "detector" not in args.skip:
+        merge("detector", detector_object(args.params, 200))
+    if "attribution" not in args.skip:
+        run(
+            sys.executable, "bench/attribution.py", "--detector", "runs/detector/model.pt",
+            "--params", args.params, "--split", "train",
+            "--instances", str(args.fast_instances),
+            "--reference-instances", str(args.reference_instances),
+        )  # fmt: skip
+    if "pseudo_labels" not in args.skip:
+        run(
+            sys.executable, "bench/pseudo_labels.py",
+            "--annotations", data["train_json"], "--image-root", data["train_images"],
+            "--maps", "runs/attribution", "--results", str(RESULTS),
+        )  # fmt: skip
+    if "segmenters" not in args.skip:
+        merge("segmenters", segmenters_object(args.params))
+    if "scale" not in args.skip:
+        run(sys.executable, "bench/scale.py")
+    results = json.loads(RESULTS.read_text())
+    print(f"\nbench finished in {time.perf_counter() - started:.0f} s -> {RESULTS}")
+    for key, value in results.items():
+        print(f"\n[{key}]")
+        for name, number in value.items():
+            if not isinstance(number, dict | list):
+                print(f"  {name:<32} {number}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
