@@ -11,8 +11,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from bbam.atomic import atomic_write_text
 from bbam.data.records import ImageRecord
 
 IGNORE_INDEX = 255
@@ -353,24 +352,10 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
     """Atomic, strict JSON (NaN -> null), keys sorted, for `dvc metrics show`."""
     path = Path(path)
-    _atomic_text(
+    atomic_write_text(
         path, json.dumps(_clean(metrics), indent=2, sort_keys=True, allow_nan=False) + "\n"
     )
     return path
@@ -391,7 +376,7 @@ def write_pr_curves(
         writer = csv.DictWriter(buf, fieldnames=["class", "score", "precision", "recall"])
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_text(path, buf.getvalue())
+        atomic_write_text(path, buf.getvalue())
     else:
-        _atomic_text(path, json.dumps(_clean(rows), indent=1, allow_nan=False) + "\n")
+        atomic_write_text(path, json.dumps(_clean(rows), indent=1, allow_nan=False) + "\n")
     return path

@@ -14,9 +14,7 @@ When a shard finishes, its parts are compacted into one ``maps-GGGGG.npz`` +
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from bbam.atomic import atomic_write
 
 STATUSES = ("ok", "failed", "no_positive", "skipped")
 
@@ -69,21 +69,6 @@ SCHEMA = pa.schema(
 _PART = re.compile(r"part-(\d{5})\.parquet$")
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, then rename it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def grid_sha256(grid: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(grid, dtype=np.float16).tobytes()).hexdigest()
 
@@ -122,10 +107,10 @@ def write_part(shard_dir: Path, rows: list[dict], grids: list[np.ndarray | None]
             offset += grid16.size
         out_rows.append(row)
     data = np.concatenate(flat) if flat else np.zeros(0, np.float16)
-    atomic_write_bytes(shard_dir / array_name, lambda f: np.savez_compressed(f, maps=data))
+    atomic_write(shard_dir / array_name, lambda f: np.savez_compressed(f, maps=data))
     table = pa.Table.from_pylist(out_rows, schema=SCHEMA)
     part = shard_dir / f"part-{index:05d}.parquet"
-    atomic_write_bytes(part, lambda f: pq.write_table(table, f, compression="zstd"))
+    atomic_write(part, lambda f: pq.write_table(table, f, compression="zstd"))
     return part
 
 
@@ -201,9 +186,9 @@ def compact_shard(shard_dir: Path) -> pa.Table:
         flat.append(grid.ravel())
         offset += grid.size
     data = np.concatenate(flat) if flat else np.zeros(0, np.float16)
-    atomic_write_bytes(shard_dir / maps_name, lambda f: np.savez_compressed(f, maps=data))
+    atomic_write(shard_dir / maps_name, lambda f: np.savez_compressed(f, maps=data))
     compacted = pa.Table.from_pylist(rows, schema=SCHEMA)
-    atomic_write_bytes(
+    atomic_write(
         shard_dir / "manifest.parquet", lambda f: pq.write_table(compacted, f, compression="zstd")
     )
     for part in parts:

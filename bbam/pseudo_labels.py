@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bbam.atomic import atomic_write_json
 from bbam.data.palette import save_palette_png
 from bbam.data.records import ImageRecord, Instance
-from bbam.data.writers import atomic_write_json, mask_to_rle
+from bbam.data.writers import mask_to_rle
 from bbam.mcg import MCGConfig, ProposalSource, apply_proposals
 from bbam.refine import InstanceMasks, RefineConfig, refine_instance
 

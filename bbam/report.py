@@ -5,14 +5,13 @@ from __future__ import annotations
 import html
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from bbam.atomic import atomic_write_bytes
 from bbam.data.palette import voc_colormap
 
 # The paper's weak/full ratios (BBAM vs fully supervised), for reference in the page.
@@ -20,23 +19,10 @@ PAPER_RATIOS = {"semantic mIoU": 0.967, "instance AP50": 0.922}
 SUPERVISIONS = ("bbam", "full", "box")
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_png(path: Path, rgb: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(rgb.astype(np.uint8), mode="RGB").save(buf, format="PNG")
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _blend(image: np.ndarray, color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -179,5 +165,5 @@ figure{{margin:0}} img{{max-width:320px}}</style></head><body>
 </body></html>
 """
     path = out_dir / "index.html"
-    _atomic_bytes(path, page.encode("utf-8"))
+    atomic_write_bytes(path, page.encode("utf-8"))
     return path

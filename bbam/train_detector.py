@@ -22,8 +22,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from bbam.atomic import atomic_torch_save, atomic_write_text
 from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord
 from bbam.data.torch_dataset import DetectionDataset, collate_fn
@@ -140,29 +139,6 @@ def load_detector(
         **rcnn_kwargs,
     )
     return freeze(model.to(device))
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_json(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _append_log(path: Path | None, entry: dict) -> None:
@@ -420,7 +396,7 @@ def train_detector(
         lr_scheduler.step()
         train_seconds += time.perf_counter() - tic
         _append_log(log_path, {"event": "epoch_end", "epoch": epoch, **losses})
-        _atomic_torch_save(
+        atomic_torch_save(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -434,7 +410,7 @@ def train_detector(
             ckpt_path,
         )
 
-    _atomic_torch_save(model.state_dict(), out_dir / "model.pt")
+    atomic_torch_save(model.state_dict(), out_dir / "model.pt")
     ap = evaluate_box_ap(model, val.records, val.classes, device)
     metrics = {
         "box_ap": ap["ap"],
@@ -447,5 +423,5 @@ def train_detector(
         "device": device.type,
         "params_hash": params_hash,
     }
-    _atomic_write_json(metrics, out_dir / "metrics.json")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

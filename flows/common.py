@@ -67,7 +67,7 @@ def configure_runtime(params: dict) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    from bbam.data.writers import atomic_write_json
+    from bbam.atomic import atomic_write_json
 
     atomic_write_json(path, obj)
 

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from tqdm import tqdm
 
-from bbam.manifest import atomic_write_bytes, merge_manifests, status_counts
+from bbam.atomic import atomic_write
+from bbam.manifest import merge_manifests, status_counts
 from bbam.shards import detector_chunk_fn, plan_shard, run_shard, torch_device
 from flows.common import load_detector_from_params, load_params, load_split
 
@@ -59,7 +60,7 @@ def merge_shards(out_dir: str, num_shards: int) -> dict:
     dirs = [shard_dir(out_dir, s) for s in range(num_shards)]
     table = merge_manifests(d for d in dirs if d.exists())
     path = Path(out_dir) / "manifest.parquet"
-    atomic_write_bytes(path, lambda f: pq.write_table(table, f, compression="zstd"))
+    atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
     seconds = sum(v or 0.0 for v in table.column("seconds").to_pylist()) if table.num_rows else 0.0
     counts = status_counts(table)
     return {

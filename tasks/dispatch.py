@@ -30,7 +30,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from uuid import UUID
 
-from bbam.manifest import atomic_write_bytes, read_shard
+from bbam.atomic import atomic_write_bytes
+from bbam.manifest import read_shard
 from bbam.shards import instance_key, plan_shard
 from tasks.attribution import shard_dir
 from tasks.shard_lock import read_lock
@@ -88,7 +89,7 @@ class _Attempt:
 def write_run_summary(directory: Path, summary: dict) -> None:
     """The shard flow's summary, for the dispatcher (flow results may not be persisted)."""
     blob = json.dumps(summary, sort_keys=True, default=str).encode()
-    atomic_write_bytes(directory / SUMMARY_NAME, lambda f: f.write(blob))
+    atomic_write_bytes(directory / SUMMARY_NAME, blob)
 
 
 def read_run_summary(directory: Path, run_id: UUID) -> dict | None:

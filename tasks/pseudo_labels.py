@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 from prefect import task
 from tqdm import tqdm
 
+from bbam.atomic import atomic_write
 from bbam.data.coco import coco_image_ids, load_coco_json
 from bbam.labeling import label_dataset
-from bbam.manifest import atomic_write_bytes
 from bbam.mcg import MCGConfig, make_source
 from bbam.pseudo_labels import write_coco_pseudo_gt
 from bbam.refine import RefineConfig
@@ -61,7 +61,7 @@ def make_pseudo_labels(params_path: str, attribution_dir: str, out_dir: str) -> 
         out / f"instances_{split}.json", images, source_json["categories"], annotations
     )
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
-    atomic_write_bytes(out / "manifest.parquet", lambda f: pq.write_table(table, f))
+    atomic_write(out / "manifest.parquet", lambda f: pq.write_table(table, f))
     ious = [r["iou_gt"] for r in rows if r.get("iou_gt") is not None]
     fallbacks: dict[str, int] = {}
     for r in rows:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bbam.atomic import atomic_write_text
+
 USER_AGENT = "bbam-data/0.1 (+urllib)"
 _NO_RETRY_CODES = {400, 401, 403, 404, 405, 410}
 
@@ -192,15 +194,8 @@ def file_digests(path: Path, chunk_bytes: int = 1 << 20) -> tuple[str, str, int]
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON via a temp file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Indented, sorted-key JSON (lock and summary files people read), written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass

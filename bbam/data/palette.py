@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from bbam.atomic import atomic_write_bytes
 from bbam.data.records import DataError
-from bbam.data.writers import atomic_write_bytes
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:

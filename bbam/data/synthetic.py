@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bbam.atomic import atomic_write_bytes
 from bbam.data.palette import save_palette_png
 from bbam.data.records import Dataset, ImageRecord, Instance
-from bbam.data.writers import atomic_write_bytes, write_coco_json, write_voc_xml
+from bbam.data.writers import write_coco_json, write_voc_xml
 
 SYNTHETIC_CLASSES: tuple[str, ...] = ("ring", "star", "crescent", "cross")
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from xml.etree.ElementTree import Element, SubElement, indent, tostring
@@ -12,26 +9,8 @@ from xml.etree.ElementTree import Element, SubElement, indent, tostring
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from bbam.atomic import atomic_write_bytes, atomic_write_json  # also imported from here
 from bbam.data.records import Dataset, ImageRecord
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, then os.replace: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: object) -> None:
-    atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:

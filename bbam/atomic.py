@@ -1,0 +1,56 @@
+"""Atomic file writes: a temp file in the same directory, fsync, then os.replace.
+
+Readers never see a partial file, and a write killed half-way leaves the old file (or
+none) plus no stray temp file. Every output file of the project goes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(binary_file)`` on a temp file next to ``path``, fsync it, rename it over.
+
+    The temp file is made with ``open(..., "xb")`` (exclusive create) rather than mkstemp so
+    the result gets the usual umask permissions, like a plainly written file. It is removed
+    on any exception, KeyboardInterrupt included.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    handle = open(tmp, "xb")  # outside the try: a name clash must not delete the other file
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """UTF-8, newlines written as given (no platform translation)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: object) -> None:
+    """Compact JSON (no spaces, no trailing newline), for machine-read files."""
+    atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    import torch  # not needed by the data-only users of this module
+
+    atomic_write(path, lambda f: torch.save(obj, f))
