@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from results import merge_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from bbam.attribution import (
@@ -40,22 +38,9 @@ from bbam.attribution import (
 from bbam.heads import HeadsFn
 from bbam.toy_detector import ToyDetector, toy_scene
 
-RESULTS = Path(__file__).resolve().parent / "results.json"
-
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def merge_results(key: str, value: dict, path: Path = RESULTS) -> None:
-    """Read-modify-write bench/results.json atomically, keeping other benchmarks' entries."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[key] = value
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def toy_setup(n_instances: int, seed: int, size: int = 128) -> tuple[HeadsFn, list, dict]:

@@ -15,21 +15,18 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from results import merge_results
 from torchvision.ops import box_iou
 
 from bbam.data.coco import read_coco
 from bbam.data.images import load_rgb
 from bbam.detector import freeze, prepare_images, roi_head_forward
 from bbam.train_detector import DetectorTrainConfig, detector_from_config, train_detector
-
-RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
 def jitter_boxes(
@@ -67,17 +64,6 @@ def positive_fraction(model, records, n_proposals: int, seed: int = 0, iou_thres
             hits += bool(positive.any())
             total += 1
     return hits / max(total, 1), total
-
-
-def merge_results(key: str, value: dict, path: Path = RESULTS) -> None:
-    """Read-modify-write bench/results.json atomically, keeping other benchmarks' entries."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[key] = value
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

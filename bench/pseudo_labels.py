@@ -27,16 +27,15 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+from results import RESULTS, merge_results
 
 from bbam.baselines import box_mask, grabcut_mask
 from bbam.data.images import load_rgb
 from bbam.data.records import ImageRecord
-from bbam.data.writers import atomic_write_bytes
 from bbam.mcg import MCGConfig, MCGMatSource, ProposalSource, SuperpixelSource, apply_proposals
 from bbam.pseudo_labels import IGNORE, semantic_label
 from bbam.refine import RefineConfig, refine_instance
 
-RESULTS = Path(__file__).resolve().parent / "results.json"
 VARIANTS = ("bbam_raw", "bbam_crf", "bbam_crf_proposals", "box", "grabcut")
 
 
@@ -193,15 +192,6 @@ def evaluate_pseudo_labels(
     return out
 
 
-def merge_results(values: dict, path: Path = RESULTS, key: str = "pseudo_labels") -> None:
-    """Read-modify-write results.json atomically; other benchmarks' entries are kept."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    entry = data.get(key) if isinstance(data.get(key), dict) else {}
-    entry.update(values)
-    data[key] = entry
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
 def main(argv: list[str] | None = None) -> int:
     from bbam.data.coco import read_coco
 
@@ -228,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             f"semantic mIoU {result[f'semantic_miou_{variant}']}"
         )
     print(json.dumps({k: v for k, v in result.items() if k.startswith("n_")}))
-    merge_results(result, args.results)
+    merge_results("pseudo_labels", result, args.results, update=True)
     return 0
 
 

@@ -22,16 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results.json"
 sys.path.insert(0, str(ROOT))
 
-
-def merge(key: str, value: dict) -> None:
-    from bbam.data.writers import atomic_write_json
-
-    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    data[key] = value
-    atomic_write_json(RESULTS, data)
+from results import RESULTS, merge_results  # noqa: E402  (bench/ is sys.path[0])
 
 
 def run(*args: str) -> None:
@@ -107,7 +100,7 @@ def main() -> int:
     params = load_params(args.params)
     data = params["data"]
     if "detector" not in args.skip:
-        merge("detector", detector_object(args.params, 200))
+        merge_results("detector", detector_object(args.params, 200))
     if "attribution" not in args.skip:
         run(
             sys.executable, "bench/attribution.py", "--detector", "runs/detector/model.pt",
@@ -122,7 +115,7 @@ def main() -> int:
             "--maps", "runs/attribution", "--results", str(RESULTS),
         )  # fmt: skip
     if "segmenters" not in args.skip:
-        merge("segmenters", segmenters_object(args.params))
+        merge_results("segmenters", segmenters_object(args.params))
     if "scale" not in args.skip:
         run(sys.executable, "bench/scale.py")
     results = json.loads(RESULTS.read_text())

@@ -26,13 +26,11 @@ import time
 from pathlib import Path
 
 import yaml
+from results import merge_results
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bbam.data.writers import atomic_write_bytes  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results.json"
 
 WORKER = """
 import json, sys, time
@@ -159,15 +157,6 @@ def merge_timing(root: Path, rows: int, shards: int = 8, parts: int = 5) -> floa
     return seconds
 
 
-def merge_results(values: dict, path: Path = RESULTS, key: str = "scale") -> None:
-    """Read-modify-write results.json atomically; other benchmarks' entries are kept."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    entry = data.get(key) if isinstance(data.get(key), dict) else {}
-    entry.update(values)
-    data[key] = entry
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24)
@@ -203,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": "workers = processes with 1 torch thread each on a shared 2-core CPU",
     }
     if not args.no_write:
-        merge_results(values)
+        merge_results("scale", values, update=True)
     return 0
 
 

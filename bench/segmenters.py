@@ -14,14 +14,12 @@ Paper (VOC, BBAM vs full): 96.7% of the semantic mIoU, 92.2% of the instance AP5
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results import merge_results
 
 from bbam.data.coco import read_coco
 from bbam.evaluate import semantic_miou, voc_instance_metrics, write_metrics
@@ -33,19 +31,7 @@ from bbam.segmenters.semantic import (
     train_semantic,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results.json"
 SUPERVISIONS = ("full", "bbam", "box")
-
-
-def merge_results(key: str, value: dict, path: Path = RESULTS) -> None:
-    """Read-modify-write bench/results.json atomically, keeping other benchmarks' entries."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[key] = value
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _ratio(weak: float | None, full: float | None) -> float | None:

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ from bbam.manifest import write_part
 
 torch.set_num_threads(1)
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_pseudo_labels", Path(__file__).resolve().parents[1] / "bench" / "pseudo_labels.py"
-)
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))  # as when run as `python bench/pseudo_labels.py` (imports results)
+_spec = importlib.util.spec_from_file_location("bench_pseudo_labels", BENCH / "pseudo_labels.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
