@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -534,9 +534,7 @@ def train_instance(
         raise DataError(f"no trainable images ({dict(skipped.counts)})")
     model = build_instance_model(config, len(classes) + 1).to(device)
     optimizer = T.make_optimizer(model, config.lr, config.momentum, config.weight_decay)
-    iters = math.ceil(len(dataset) / config.batch_size)
-    if config.max_iters_per_epoch:
-        iters = min(iters, config.max_iters_per_epoch)
+    iters = T.iters_per_epoch(len(dataset), config.batch_size, config.max_iters_per_epoch)
     scheduler = T.make_scheduler(
         optimizer,
         iters,
@@ -556,8 +554,7 @@ def train_instance(
         log.write({"event": "skipped", "counts": skipped.counts, "examples": skipped.examples})
     for epoch in range(start, config.epochs):
         model.train()
-        gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        torch.manual_seed(config.seed * 1000 + epoch)
+        gen = T.seed_epoch(config.seed, epoch)
         loader = DataLoader(
             dataset,
             batch_size=config.batch_size,
@@ -578,14 +575,7 @@ def train_instance(
                 loss = sum(loss_dict.values())
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"non-finite loss {loss_dict} at epoch {epoch} iter {it}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            T.optimizer_step(model, optimizer, scheduler, scaler, loss, config.clip_grad_norm)
             result.losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if it % config.log_every == 0 or it == iters - 1:
@@ -599,8 +589,7 @@ def train_instance(
                 )
                 log.write(rec)
         T.save_checkpoint(out_dir, phash, epoch, model, optimizer, scheduler, scaler)
-    meta = {"num_classes": len(classes) + 1, "classes": list(classes), "config": asdict(config)}
-    T.atomic_torch_save({"model": model.state_dict(), "meta": meta}, out_dir / T.MODEL_NAME)
+    T.save_model(out_dir, model, classes, config)
     return result
 
 

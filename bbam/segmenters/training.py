@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bbam.atomic import atomic_torch_save  # segmenters call T.atomic_torch_save
+from bbam.atomic import atomic_torch_save
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -69,6 +70,39 @@ def load_partial(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
         raise ValueError(f"{path}: no parameter in the weights file matches the model")
     module.load_state_dict(usable, strict=False)
     return len(usable)
+
+
+def iters_per_epoch(n_items: int, batch_size: int, max_iters_per_epoch: int | None) -> int:
+    """Batches per epoch, capped by `max_iters_per_epoch` when set (0/None: no cap)."""
+    iters = math.ceil(n_items / batch_size)
+    return min(iters, max_iters_per_epoch) if max_iters_per_epoch else iters
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Reseed torch for this epoch (augmentation) and return the loader's shuffle generator:
+    a resumed run sees the same batches as an uninterrupted one."""
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    torch.manual_seed(seed * 1000 + epoch)
+    return gen
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    loss: torch.Tensor,
+    clip_grad_norm: float | None,
+) -> None:
+    """Backward through the (possibly disabled) AMP scaler, optional clipping, step, schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
 
 
 def make_optimizer(
@@ -153,3 +187,13 @@ def save_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else {},
     }
     atomic_torch_save(state, Path(out_dir) / CHECKPOINT_NAME)
+
+
+def save_model(out_dir: Path, model: torch.nn.Module, classes: list[str], config: Any) -> None:
+    """The final `model.pt`: weights plus what is needed to rebuild the model."""
+    meta = {
+        "num_classes": len(classes) + 1,
+        "classes": list(classes),
+        "config": dataclasses.asdict(config),
+    }
+    atomic_torch_save({"model": model.state_dict(), "meta": meta}, Path(out_dir) / MODEL_NAME)
