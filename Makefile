@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# DVC stage commands call `python`: the venv's, not whatever else is on PATH.
+RUN := PATH="$(abspath $(BIN)):$$PATH"
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench lint status clean
@@ -13,21 +15,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dvc repro
-	$(BIN)/python -m flows.show_metrics
+	$(RUN) dvc repro
+	$(RUN) python -m flows.show_metrics
 
 test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(RUN) python bench/run_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 status: $(STAMP)
-	$(BIN)/dvc status
+	$(RUN) dvc status
 
 clean:
 	rm -rf runs metrics reports .prefect data/synthetic
