@@ -365,3 +365,32 @@ def test_instance_checkpoint_resume(tmp_path):
         first.model.state_dict().values(), again.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_segmenters_start_from_a_trained_detector(tmp_path):
+    """The CPU default initialises both networks from the pipeline's own box detector
+    (no ImageNet weights offline): its keys carry `backbone.body.` for the bare ResNet."""
+    from bbam.segmenters.instance import InstanceTrainConfig, build_instance_model
+    from bbam.segmenters.semantic import SemanticTrainConfig, build_semantic_model
+    from bbam.train_detector import DetectorTrainConfig, detector_from_config
+
+    detector = detector_from_config(DetectorTrainConfig(min_size=64, max_size=96), 3)
+    path = tmp_path / "detector.pt"
+    torch.save(detector.state_dict(), path)
+    conv1 = detector.state_dict()["backbone.body.conv1.weight"]
+
+    semantic = build_semantic_model(SemanticTrainConfig(weights_backbone=str(path)), 3)
+    found = [
+        v
+        for k, v in semantic.state_dict().items()
+        if k.endswith("conv1.weight") and v.shape == conv1.shape
+    ]
+    assert any(torch.equal(v, conv1) for v in found)
+
+    instance = build_instance_model(
+        InstanceTrainConfig(weights=str(path), norm="batch", min_size=64, max_size=96), 3
+    )
+    state = instance.state_dict()
+    assert torch.equal(state["backbone.body.conv1.weight"], conv1)
+    box_head = "roi_heads.box_predictor.cls_score.weight"
+    assert torch.equal(state[box_head], detector.state_dict()[box_head])

@@ -63,13 +63,22 @@ def load_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def load_partial(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> int:
-    """Load the keys whose names and shapes match; raise when none do (wrong file)."""
+    """Load the keys whose names and shapes match; raise when none do (wrong file).
+
+    A file whose keys carry a wrapper prefix (a detector's ``backbone.body.`` when the
+    module is a bare backbone, DataParallel's ``module.``) is matched without it.
+    """
     own = module.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
+    best: dict[str, torch.Tensor] = {}
+    for prefix in ("", "module.", "backbone.body.", "backbone."):
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        usable = {k: v for k, v in stripped.items() if k in own and own[k].shape == v.shape}
+        if len(usable) > len(best):
+            best = usable
+    if not best:
         raise ValueError(f"{path}: no parameter in the weights file matches the model")
-    module.load_state_dict(usable, strict=False)
-    return len(usable)
+    module.load_state_dict(best, strict=False)
+    return len(best)
 
 
 def iters_per_epoch(n_items: int, batch_size: int, max_iters_per_epoch: int | None) -> int:
