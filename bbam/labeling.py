@@ -82,16 +82,17 @@ def label_image(
     annotations, out_rows = build_instance_annotations(
         coco_id, instances, masks, category_ids=category_ids or None
     )
-    for instance, annotation, out_row in zip(instances, annotations, out_rows, strict=True):
+    for instance, mask, annotation, out_row in zip(
+        instances, masks, annotations, out_rows, strict=True
+    ):
         row = rows.get(instance.instance_id)
         status = row["status"] if row is not None else "missing"
         annotation["bbam"]["attribution_status"] = status
         out_row.update(image_name=record.image_id, attribution_status=status)
         if instance.mask is not None:
-            gt = instance.mask
-            fg = masks[instances.index(instance)].fg
-            union = np.logical_or(gt, fg).sum()
-            out_row["iou_gt"] = float(np.logical_and(gt, fg).sum() / union) if union else 1.0
+            union = np.logical_or(instance.mask, mask.fg).sum()
+            overlap = np.logical_and(instance.mask, mask.fg).sum()
+            out_row["iou_gt"] = float(overlap / union) if union else 1.0
     label = semantic_label(
         record.height,
         record.width,

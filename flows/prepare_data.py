@@ -73,21 +73,10 @@ def voc_to_coco(params_path: str) -> None:
 
 @task(name="summarise-splits")
 def summarise(params_path: str) -> dict:
+    from bbam.data.prepare import summarize_dataset
+
     params = load_params(params_path)
-    summary = {}
-    for split in ("train", "val"):
-        dataset = load_split(params, split, with_masks=False)
-        per_class = dict.fromkeys(dataset.classes, 0)
-        for record in dataset.records:
-            for instance in record.instances:
-                per_class[dataset.classes[instance.label - 1]] += 1
-        summary[split] = {
-            "images": len(dataset.records),
-            "instances": sum(per_class.values()),
-            "per_class": per_class,
-            "skipped": dataset.skipped.counts,
-        }
-    return summary
+    return {s: summarize_dataset(load_split(params, s, with_masks=False)) for s in ("train", "val")}
 
 
 @flow(name="prepare-data")

@@ -56,9 +56,11 @@ def make_pseudo_labels(params_path: str, attribution_dir: str, out_dir: str) -> 
             progress=bar.update,
         )
     source_json = load_coco_json(annotation_json)
-    images = [im for im in source_json["images"]]
     write_coco_pseudo_gt(
-        out / f"instances_{split}.json", images, source_json["categories"], annotations
+        out / f"instances_{split}.json",
+        source_json["images"],
+        source_json["categories"],
+        annotations,
     )
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
     atomic_write(out / "manifest.parquet", lambda f: pq.write_table(table, f))

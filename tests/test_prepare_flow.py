@@ -116,7 +116,7 @@ def test_voc_config_prepares_train_aug_and_val_as_coco(tmp_path, monkeypatch):
         want = Counter(name for i in ids for name, _ in VOC_IMAGES[i])
         got = summary[split]
         assert got["images"] == len(ids) and got["instances"] == sum(want.values())
-        assert {k: v for k, v in got["per_class"].items() if v} == dict(want)
+        assert {k: v for k, v in got["instances_per_class"].items() if v} == dict(want)
     # The MCG folder the refine stage reads is where the config points.
     mcg = sorted(p.stem for p in Path(params["proposals"]["mcg_dir"]).glob("*.mat"))
     assert mcg == sorted(VOC_IMAGES)
