@@ -134,6 +134,13 @@ _PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+def profile_fields(name: str) -> frozenset[str]:
+    """The fields a profile sets itself (for ``reference``: what makes it the reference)."""
+    if name not in _PROFILES:
+        raise ValueError(f"unknown attribution profile {name!r}; known: {sorted(_PROFILES)}")
+    return frozenset(_PROFILES[name])
+
+
 def profile_config(name: str = "fast", **overrides: Any) -> AttributionConfig:
     """A named profile ("fast" or "reference") with keyword overrides."""
     if name not in _PROFILES:

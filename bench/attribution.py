@@ -34,6 +34,7 @@ from bbam.attribution import (
     attribute_instances,
     map_to_image,
     profile_config,
+    profile_fields,
 )
 from bbam.heads import HeadsFn
 from bbam.toy_detector import ToyDetector, toy_scene
@@ -178,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no instances found", file=sys.stderr)
         return 1
     n_ref = min(args.reference_instances, len(items))
-    ref_cfg = profile_config("reference", seed=args.seed, **overrides)
+    # Shared settings (e.g. stride_reference_size) apply to both sides; the reference keeps
+    # its own numbers (300 steps, 1000 jitters, ...) even where params override them for fast.
+    reference_overrides = {
+        k: v for k, v in overrides.items() if k not in profile_fields("reference")
+    }
+    ref_cfg = profile_config("reference", seed=args.seed, **reference_overrides)
     fast_cfg = profile_config("fast", seed=args.seed, **overrides)
 
     log(f"{len(items)} instances from {source}; screening for positives (also a warm-up)")

@@ -282,3 +282,13 @@ def test_stride_scales_with_image_size_when_asked():
     big = torch.tensor([0.0, 0.0, 400.0, 400.0])
     assert mask_stride(big, (800, 800), (16.0, 48.0), 800.0) == pytest.approx(raw)
     assert profile_config("reference").stride_reference_size == 0.0  # raw pixels
+
+
+def test_profile_fields_name_what_the_reference_fixes():
+    from bbam.attribution import profile_fields
+
+    fields = profile_fields("reference")
+    assert {"iterations", "num_jitters", "positives_per_iter", "early_stop"} <= fields
+    assert "stride_reference_size" not in fields
+    with pytest.raises(ValueError, match="unknown attribution profile"):
+        profile_fields("nope")
