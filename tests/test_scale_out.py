@@ -204,7 +204,7 @@ asyncio.run(main())
 def test_lost_worker_is_survived(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    make_workspace(work)
+    params = make_workspace(work)
     tag = uuid.uuid4().hex
     port = _free_port()
     env = {
@@ -307,6 +307,21 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
         # Wait for a shard that a worker's flow run is half-way through, then kill that
         # worker's process group and the flow run's (a lost host loses both).
         shards = work / "runs" / "attribution" / "shards"
+        # Only a shard with instances still to do: killing one whose last
+        # rows are already written would race its completion and prove nothing.
+        from bbam.data.coco import read_coco
+        from bbam.manifest import read_shard
+        from bbam.shards import plan_shard
+
+        train = read_coco(
+            work / "data/synthetic/annotations/instances_train.json",
+            work / "data/synthetic/VOC2012/JPEGImages",
+            with_masks=False,
+        )
+        num_shards = params["attribution"]["num_shards"]
+        planned_rows = {
+            f"shard-{s:04d}": len(plan_shard(train, s, num_shards)) for s in range(num_shards)
+        }
         victim = None
         deadline = time.monotonic() + 150
         while victim is None:
@@ -315,6 +330,8 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
             for directory in sorted(shards.glob("shard-*")) if shards.exists() else []:
                 info = read_lock(directory)
                 if info is None or not list(directory.glob("part-*.parquet")):
+                    continue
+                if read_shard(directory).num_rows >= planned_rows[directory.name]:
                     continue
                 parents = {_ppid(info["pid"])}
                 owner = [w for w in workers if w.pid in parents]
