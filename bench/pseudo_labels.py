@@ -100,6 +100,18 @@ def default_configs() -> dict:
     }
 
 
+def params_configs(params_path: Path) -> dict:
+    """The pipeline's own `refine` and `proposals` settings (the raw variant stays raw)."""
+    from flows.common import load_params
+    from tasks.pseudo_labels import proposal_config
+
+    params = load_params(params_path)
+    return {
+        "crf": RefineConfig(**(params.get("refine") or {})),
+        "proposals": proposal_config(params)[0],
+    }
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
@@ -133,6 +145,9 @@ def evaluate_pseudo_labels(
         num_classes = max((i.label for r in records for i in r.instances), default=0)
     n = num_classes + 1
     ious: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    # Which instances the detector could explain (a map with any mass): the comparison on
+    # that subset separates the attribution's quality from the detector's positive coverage.
+    explained: list[bool] = []
     conf = {v: np.zeros((n, n + 1), dtype=np.int64) for v in VARIANTS}
     counts = {"instances": 0, "no_gt_mask": 0, "crowd": 0, "missing_map": 0, "mcg_used": 0}
     fallbacks: dict[str, int] = {}
@@ -150,6 +165,7 @@ def evaluate_pseudo_labels(
             key = map_key(record.image_id, inst.instance_id)
             heat = maps.get(key)
             counts["missing_map"] += heat is None
+            explained.append(heat is not None and float(np.max(heat, initial=0.0)) > 0.0)
             raw = refine_instance(heat, inst.box, image, cfg["raw"])
             crf = refine_instance(heat, inst.box, image, cfg["crf"])
             fallbacks[crf.stats["fallback"]] = fallbacks.get(crf.stats["fallback"], 0) + 1
@@ -174,9 +190,12 @@ def evaluate_pseudo_labels(
         for variant in VARIANTS:
             conf[variant] += _confusion(gt_label, semantic_label(h, w, per_variant[variant]), n)
     out: dict = {}
+    mask = np.asarray(explained, dtype=bool)
     for variant in VARIANTS:
-        out[f"miou_{variant}"] = (
-            round(100.0 * float(np.mean(ious[variant])), 2) if ious[variant] else None
+        values = np.asarray(ious[variant], dtype=np.float64)
+        out[f"miou_{variant}"] = round(100.0 * float(values.mean()), 2) if values.size else None
+        out[f"miou_{variant}_explained"] = (
+            round(100.0 * float(values[mask].mean()), 2) if mask.any() else None
         )
         c = conf[variant]
         inter = np.diag(c[:, :n]).astype(np.float64)
@@ -188,6 +207,7 @@ def evaluate_pseudo_labels(
             else None
         )
     out.update({f"n_{k}": v for k, v in counts.items()})
+    out["n_explained"] = int(mask.sum())
     out["fallbacks"] = fallbacks
     return out
 
@@ -203,18 +223,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--align-corners", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="take `refine` and `proposals` from this params.yaml (what the pipeline runs); "
+        "without it, the reference defaults",
+    )
     args = parser.parse_args(argv)
 
     dataset = read_coco(args.annotations, args.image_root, with_masks=True)
     records = dataset.records[: args.limit] if args.limit else dataset.records
     maps = load_maps(args.maps, bool(args.align_corners))
     source = MCGMatSource(args.mcg_dir) if args.mcg_dir else SuperpixelSource()
-    result = evaluate_pseudo_labels(records, maps, source=source, num_classes=len(dataset.classes))
+    configs = params_configs(args.params) if args.params else None
+    result = evaluate_pseudo_labels(
+        records, maps, configs=configs, source=source, num_classes=len(dataset.classes)
+    )
+    result["refine_config"] = "params" if args.params else "reference defaults"
     result["proposal_source"] = "mcg" if args.mcg_dir else "superpixel"
     result["n_images"] = len(records)
     for variant in VARIANTS:
         print(
             f"{variant:>20}: instance mIoU {result[f'miou_{variant}']}  "
+            f"(explained instances {result[f'miou_{variant}_explained']})  "
             f"semantic mIoU {result[f'semantic_miou_{variant}']}"
         )
     print(json.dumps({k: v for k, v in result.items() if k.startswith("n_")}))

@@ -112,7 +112,7 @@ def main() -> int:
         run(
             sys.executable, "bench/pseudo_labels.py",
             "--annotations", data["train_json"], "--image-root", data["train_images"],
-            "--maps", "runs/attribution", "--results", str(RESULTS),
+            "--maps", "runs/attribution", "--results", str(RESULTS), "--params", args.params,
         )  # fmt: skip
     if "segmenters" not in args.skip:
         merge_results("segmenters", segmenters_object(args.params))

@@ -53,6 +53,28 @@ def test_evaluate_with_perfect_and_empty_maps(synthetic):
     assert empty["n_missing_map"] == n
     assert empty["fallbacks"].get("empty_map") == n
     assert empty["miou_bbam_raw"] < out["miou_bbam_raw"]
+    assert out["n_explained"] == n and empty["n_explained"] == 0
+    assert out["miou_bbam_raw_explained"] == pytest.approx(out["miou_bbam_raw"])
+    assert empty["miou_bbam_crf_explained"] is None
+
+
+def test_explained_subset_counts_only_instances_with_map_mass(synthetic):
+    _, _, dataset = synthetic
+    records = dataset.records
+    keys = [(r, i) for r in records for i in r.instances]
+    half = {
+        bench.map_key(r.image_id, i.instance_id): i.mask.astype(np.float32)
+        for r, i in keys[::2]
+    }
+    zero = next(iter(keys[1::2]), None)
+    if zero is not None:  # an all-zero map (no_positive) is not an explained instance
+        r, i = zero
+        half[bench.map_key(r.image_id, i.instance_id)] = np.zeros(i.mask.shape, np.float32)
+    out = bench.evaluate_pseudo_labels(records, half, num_classes=len(dataset.classes))
+    assert out["n_explained"] == len(keys[::2])
+    assert out["miou_bbam_raw_explained"] == pytest.approx(100.0)
+    if zero is not None:
+        assert out["miou_bbam_raw"] < out["miou_bbam_raw_explained"]
 
 
 def test_main_reads_manifest_maps_and_merges_results(synthetic, tmp_path):
@@ -98,3 +120,11 @@ def test_main_reads_manifest_maps_and_merges_results(synthetic, tmp_path):
         assert 0.0 <= entry[f"miou_{v}"] <= 100.0
     assert entry["miou_bbam_raw"] > entry["miou_box"]
     assert entry["n_instances"] == len(rows)
+    assert entry["refine_config"] == "reference defaults"
+
+    params = tmp_path / "params.yaml"
+    params.write_text("refine:\n  crf: false\nproposals:\n  enabled: false\n")
+    assert bench.main(argv + ["--results", str(results), "--params", str(params)]) == 0
+    entry = json.loads(results.read_text())["pseudo_labels"]
+    assert entry["refine_config"] == "params"
+    assert entry["n_mcg_used"] == 0  # proposals disabled by the params file
