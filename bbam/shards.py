@@ -149,18 +149,25 @@ def run_shard(
     chunk_size: int = 8,
     max_attempts: int = 2,
     progress: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Attribute every pending instance of ``shard``; returns counts for the summary.
 
     A chunk that raises is recorded as failed (with the error text) for each of
     its instances and the shard goes on. An image that cannot be read fails only
-    its own instances.
+    its own instances. ``should_stop`` is asked before each chunk (a SIGTERM from
+    a scheduler): when it says so, the shard stops with its finished chunks on
+    disk, uncompacted, and the summary says ``interrupted``.
     """
     planned = plan_shard(dataset, shard, num_shards)
     work, counts = pending_work(planned, shard_dir, params_hash, max_attempts)
     started = time.perf_counter()
     run_id = uuid.uuid4().hex
+    interrupted, ran = False, 0
     for chunk in _chunks(work, chunk_size):
+        if should_stop is not None and should_stop():
+            interrupted = True
+            break
         rows, grids = [], []
         readable: list[WorkItem] = []
         images: list[np.ndarray] = []
@@ -188,9 +195,13 @@ def run_shard(
                 rows.append(row)
                 grids.append(grid)
         write_part(shard_dir, rows, grids)
+        ran += len(chunk)
         if progress is not None:
             progress(len(chunk))
-    table = compact_shard(shard_dir) if shard_dir.exists() else read_shard(shard_dir)
+    if interrupted or not shard_dir.exists():
+        table = read_shard(shard_dir)  # compaction can wait for the run that finishes
+    else:
+        table = compact_shard(shard_dir)
     keys = {instance_key(r.image_id, i.instance_id) for r, i in planned}
     statuses = (
         [
@@ -206,7 +217,8 @@ def run_shard(
     return {
         "shard": shard,
         "planned": len(planned),
-        "ran": len(work),
+        "ran": ran,
+        "interrupted": interrupted,
         "skipped_done": counts["done"],
         "retried": counts["retry"],
         "seconds": time.perf_counter() - started,

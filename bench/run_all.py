@@ -89,7 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--skip", nargs="*", default=[], help="objects to skip")
-    parser.add_argument("--reference-instances", type=int, default=4)
+    parser.add_argument("--reference-instances", type=int, default=6)
     parser.add_argument("--fast-instances", type=int, default=32)
     args = parser.parse_args()
     os.chdir(ROOT)

@@ -20,7 +20,7 @@ from flows.common import (
     stage_cli,
     write_json,
 )
-from tasks.attribution import attribute_shard, merge_shards
+from tasks.attribution import STOP, attribute_shard, merge_shards, stop_shards_on_sigterm
 
 OUT_DIR = Path("runs/attribution")
 METRICS = Path("metrics/attribution.json")
@@ -52,8 +52,10 @@ def attribute_flow(
     executor = executor or section.get("executor", "local")
     started = time.perf_counter()
     if executor == "local":
-        futures = [attribute_shard.submit(params_path, s, str(OUT_DIR), digest) for s in wanted]
-        shard_summaries = [f.result() for f in futures]  # raises if any shard task failed
+        STOP.clear()
+        with stop_shards_on_sigterm():  # chained in front of Prefect's own SIGTERM handler
+            futures = [attribute_shard.submit(params_path, s, str(OUT_DIR), digest) for s in wanted]
+            shard_summaries = [f.result() for f in futures]  # raises if any shard task failed
     elif executor == "deployments":
         from tasks.dispatch import run_on_deployments
 
@@ -83,12 +85,16 @@ def attribute_flow(
 def attribute(
     params_path: str = "params.yaml", shards: str | None = None, executor: str | None = None
 ) -> dict:
-    """Run the flow with a task runner bounded by ``attribution.concurrent_shards``."""
+    """Run the flow with a task runner bounded by ``attribution.concurrent_shards``.
+
+    On SIGTERM the process exits 143 once the shard threads have put down their chunk
+    (the hook here is the one Prefect's handler hands the signal on to)."""
     width = max(1, int(load_params(params_path)["attribution"].get("concurrent_shards", 1)))
     runner = ThreadPoolTaskRunner(max_workers=width)
-    return attribute_flow.with_options(task_runner=runner)(
-        params_path=params_path, shards=shards, executor=executor
-    )
+    with stop_shards_on_sigterm():
+        return attribute_flow.with_options(task_runner=runner)(
+            params_path=params_path, shards=shards, executor=executor
+        )
 
 
 def _extra(parser) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,6 +16,35 @@ from bbam.atomic import atomic_write
 from bbam.manifest import merge_manifests, status_counts
 from bbam.shards import detector_chunk_fn, plan_shard, run_shard, torch_device
 from flows.common import load_detector_from_params, load_params, load_split
+
+# Set on SIGTERM (flows.attribute): shard tasks stop at their next chunk boundary.
+STOP = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_shards_on_sigterm() -> Iterator[None]:
+    """While active, SIGTERM (preemption, ``scancel``, pod eviction) sets ``STOP`` at once,
+    then goes to the handler it replaced (inside a flow run: Prefect's, which marks the run
+    crashed); with no handler before it, the process exits with 128 + 15. Shard tasks run in
+    pool threads, which would otherwise finish their whole shard before the process exits;
+    with ``STOP`` they end after the chunk in hand, whose results are then on disk."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: object) -> None:
+        STOP.set()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def shard_dir(out_dir: str | Path, shard: int) -> Path:
@@ -49,6 +82,7 @@ def attribute_shard(params_path: str, shard: int, out_dir: str, params_hash: str
             chunk_size=int(section.get("chunk_size", 16)),
             max_attempts=int(section.get("max_attempts", 2)),
             progress=bar.update,
+            should_stop=STOP.is_set,
         )
     get_run_logger().info("shard %d: %s", shard, summary)
     return summary

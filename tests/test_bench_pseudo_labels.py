@@ -63,8 +63,7 @@ def test_explained_subset_counts_only_instances_with_map_mass(synthetic):
     records = dataset.records
     keys = [(r, i) for r in records for i in r.instances]
     half = {
-        bench.map_key(r.image_id, i.instance_id): i.mask.astype(np.float32)
-        for r, i in keys[::2]
+        bench.map_key(r.image_id, i.instance_id): i.mask.astype(np.float32) for r, i in keys[::2]
     }
     zero = next(iter(keys[1::2]), None)
     if zero is not None:  # an all-zero map (no_positive) is not an explained instance

@@ -146,6 +146,29 @@ def test_resume_after_kill_recomputes_nothing_finished(tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_stop_request_ends_the_shard_at_a_chunk_boundary(tmp_path):
+    dataset = _dataset(tmp_path)
+    shard_dir = tmp_path / "shard"
+    engine = CountingChunk()
+    summary = run_shard(
+        dataset,
+        0,
+        1,
+        shard_dir,
+        engine,
+        "h1",
+        chunk_size=2,
+        should_stop=lambda: len(engine.seen) >= 4,
+    )
+    assert summary["interrupted"] and summary["ran"] == 4 and len(engine.seen) == 4
+    assert sorted(read_shard(shard_dir).column("key").to_pylist()) == sorted(engine.seen)
+    assert not (shard_dir / "manifest.parquet").exists(), "an interrupted shard is not compacted"
+    resumed = CountingChunk()
+    summary = run_shard(dataset, 0, 1, shard_dir, resumed, "h1", chunk_size=2)
+    assert not summary["interrupted"] and summary["skipped_done"] == 4 and summary["ok"] == 12
+    assert not set(engine.seen) & set(resumed.seen)
+
+
 def test_failures_are_recorded_and_retried_up_to_a_bound(tmp_path):
     dataset = _dataset(tmp_path, images=4, broken={1})
     shard_dir = tmp_path / "shard"

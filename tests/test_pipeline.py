@@ -271,3 +271,47 @@ def test_failed_instances_are_recorded_and_fail_the_stage_past_the_limit(pipelin
     failed = [r for r in rows.values() if r["status"] == "failed"]
     assert failed and all(images[0].name in r["error"] for r in failed)
     assert all(r["status"] != "failed" for r in rows.values() if r["image_id"] != images[0].stem)
+
+
+def test_sigterm_stops_attribution_after_the_chunk_in_hand(pipeline_run, tmp_path):
+    """A scheduler's SIGTERM (preemption) ends the stage promptly: the shard thread puts down
+    the chunk it holds (one image here) instead of finishing its shard; a re-run completes."""
+    project, _, total = pipeline_run
+    work = tmp_path / "sigterm"
+    work.mkdir()
+    _copy_code(work)
+    for name in ("mydata", "runs/detector", ".prefect"):
+        shutil.copytree(project / name, work / name)
+    shutil.copy(project / "params.yaml", work / "params.yaml")
+    train = json.loads((work / "mydata/annotations/instances_train.json").read_text())
+    per_image: dict[int, int] = {}
+    for ann in train["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    cmd = [sys.executable, "-m", "flows.attribute", "--params", "params.yaml"]
+    proc = subprocess.Popen(
+        cmd, cwd=work, env=_env(work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not [p for d in _shard_dirs(work) for p in d.glob("part-*.parquet")]:
+            assert proc.poll() is None, "the stage ended before the signal"
+            assert time.monotonic() < deadline, "no attribution progress within the deadline"
+            time.sleep(0.05)
+        at_signal = len(_rows(work))
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        returncode = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert returncode == 128 + signal.SIGTERM, "DVC must see the stage fail"
+    assert time.monotonic() - sent < 60
+    after = _rows(work)
+    assert len(after) - at_signal <= max(per_image.values()), "more than the chunk in hand ran"
+    assert len(after) < total
+    assert not (work / "runs/attribution/manifest.parquet").exists()
+
+    _run(work, *cmd)
+    merged = pq.read_table(work / "runs/attribution/manifest.parquet").to_pylist()
+    assert sorted(r["key"] for r in merged) == sorted(_rows(project))
+    assert all(after[k]["run_id"] == r["run_id"] for r in merged if (k := r["key"]) in after)
