@@ -286,27 +286,13 @@ def train_semantic(
     if len(dataset) == 0:
         raise DataError(f"no trainable images ({dict(skipped.counts)})")
     model = build_semantic_model(config, len(classes) + 1).to(device)
-    optimizer = T.make_optimizer(model, config.lr, config.momentum, config.weight_decay)
-    iters = T.iters_per_epoch(len(dataset), config.batch_size, config.max_iters_per_epoch)
-    scheduler = T.make_scheduler(
-        optimizer,
-        iters,
-        config.lr_steps,
-        config.lr_gamma,
-        config.warmup_iters,
-        config.warmup_factor,
-    )
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     extra = {"n_images": len(dataset), "classes": classes, "pseudo": str(pseudo_dir)}
-    phash = T.params_hash(config, extra)
-    start = T.try_resume(out_dir, phash, model, optimizer, scheduler, scaler)
-    log = T.JsonlLog(out_dir / T.LOG_NAME)
-    result = SemanticTrainResult(model, out_dir, [], start, skipped)
-    if skipped.total:
-        log.write({"event": "skipped", "counts": skipped.counts, "examples": skipped.examples})
+    setup = T.setup_training(model, config, len(dataset), out_dir, device, extra, skipped)
+    optimizer, scheduler, scaler = setup.optimizer, setup.scheduler, setup.scaler
+    iters, use_amp, log = setup.iters, setup.use_amp, setup.log
+    result = SemanticTrainResult(model, out_dir, [], setup.start_epoch, skipped)
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    for epoch in range(start, config.epochs):
+    for epoch in range(setup.start_epoch, config.epochs):
         model.train()
         gen = T.seed_epoch(config.seed, epoch)
         loader = DataLoader(
@@ -343,7 +329,7 @@ def train_semantic(
                         "elapsed_s": round(time.time() - t0, 2),
                     }
                 )
-        T.save_checkpoint(out_dir, phash, epoch, model, optimizer, scheduler, scaler)
+        T.save_checkpoint(out_dir, setup.params_hash, epoch, model, optimizer, scheduler, scaler)
     T.save_model(out_dir, model, classes, config)
     return result
 

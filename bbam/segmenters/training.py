@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from bbam.atomic import atomic_torch_save
+from bbam.data.records import SkipReport
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -153,6 +154,56 @@ class JsonlLog:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """Everything a segmenter's epoch loop needs besides the model and the data."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    iters: int
+    params_hash: str
+    start_epoch: int
+    log: JsonlLog
+
+
+def setup_training(
+    model: torch.nn.Module,
+    config: Any,
+    n_items: int,
+    out_dir: Path,
+    device: torch.device,
+    extra: dict[str, Any],
+    skipped: SkipReport,
+) -> TrainingSetup:
+    """Optimizer, schedule, AMP scaler, params hash, resume and log, built the same way for
+    both segmenters so their checkpoints and logs cannot drift apart.
+
+    `extra` joins the config in the params hash (data identity); a matching checkpoint in
+    `out_dir` is loaded into the model, optimizer, scheduler and scaler. Skipped records are
+    logged once, as a "skipped" event.
+    """
+    optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
+    iters = iters_per_epoch(n_items, config.batch_size, config.max_iters_per_epoch)
+    scheduler = make_scheduler(
+        optimizer,
+        iters,
+        config.lr_steps,
+        config.lr_gamma,
+        config.warmup_iters,
+        config.warmup_factor,
+    )
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    phash = params_hash(config, extra)
+    start = try_resume(out_dir, phash, model, optimizer, scheduler, scaler)
+    log = JsonlLog(Path(out_dir) / LOG_NAME)
+    if skipped.total:
+        log.write({"event": "skipped", "counts": skipped.counts, "examples": skipped.examples})
+    return TrainingSetup(optimizer, scheduler, scaler, use_amp, iters, phash, start, log)
 
 
 def try_resume(
