@@ -1,17 +1,11 @@
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
+from bench_modules import load_bench
 
 torch.set_num_threads(1)
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))  # as when run as `python bench/attribution.py` (imports results)
-_spec = importlib.util.spec_from_file_location("bench_attribution", BENCH / "attribution.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_bench("attribution")
 
 
 def test_toy_bench_writes_the_attribution_object(tmp_path, monkeypatch):

@@ -1,11 +1,9 @@
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bench_modules import load_bench
 
 from bbam.data.coco import read_coco
 from bbam.data.synthetic import SyntheticConfig, generate_synthetic
@@ -13,11 +11,7 @@ from bbam.manifest import write_part
 
 torch.set_num_threads(1)
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))  # as when run as `python bench/pseudo_labels.py` (imports results)
-_spec = importlib.util.spec_from_file_location("bench_pseudo_labels", BENCH / "pseudo_labels.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_bench("pseudo_labels")
 
 
 @pytest.fixture(scope="module")
