@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from results import merge_results
+from workspace import make_attribution_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,48 +45,6 @@ with disable_run_logger():
         ran += attribute_shard.fn("params.yaml", shard, sys.argv[2], "bench")["ran"]
 print(json.dumps({"start": start, "end": time.time(), "ran": ran}))
 """
-
-
-def make_workspace(root: Path, images: int, iterations: int, num_shards: int) -> None:
-    """A tiny synthetic dataset, an untrained detector and params.yaml under ``root``."""
-    import torch
-
-    from bbam.data.synthetic import SyntheticConfig, generate_synthetic
-    from bbam.train_detector import DetectorTrainConfig, detector_from_config
-
-    data = root / "data" / "synthetic"
-    summary = generate_synthetic(
-        data, SyntheticConfig(num_train=images, num_val=2, image_size=(64, 96), max_objects=2)
-    )
-    detector = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 96}
-    torch.manual_seed(0)
-    model = detector_from_config(DetectorTrainConfig(**detector), len(summary["classes"]) + 1)
-    (root / "runs" / "detector").mkdir(parents=True)
-    torch.save(model.state_dict(), root / "runs" / "detector" / "model.pt")
-    params = {
-        "seed": 0,
-        "device": "cpu",
-        "torch_threads": 1,
-        "data": {
-            "train_json": str(data / "annotations" / "instances_train.json"),
-            "train_images": str(data / "VOC2012" / "JPEGImages"),
-        },
-        "detector": detector,
-        "attribution": {
-            "split": "train",
-            "profile": "fast",
-            "overrides": {
-                "iou_thresholds": [0.0],
-                "positives_per_iter": 4,
-                "num_jitters": 16,
-                "iterations": iterations,
-                "early_stop": False,
-            },
-            "num_shards": num_shards,
-            "chunk_size": 4,
-        },
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def throughput(root: Path, workers: int, num_shards: int, name: str) -> dict:
@@ -168,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bbam-scale-") as tmp:
         root = Path(tmp)
-        make_workspace(root, args.images, args.iterations, args.shards)
+        make_attribution_workspace(
+            root,
+            num_images=args.images,
+            iterations=args.iterations,
+            num_shards=args.shards,
+            chunk_size=4,
+        )
         trials = [
             throughput(root, workers, args.shards, f"{workers}w-{r}")
             for r in range(args.repeats)

@@ -6,6 +6,7 @@ Also fast checks of the shard lock and of prefect.yaml.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -27,6 +28,26 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 POOL = "bbam-test-pool"
 DEPLOYMENT = "attribute-shard/attribute-shard-process"
+# Dispatch through the deployment above, with timeouts short enough for a lost worker
+# to be noticed and its shard re-dispatched within the test.
+DISPATCH_SETTINGS = {
+    "concurrent_shards": 1,
+    "max_attempts": 2,
+    "max_failure_fraction": 0.0,
+    "executor": "deployments",
+    "deployment": DEPLOYMENT,
+    "max_dispatch_attempts": 3,
+    "lost_after_s": 15,
+    "heartbeat_s": 2,
+    "dispatch_poll_s": 1,
+    "dispatch_timeout_s": 200,
+    "gpu_concurrency_limit": "gpu",
+}
+
+# The same tiny workspace bench/scale.py times (bench/ is not a package: load by path).
+_spec = importlib.util.spec_from_file_location("bench_workspace", ROOT / "bench" / "workspace.py")
+bench_workspace = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_workspace)
 
 
 # ---------------------------------------------------------------- fast: lock, prefect.yaml
@@ -94,62 +115,6 @@ def test_prefect_yaml_deployments_point_at_real_flows() -> None:
 # ---------------------------------------------------------------- slow: the real thing
 
 
-def make_workspace(root: Path, num_images: int = 12, num_shards: int = 4) -> dict:
-    """Tiny dataset + untrained detector + params.yaml under ``root`` (the working dir)."""
-    import torch
-
-    from bbam.data.synthetic import SyntheticConfig, generate_synthetic
-    from bbam.train_detector import DetectorTrainConfig, detector_from_config
-
-    data = root / "data" / "synthetic"
-    summary = generate_synthetic(
-        data, SyntheticConfig(num_train=num_images, num_val=2, image_size=(64, 96), max_objects=2)
-    )
-    detector = {"arch": "resnet18_fpn", "min_size": 64, "max_size": 96}
-    torch.manual_seed(0)
-    model = detector_from_config(DetectorTrainConfig(**detector), len(summary["classes"]) + 1)
-    (root / "runs" / "detector").mkdir(parents=True)
-    torch.save(model.state_dict(), root / "runs" / "detector" / "model.pt")
-    params = {
-        "seed": 0,
-        "device": "cpu",
-        "torch_threads": 1,
-        "data": {
-            "train_json": str(data / "annotations" / "instances_train.json"),
-            "train_images": str(data / "VOC2012" / "JPEGImages"),
-            "val_json": str(data / "annotations" / "instances_val.json"),
-            "val_images": str(data / "VOC2012" / "JPEGImages"),
-        },
-        "detector": detector,
-        "attribution": {
-            "split": "train",
-            "profile": "fast",
-            "overrides": {
-                "iou_thresholds": [0.0],
-                "positives_per_iter": 4,
-                "num_jitters": 16,
-                "iterations": 12,
-                "early_stop": False,
-            },
-            "num_shards": num_shards,
-            "concurrent_shards": 1,
-            "chunk_size": 1,
-            "max_attempts": 2,
-            "max_failure_fraction": 0.0,
-            "executor": "deployments",
-            "deployment": DEPLOYMENT,
-            "max_dispatch_attempts": 3,
-            "lost_after_s": 15,
-            "heartbeat_s": 2,
-            "dispatch_poll_s": 1,
-            "dispatch_timeout_s": 200,
-            "gpu_concurrency_limit": "gpu",
-        },
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return params
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -204,7 +169,14 @@ asyncio.run(main())
 def test_lost_worker_is_survived(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    params = make_workspace(work)
+    params = bench_workspace.make_attribution_workspace(
+        work,
+        num_images=12,
+        iterations=12,
+        num_shards=4,
+        chunk_size=1,
+        attribution=DISPATCH_SETTINGS,
+    )
     tag = uuid.uuid4().hex
     port = _free_port()
     env = {
