@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -27,13 +28,17 @@ METRICS = Path("metrics/attribution.json")
 
 
 def attribution_hash(params: dict) -> str:
-    """What a finished map depends on: the attribution params, the detector, the data."""
-    section = {
-        k: v for k, v in params["attribution"].items() if k in ("profile", "overrides", "split")
-    }
-    annotation_json, _ = split_paths(params, params["attribution"]["split"])
+    """What a finished map depends on: the resolved engine config (profile defaults included,
+    so a changed default in the code invalidates old maps too), the split, the detector
+    weights and the annotations."""
+    from bbam.attribution import profile_config
+
+    section = params["attribution"]
+    config = profile_config(section.get("profile", "fast"), **(section.get("overrides") or {}))
+    annotation_json, _ = split_paths(params, section["split"])
     return params_hash(
-        section,
+        dataclasses.asdict(config),
+        section["split"],
         params.get("seed", 0),
         file_sha256(DETECTOR_DIR / "model.pt"),
         file_sha256(annotation_json),

@@ -256,7 +256,8 @@ def test_crop_window_matches_full_image(detector, scene):
     img, box, _ = scene
     items = [AttributionItem("a", img, box, 1)]
     crop = profile_config(
-        "fast", **{**SMALL, "iterations": 60, "early_stop": False, "crop_align": 8}
+        "fast",
+        **{**SMALL, "iterations": 60, "early_stop": False, "crop_context": 0.5, "crop_align": 8},
     )
     full = dataclasses.replace(crop, crop_context=0.0)
     seen = []
