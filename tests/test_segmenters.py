@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,6 +312,44 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     )
     assert other.start_epoch == 0  # params_hash differs -> fresh start
     assert T.params_hash(cfg) == T.params_hash(_sem_cfg(epochs=2, device="cuda", num_workers=3))
+
+
+def test_new_labels_restart_a_finished_training(tmp_path):
+    """Same config, same paths, other label content (a re-run pseudo-label stage): the
+    finished checkpoint must not be reused."""
+    records = _make_data(tmp_path)
+    sem = _pseudo_pngs(tmp_path, records)
+    cfg = _sem_cfg(epochs=1)
+    train_semantic(records, ["thing"], tmp_path / "s", cfg, sem, progress=False)
+    again = train_semantic(records, ["thing"], tmp_path / "s", cfg, sem, progress=False)
+    assert again.start_epoch == 1  # unchanged data: resumes (nothing left to do)
+    png = Path(sem) / f"{records[0].image_id}.png"
+    label = np.array(Image.open(png))
+    label[:8, :8] = 255
+    save_palette_png(png, label)
+    changed = train_semantic(records, ["thing"], tmp_path / "s", cfg, sem, progress=False)
+    assert changed.start_epoch == 0 and len(changed.losses) > 0
+
+    ins_cfg = InstanceTrainConfig(
+        supervision="full", epochs=1, batch_size=2, min_size=64, max_size=64, device="cpu"
+    )
+    train_instance(records[:2], ["thing"], tmp_path / "i", ins_cfg, progress=False)
+    records[0].instances[0].box = records[0].instances[0].box + 1.0
+    moved = train_instance(records[:2], ["thing"], tmp_path / "i", ins_cfg, progress=False)
+    assert moved.start_epoch == 0, "changed GT boxes must not resume the finished model"
+
+
+def test_data_digest_covers_annotations_and_file_bytes(tmp_path):
+    records = _make_data(tmp_path, n=2)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"a")
+    base = T.data_digest(records, [weights, None])
+    assert base == T.data_digest(records, [weights])
+    weights.write_bytes(b"b")
+    assert T.data_digest(records, [weights]) != base
+    weights.write_bytes(b"a")
+    records[1].instances[0].label = 2
+    assert T.data_digest(records, [weights]) != base
 
 
 def test_config_and_weights_errors(tmp_path):

@@ -534,6 +534,8 @@ def train_instance(
         raise DataError(f"no trainable images ({dict(skipped.counts)})")
     model = build_instance_model(config, len(classes) + 1).to(device)
     extra = {"n_images": len(dataset), "classes": classes, "pseudo": str(pseudo_json)}
+    files = [pseudo_json if config.supervision == "bbam" else None]
+    extra["data"] = T.data_digest(records, files + [config.weights, config.weights_backbone])
     setup = T.setup_training(model, config, len(dataset), out_dir, device, extra, skipped)
     optimizer, scheduler, scaler = setup.optimizer, setup.scheduler, setup.scaler
     iters, use_amp, log = setup.iters, setup.use_amp, setup.log

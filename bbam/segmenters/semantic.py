@@ -287,6 +287,10 @@ def train_semantic(
         raise DataError(f"no trainable images ({dict(skipped.counts)})")
     model = build_semantic_model(config, len(classes) + 1).to(device)
     extra = {"n_images": len(dataset), "classes": classes, "pseudo": str(pseudo_dir)}
+    label_dir = pdir if config.supervision == "bbam" else gdir
+    pngs = [] if label_dir is None else [label_dir / f"{r.image_id}.png" for r in dataset.items]
+    files = [p for p in pngs if p.is_file()] + [config.weights, config.weights_backbone]
+    extra["data"] = T.data_digest(records, files)
     setup = T.setup_training(model, config, len(dataset), out_dir, device, extra, skipped)
     optimizer, scheduler, scaler = setup.optimizer, setup.scheduler, setup.scaler
     iters, use_amp, log = setup.iters, setup.use_amp, setup.log

@@ -6,13 +6,14 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bbam.atomic import atomic_torch_save
-from bbam.data.records import SkipReport
+from bbam.data.records import ImageRecord, SkipReport
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -40,6 +41,34 @@ def params_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
     payload = {"config": config_dict, "extra": extra or {}}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def data_digest(records: list[ImageRecord], files: Iterable[str | Path | None] = ()) -> str:
+    """Digest of what a training reads besides its config: the records' annotations (ids,
+    labels, boxes, crowd flags, mask areas) and the bytes of `files` (pseudo labels, weights
+    to start from; None entries are skipped). It joins the params hash, so new pseudo labels
+    or a retrained detector start a fresh training instead of resuming a finished one."""
+    digest = hashlib.sha256()
+    for record in records:
+        rows = [
+            [
+                int(i.label),
+                [round(float(v), 3) for v in i.box],
+                bool(i.iscrowd),
+                -1 if i.mask is None else int(i.mask.sum()),
+            ]
+            for i in record.instances
+        ]
+        digest.update(json.dumps([record.image_id, rows]).encode())
+    for path in files:
+        if path is None:
+            continue
+        path = Path(path)
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def resolve_device(name: str) -> torch.device:
