@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from project_env import project_env
 
 pytestmark = pytest.mark.slow
 
@@ -18,21 +17,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _env(project: Path) -> dict:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(project / ".dvc-site-cache"),
-        BBAM_PREFECT_HOME=str(project / ".prefect"),
-        PYTHONPATH=str(project),
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-    )
-    env.pop("PREFECT_HOME", None)
-    env.pop("PREFECT_API_URL", None)
-    return env
+    git_identity = {
+        f"GIT_{who}_{what}": value
+        for who in ("AUTHOR", "COMMITTER")
+        for what, value in (("NAME", "t"), ("EMAIL", "t@example.com"))
+    }
+    return {**project_env(project), **git_identity}
 
 
 def _run(project: Path, *args: str) -> subprocess.CompletedProcess:

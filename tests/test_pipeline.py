@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from project_env import project_env
 
 from bbam.data.records import Dataset
 from bbam.data.synthetic import SyntheticConfig, generate_synthetic
@@ -36,19 +37,7 @@ CATEGORIES = ["kiwi", "lemon", "mango", "plum"]
 CATEGORY_IDS = [3, 17, 40, 41]
 
 
-def _env(project: Path) -> dict:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(project / ".dvc-site-cache"),
-        BBAM_PREFECT_HOME=str(project / ".prefect"),
-        PYTHONPATH=str(project),
-        OMP_NUM_THREADS="1",
-    )
-    env.pop("PREFECT_HOME", None)
-    env.pop("PREFECT_API_URL", None)
-    return env
+_env = project_env
 
 
 def _write_custom_coco(root: Path) -> None:
