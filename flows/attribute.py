@@ -61,6 +61,8 @@ def attribute_flow(
         with stop_shards_on_sigterm():  # chained in front of Prefect's own SIGTERM handler
             futures = [attribute_shard.submit(params_path, s, str(OUT_DIR), digest) for s in wanted]
             shard_summaries = [f.result() for f in futures]  # raises if any shard task failed
+        if any(s.get("interrupted") for s in shard_summaries):  # never report a partial run
+            raise RuntimeError("attribution stopped on request; run it again to resume")
     elif executor == "deployments":
         from tasks.dispatch import run_on_deployments
 
