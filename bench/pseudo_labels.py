@@ -103,11 +103,11 @@ def default_configs() -> dict:
 def params_configs(params_path: Path) -> dict:
     """The pipeline's own `refine` and `proposals` settings (the raw variant stays raw)."""
     from flows.common import load_params
-    from tasks.pseudo_labels import proposal_config
+    from tasks.pseudo_labels import proposal_config, refine_config
 
     params = load_params(params_path)
     return {
-        "crf": RefineConfig(**(params.get("refine") or {})),
+        "crf": refine_config(params),
         "proposals": proposal_config(params)[0],
     }
 

@@ -21,7 +21,13 @@ from flows.common import (
     stage_cli,
     write_json,
 )
-from tasks.attribution import STOP, attribute_shard, merge_shards, stop_shards_on_sigterm
+from tasks.attribution import (
+    STOP,
+    attribute_shard,
+    engine_config,
+    merge_shards,
+    stop_shards_on_sigterm,
+)
 
 OUT_DIR = Path("runs/attribution")
 METRICS = Path("metrics/attribution.json")
@@ -31,13 +37,10 @@ def attribution_hash(params: dict) -> str:
     """What a finished map depends on: the resolved engine config (profile defaults included,
     so a changed default in the code invalidates old maps too), the split, the detector
     weights and the annotations."""
-    from bbam.attribution import profile_config
-
     section = params["attribution"]
-    config = profile_config(section.get("profile", "fast"), **(section.get("overrides") or {}))
     annotation_json, _ = split_paths(params, section["split"])
     return params_hash(
-        dataclasses.asdict(config),
+        dataclasses.asdict(engine_config(params)),
         section["split"],
         params.get("seed", 0),
         file_sha256(DETECTOR_DIR / "model.pt"),

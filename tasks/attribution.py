@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from tqdm import tqdm
 
 from bbam.atomic import atomic_write
+from bbam.attribution import AttributionConfig, profile_config
 from bbam.manifest import merge_manifests, status_counts
 from bbam.shards import detector_chunk_fn, plan_shard, run_shard, torch_device
 from flows.common import load_detector_from_params, load_params, load_split
@@ -47,6 +48,12 @@ def stop_shards_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def engine_config(params: dict) -> AttributionConfig:
+    """The engine settings every attribution step uses: the params' profile plus overrides."""
+    section = params["attribution"]
+    return profile_config(section.get("profile", "fast"), **(section.get("overrides") or {}))
+
+
 def shard_dir(out_dir: str | Path, shard: int) -> Path:
     return Path(out_dir) / "shards" / f"shard-{shard:04d}"
 
@@ -54,14 +61,12 @@ def shard_dir(out_dir: str | Path, shard: int) -> Path:
 @task(name="attribute-shard", retries=1, retry_delay_seconds=5, tags=["gpu"])
 def attribute_shard(params_path: str, shard: int, out_dir: str, params_hash: str) -> dict:
     """Attribute the pending instances of one shard; the manifest makes it resumable."""
-    from bbam.attribution import profile_config
-
     params = load_params(params_path)
     section = params["attribution"]
     dataset = load_split(params, section["split"])
     num_shards = int(section["num_shards"])
     device = torch_device(params.get("device", "auto"))
-    config = profile_config(section.get("profile", "fast"), **(section.get("overrides") or {}))
+    config = engine_config(params)
     engine: dict = {}
 
     def chunk_fn(images, items):

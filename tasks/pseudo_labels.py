@@ -17,7 +17,11 @@ from bbam.mcg import MCGConfig, make_source
 from bbam.pseudo_labels import write_coco_pseudo_gt
 from bbam.refine import RefineConfig
 from flows.common import load_params, load_split, split_paths
-from tasks.attribution import shard_dir
+from tasks.attribution import engine_config, shard_dir
+
+
+def refine_config(params: dict) -> RefineConfig:
+    return RefineConfig(**(params.get("refine") or {}))
 
 
 def proposal_config(params: dict) -> tuple[MCGConfig, str | None]:
@@ -37,10 +41,10 @@ def make_pseudo_labels(params_path: str, attribution_dir: str, out_dir: str) -> 
     shard_dirs = {
         s: shard_dir(attribution_dir, s) for s in range(int(params["attribution"]["num_shards"]))
     }
-    refine_cfg = RefineConfig(**(params.get("refine") or {}))
+    refine_cfg = refine_config(params)
     mcg_cfg, mcg_dir = proposal_config(params)
     source = make_source(mcg_cfg, mcg_dir) if mcg_cfg.enabled else None
-    align = params["attribution"].get("overrides", {}).get("align_corners", True)
+    align = engine_config(params).align_corners  # maps are upsampled as they were optimised
     out = Path(out_dir)
     with tqdm(total=len(dataset.records), desc="pseudo labels", unit="img") as bar:
         annotations, rows, errors = label_dataset(
