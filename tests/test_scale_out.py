@@ -6,7 +6,6 @@ Also fast checks of the shard lock and of prefect.yaml.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bench_modules import load_bench
 
 from tasks.dispatch import DispatchConfig, dispatch_shards
 from tasks.shard_lock import LockLost, ShardBusy, ShardLock, read_lock
@@ -44,10 +44,8 @@ DISPATCH_SETTINGS = {
     "gpu_concurrency_limit": "gpu",
 }
 
-# The same tiny workspace bench/scale.py times (bench/ is not a package: load by path).
-_spec = importlib.util.spec_from_file_location("bench_workspace", ROOT / "bench" / "workspace.py")
-bench_workspace = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_workspace)
+# The same tiny workspace bench/scale.py times.
+bench_workspace = load_bench("workspace")
 
 
 # ---------------------------------------------------------------- fast: lock, prefect.yaml
