@@ -48,7 +48,11 @@ class AttributionConfig:
 
     seed: int = 0
     # proposals (reference T L119-162)
-    num_jitters: int = 200
+    # 1000 as the reference: the jitters are one no-grad pass, and the same seed then draws the
+    # same proposals as `reference`. Measured with the CPU default detector (228 train
+    # instances): 200 jitters left 36.4 % of instances without a positive, 1000 left 31.6 %;
+    # on 6 instances agreement with `reference` rose from 0.71 to 0.80 IoU.
+    num_jitters: int = 1000
     jitter_fraction: float = 0.3
     iou_thresholds: tuple[float, ...] = (0.9, 0.85, 0.8)
     max_positives: int = 100

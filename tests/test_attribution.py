@@ -293,3 +293,19 @@ def test_profile_fields_name_what_the_reference_fixes():
     assert "stride_reference_size" not in fields
     with pytest.raises(ValueError, match="unknown attribution profile"):
         profile_fields("nope")
+
+
+def test_fast_draws_the_same_proposals_as_reference(detector, scene):
+    """With one seed both profiles see the same jitters, hence the same positives (lr 0 keeps
+    the grid at its init, the union of the positives' regressed boxes)."""
+    img, box, _ = scene
+    item = AttributionItem("a", img, box, 1)
+    frozen = {"stride_coefs": (2.0, 6.0), "iterations": 1, "lr": 0.0, "early_stop": False}
+    fast = profile_config("fast", **frozen)
+    reference = profile_config("reference", **frozen)
+    assert fast.num_jitters == reference.num_jitters
+    (a,) = attribute_instances(detector, [item], fast, "cpu")
+    (b,) = attribute_instances(detector, [item], reference, "cpu")
+    assert a.stats["positives"] == b.stats["positives"] > 0
+    assert a.stats["threshold_used"] == b.stats["threshold_used"]
+    np.testing.assert_array_equal(a.grid, b.grid)
