@@ -73,7 +73,9 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def stage_cli(description: str, flow_fn: Callable[..., Any], extra: Callable | None = None) -> None:
-    """Parse ``--params``, run the flow, exit non-zero on any failure."""
+    """Parse ``--params``, check them, run the flow, exit non-zero on any failure."""
+    from flows.params_schema import check_params
+
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--params", default="params.yaml", help="params file (default: params.yaml)"
@@ -82,6 +84,7 @@ def stage_cli(description: str, flow_fn: Callable[..., Any], extra: Callable | N
         extra(parser)
     args = parser.parse_args()
     params = load_params(args.params)
+    check_params(params, args.params)
     configure_runtime(params)
     kwargs = {k: v for k, v in vars(args).items() if k != "params"}
     try:
