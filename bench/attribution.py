@@ -11,6 +11,11 @@ different positives), so the run also measures the reference against itself with
 `reference_self_agreement_iou` is the ceiling any faster variant can be expected to reach, and
 `agreement_relative` = agreement_iou / that ceiling.
 
+What a user keeps is the pseudo mask, not the raw map: `refined_agreement_iou` compares the
+fg masks both maps become after the pipeline's refinement (rank rule, blur, CRF: `refine` of
+--params; the reference defaults for the toy setup), with the reference's own seed-to-seed
+figure beside it (`reference_self_refined_agreement_iou`).
+
     python bench/attribution.py                                  # toy detector, synthetic
     python bench/attribution.py --detector runs/detector/model.pt --params params.yaml
 
@@ -42,11 +47,19 @@ from bbam.attribution import (
     profile_fields,
 )
 from bbam.heads import HeadsFn
+from bbam.refine import RefineConfig, refine_instance
 from bbam.toy_detector import ToyDetector, toy_scene
+from flows.common import load_params
+from tasks.pseudo_labels import refine_config
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# What refining a map needs, per item key: the RGB image the pipeline refines on and the box
+# in its coordinates (`refined_masks`).
+RefineInputs = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def toy_setup(n_instances: int, seed: int, size: int = 128) -> tuple[HeadsFn, list, dict]:
@@ -71,7 +84,20 @@ def toy_setup(n_instances: int, seed: int, size: int = 128) -> tuple[HeadsFn, li
     return det, items[:n_instances], {"stride_coefs": (4.0, 12.0)}
 
 
-def real_setup(args: argparse.Namespace, device: torch.device) -> tuple[HeadsFn, list, dict]:
+def toy_refine_inputs(items: list[AttributionItem]) -> RefineInputs:
+    """The toy images are their own RGB (min-max scaled to uint8); boxes are already in it."""
+    out: RefineInputs = {}
+    for it in items:
+        img = it.image.detach().float()
+        img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)
+        rgb = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        out[it.key] = (np.ascontiguousarray(rgb), it.box.numpy().astype(np.float32))
+    return out
+
+
+def real_setup(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[HeadsFn, list, dict, RefineInputs]:
     from bbam.data.images import load_rgb
     from bbam.detector import freeze, make_heads_fn, prepare_images
     from bbam.train_detector import detector_from_config
@@ -85,11 +111,13 @@ def real_setup(args: argparse.Namespace, device: torch.device) -> tuple[HeadsFn,
     )
     model = freeze(model.to(device))
     items: list[AttributionItem] = []
+    refine_inputs: RefineInputs = {}
     for record in data.records:
         instances = [inst for inst in record.instances if not inst.iscrowd]
         if not instances:
             continue
-        batch, _, sizes = prepare_images(model, [load_rgb(record.path)])
+        rgb = load_rgb(record.path)
+        batch, _, sizes = prepare_images(model, [rgb])
         h, w = sizes[0]
         ratio = torch.tensor([w / record.width, h / record.height] * 2, dtype=torch.float32)
         image = batch[0].detach()
@@ -97,9 +125,10 @@ def real_setup(args: argparse.Namespace, device: torch.device) -> tuple[HeadsFn,
             box = torch.as_tensor(np.asarray(inst.box, dtype=np.float32)) * ratio
             key = f"{record.image_id}_{inst.instance_id}"
             items.append(AttributionItem(key, image, box, int(inst.label), (h, w)))
+            refine_inputs[key] = (rgb, np.asarray(inst.box, dtype=np.float32))
         if len(items) >= 3 * args.instances:  # room for screening out no-positive ones
             break
-    return make_heads_fn(model), items, overrides
+    return make_heads_fn(model), items, overrides, refine_inputs
 
 
 def dense_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
@@ -131,6 +160,29 @@ def flops_per_instance_iteration(heads, items, config: AttributionConfig, device
         counts.append(counter.get_total_flops())
     ok = max(sum(r.status == "ok" for r in res), 1)
     return (counts[1] - counts[0]) / ok
+
+
+def refined_masks(
+    results: list[AttributionResult], inputs: RefineInputs, refine: RefineConfig, align: bool
+) -> dict[str, np.ndarray]:
+    """The fg pseudo mask each map becomes in the pipeline (upsampled to the image, refined)."""
+    out = {}
+    for r in results:
+        if r.status != "ok" or r.key not in inputs:
+            continue
+        rgb, box = inputs[r.key]
+        heat = map_to_image(r.grid, r.resized_hw, rgb.shape[:2], align, valid_hw=r.valid_hw)
+        out[r.key] = refine_instance(heat, box, rgb, refine).fg
+    return out
+
+
+def mask_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Mean IoU of the masks two runs made of the same instances."""
+    ious = []
+    for key in a.keys() & b.keys():
+        union = (a[key] | b[key]).sum()
+        ious.append(1.0 if union == 0 else float((a[key] & b[key]).sum() / union))
+    return float(np.mean(ious)) if ious else float("nan")
 
 
 def run(heads, items, config, device) -> tuple[list[AttributionResult], float]:
@@ -175,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
 
     if args.detector is not None:
-        heads, items, overrides = real_setup(args, device)
+        heads, items, overrides, refine_inputs = real_setup(args, device)
+        refine = refine_config(load_params(args.params))
         source = f"detector {args.detector}, data of {args.params} ({args.split})"
     else:
         heads, items, overrides = toy_setup(args.instances, args.seed)
+        refine_inputs, refine = toy_refine_inputs(items), RefineConfig()
         source = "toy detector on synthetic disks (128x128)"
     if not items:
         print("no instances found", file=sys.stderr)
@@ -211,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         heads, items[:n_ref], dataclasses.replace(ref_cfg, seed=args.seed + 1), device
     )
     self_iou, _ = agreement(ref_res, ref2_res)
+    # What the pipeline makes of the maps: the refined fg pseudo masks (refine params).
+    ref_masks = refined_masks(ref_res, refine_inputs, refine, ref_cfg.align_corners)
+    refined_self = mask_agreement(
+        ref_masks, refined_masks(ref2_res, refine_inputs, refine, ref_cfg.align_corners)
+    )
     # params may cap `fast` for a CPU budget; the profile's own settings (only the shared
     # ones from params) show what the cap costs in agreement.
     plain_cfg = profile_config("fast", seed=args.seed, **reference_overrides)
@@ -222,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             "instances_per_s": n_ref / plain_s,
             "speedup": (n_ref / plain_s) / (n_ref / ref_s),
             "agreement_iou": agreement(ref_res, plain_res)[0],
+            "refined_agreement_iou": mask_agreement(
+                ref_masks, refined_masks(plain_res, refine_inputs, refine, plain_cfg.align_corners)
+            ),
             "iterations_per_instance": sum(r.stats["iterations"] for r in plain_res) / n_ref,
             "overrides": reference_overrides,
         }
@@ -232,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ref_ips = n_ref / ref_s
     fast_ips = len(items) / fast_s
     iou, n_pairs = agreement(ref_res, fast_res[:n_ref])
+    refined_iou = mask_agreement(
+        ref_masks, refined_masks(fast_res[:n_ref], refine_inputs, refine, fast_cfg.align_corners)
+    )
 
     amp = fast_cfg.amp and device.type == "cuda"
     peak = dense_flops_per_s(device, torch.bfloat16 if amp else torch.float32)
@@ -263,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"fast without the params caps ({plain['iterations_per_instance']:.0f} iters/inst): "
             f"{plain['instances_per_s']:.3f} inst/s, speedup {plain['speedup']:.1f}x, "
-            f"agreement IoU {plain['agreement_iou']:.3f}"
+            f"agreement IoU {plain['agreement_iou']:.3f} "
+            f"(refined masks {plain['refined_agreement_iou']:.3f})"
         )
     status = {
         p: sum(r.status == "no_positive" for r in res)
@@ -271,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"speedup {fast_ips / ref_ips:.1f}x; agreement IoU {iou:.3f} over {n_pairs} instances "
-        f"(reference vs itself, next seed: {self_iou:.3f}); "
+        f"(reference vs itself, next seed: {self_iou:.3f}); refined pseudo masks: "
+        f"{refined_iou:.3f} (reference vs itself {refined_self:.3f}); "
         f"dense peak {peak / 1e9:.1f} GFLOP/s; no_positive {status}"
     )
     result = {
@@ -281,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         "agreement_iou": iou,
         "reference_self_agreement_iou": self_iou,
         "agreement_relative": iou / self_iou if self_iou > 0 else float("nan"),
+        "refined_agreement_iou": refined_iou,
+        "reference_self_refined_agreement_iou": refined_self,
         "flops_utilization": util_fast,
         "flops_utilization_reference": util_ref,
         "ms_per_iter_reference": 1000 * ref_s / max(ref_iters, 1),

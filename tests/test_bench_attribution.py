@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import torch
 from bench_modules import load_bench
 
@@ -34,5 +35,22 @@ def test_toy_bench_writes_the_attribution_object(tmp_path, monkeypatch):
         entry["agreement_relative"]
         == entry["agreement_iou"] / entry["reference_self_agreement_iou"]
     )
+    for key in ("refined_agreement_iou", "reference_self_refined_agreement_iou"):
+        assert 0.0 < entry[key] <= 1.0  # the refined disks overlap
     # the toy heads are elementwise only (no matmul or conv FLOPs to count)
     assert 0.0 <= entry["flops_utilization"] <= 1.0
+
+
+def test_refined_mask_agreement_compares_the_pseudo_masks():
+    from bbam.attribution import attribute_instances, profile_config
+    from bbam.refine import RefineConfig
+
+    heads, items, overrides = bench.toy_setup(2, seed=0)
+    cfg = profile_config("fast", iterations=30, **overrides)
+    results = attribute_instances(heads, items, cfg, "cpu")
+    inputs = bench.toy_refine_inputs(items)
+    masks = bench.refined_masks(results, inputs, RefineConfig(), cfg.align_corners)
+    assert set(masks) == {r.key for r in results if r.status == "ok"}
+    assert bench.mask_agreement(masks, masks) == 1.0
+    shifted = {k: np.roll(m, m.shape[1] // 3, axis=1) for k, m in masks.items()}
+    assert bench.mask_agreement(masks, shifted) < 0.9
