@@ -9,12 +9,19 @@ worst an orphan array file, never a row without data.
 
 When a shard finishes, its parts are compacted into one ``maps-GGGGG.npz`` +
 ``manifest.parquet`` (latest attempt per instance wins, so no key appears twice).
+
+A file that cannot be read back (a disk fault, a bad copy, a foreign file dropped in
+place) raises ``ManifestError`` naming it and what is wrong. ``scan_shard`` and
+``unreadable_maps`` report such files instead of raising, so a resume can recompute
+what they held rather than stop a dataset-scale job.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -66,7 +73,41 @@ SCHEMA = pa.schema(
     ]
 )
 
+# A file without these columns is not a shard manifest. Other columns may be missing
+# (files written before the column was added) and read as null.
+REQUIRED = (
+    "key",
+    "status",
+    "attempt",
+    "params_hash",
+    "code_version",
+    "array_file",
+    "offset",
+    "length",
+    "grid_h",
+    "grid_w",
+    "sha256",
+)
+
 _PART = re.compile(r"part-(\d{5})\.parquet$")
+
+logger = logging.getLogger(__name__)
+
+
+class ManifestError(ValueError):
+    """A manifest or map file that cannot be read back: names the file and what is wrong."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(f"{path}: {what}")
+        self.path = Path(path)
+        self.what = what
+
+
+def _why(exc: BaseException) -> str:
+    """One short line from a library's exception (pyarrow and numpy ones run long)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def grid_sha256(grid: np.ndarray) -> str:
@@ -119,15 +160,68 @@ def _next_part_index(shard_dir: Path) -> int:
     return max(found, default=-1) + 1
 
 
-def read_shard(shard_dir: Path) -> pa.Table:
-    """All rows of a shard (compacted manifest plus any parts), latest attempt per key."""
+def read_manifest_file(path: Path) -> pa.Table:
+    """One Parquet manifest file in ``SCHEMA``; ManifestError when it is not one.
+
+    Checked before use because ``read_table(schema=SCHEMA)`` alone reads a foreign
+    Parquet file as rows of nulls, which would pass for instances.
+    """
+    try:
+        names = pq.read_schema(path).names
+    except Exception as exc:
+        raise ManifestError(path, f"not a readable Parquet file ({_why(exc)})") from exc
+    missing = [name for name in REQUIRED if name not in names]
+    if missing:
+        raise ManifestError(path, f"not a shard manifest (no column {', '.join(missing)})")
+    try:
+        table = pq.read_table(path, schema=SCHEMA)
+    except Exception as exc:
+        raise ManifestError(path, f"cannot be read as a shard manifest ({_why(exc)})") from exc
+    status = table.column("status")
+    valid = pc.all(pc.is_in(status, value_set=pa.array(STATUSES))).as_py()
+    if table.column("key").null_count or status.null_count or valid is False:
+        raise ManifestError(path, f"rows without a key or with a status not in {STATUSES}")
+    return table
+
+
+def _manifest_files(shard_dir: Path) -> list[Path]:
+    """The compacted manifest first, then the parts in write order."""
     files = sorted(shard_dir.glob("part-*.parquet"))
     if (shard_dir / "manifest.parquet").exists():
         files.insert(0, shard_dir / "manifest.parquet")
-    if not files:
+    return files
+
+
+def _read_files(files: list[Path], problems: list[ManifestError] | None) -> pa.Table:
+    tables = []
+    for path in files:
+        try:
+            tables.append(read_manifest_file(path))
+        except ManifestError as exc:
+            if problems is None:
+                raise
+            problems.append(exc)
+    if not tables:
         return SCHEMA.empty_table()
-    tables = [pq.read_table(f, schema=SCHEMA) for f in files]
     return latest_per_key(pa.concat_tables(tables))
+
+
+def read_shard(shard_dir: Path) -> pa.Table:
+    """All rows of a shard (compacted manifest plus any parts), latest attempt per key.
+
+    A manifest file that cannot be read raises ManifestError naming it.
+    """
+    return _read_files(_manifest_files(shard_dir), None)
+
+
+def scan_shard(shard_dir: Path) -> tuple[pa.Table, list[ManifestError]]:
+    """Like ``read_shard``, but an unreadable manifest file is left out and reported.
+
+    For a resume: the rows of such a file count as not done and get recomputed, where
+    raising would stop the whole shard on one bad file.
+    """
+    problems: list[ManifestError] = []
+    return _read_files(_manifest_files(shard_dir), problems), problems
 
 
 def latest_per_key(table: pa.Table) -> pa.Table:
@@ -142,31 +236,90 @@ def latest_per_key(table: pa.Table) -> pa.Table:
     return table.take(np.sort(last.column("row_max").to_numpy()))
 
 
+def _load_flat(path: Path) -> np.ndarray:
+    """The flat float16 array of one map file; ManifestError when it is not one."""
+    if not path.is_file():
+        raise ManifestError(path, "map file missing")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and say so
+        raise ManifestError(path, "not an .npz archive (truncated or a foreign file)")
+    try:
+        with np.load(path) as data:
+            flat = data["maps"]
+    except Exception as exc:
+        raise ManifestError(path, f"unreadable map file ({_why(exc)})") from exc
+    if flat.dtype != np.float16 or flat.ndim != 1:
+        raise ManifestError(path, f"not a map file (maps is {flat.dtype} {flat.shape})")
+    return flat
+
+
+def _grid_of(flat: np.ndarray, row: dict, path: Path) -> np.ndarray:
+    """The row's grid out of its file's flat array, checked against its sha256."""
+    start, length = int(row["offset"]), int(row["length"])
+    shape = (int(row["grid_h"]), int(row["grid_w"]))
+    if start < 0 or start + length > flat.size or shape[0] * shape[1] != length:
+        raise ManifestError(path, f"map of {row['key']} lies outside the file ({flat.size} values)")
+    grid = flat[start : start + length].reshape(shape)
+    if grid_sha256(grid) != row["sha256"]:
+        raise ManifestError(path, f"map of {row['key']} does not match its sha256")
+    return grid
+
+
 def load_grid(shard_dir: Path, row: dict, cache: dict | None = None) -> np.ndarray:
-    """Read one instance's grid and check its sha256."""
+    """Read one instance's grid and check its sha256 (ManifestError naming the file)."""
     path = shard_dir / row["array_file"]
     if cache is not None and path in cache:
         flat = cache[path]
     else:
-        with np.load(path) as data:
-            flat = data["maps"]
+        flat = _load_flat(path)
         if cache is not None:
             cache[path] = flat
-    start = int(row["offset"])
-    grid = flat[start : start + int(row["length"])].reshape(int(row["grid_h"]), int(row["grid_w"]))
-    if grid_sha256(grid) != row["sha256"]:
-        raise ValueError(f"{path}: map of {row['key']} does not match its sha256")
-    return grid
+    return _grid_of(flat, row, path)
 
 
-def compact_shard(shard_dir: Path) -> pa.Table:
+def unreadable_maps(shard_dir: Path, rows: list[dict]) -> dict[str, ManifestError]:
+    """Keys of ``rows`` whose map cannot be read back or fails its sha256, with why.
+
+    One map file in memory at a time. Rows without a map (``length`` 0) are not checked.
+    """
+    by_file: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["length"]:
+            by_file.setdefault(row["array_file"], []).append(row)
+    bad: dict[str, ManifestError] = {}
+    for name, file_rows in by_file.items():
+        path = shard_dir / name
+        try:
+            flat = _load_flat(path)
+        except ManifestError as exc:
+            bad.update((row["key"], exc) for row in file_rows)
+            continue
+        for row in file_rows:
+            try:
+                _grid_of(flat, row, path)
+            except ManifestError as exc:
+                bad[row["key"]] = exc
+    return bad
+
+
+def compact_shard(shard_dir: Path, repair: bool = False) -> pa.Table:
     """Fold all parts into one ``maps-GGGGG.npz`` + ``manifest.parquet``; delete the parts.
 
     Crash-safe: the new array file gets a fresh name, the manifest (the single
     commit point) is replaced atomically, and only then are parts and older array
     files removed. Reading tolerates parts that are also in the manifest.
+
+    An unreadable manifest or map file raises ManifestError, unless ``repair``: then,
+    each with a warning, an unreadable manifest file is left out (and removed with the
+    parts) and a row whose map cannot be read is kept as ``failed`` with the reason, so
+    a later run retries it. For ``run_shard``, which has just recomputed every planned
+    instance that was not readable: nothing readable is lost, no bad map stays "ok".
     """
-    table = read_shard(shard_dir)
+    if repair:
+        table, problems = scan_shard(shard_dir)
+        for problem in problems:
+            logger.warning("%s; left out of the compacted manifest", problem)
+    else:
+        table = read_shard(shard_dir)
     parts = sorted(shard_dir.glob("part-*.parquet"))
     if not parts:
         return table
@@ -181,7 +334,15 @@ def compact_shard(shard_dir: Path) -> pa.Table:
         if not row["length"]:
             row.update(array_file="", offset=-1)
             continue
-        grid = load_grid(shard_dir, row, cache)
+        try:
+            grid = load_grid(shard_dir, row, cache)
+        except ManifestError as exc:
+            if not repair:
+                raise
+            logger.warning("%s; recorded as failed in the compacted manifest", exc)
+            lost = {"array_file": "", "offset": -1, "length": 0, "sha256": ""}
+            row.update(status="failed", error=str(exc), **lost)
+            continue
         row.update(array_file=maps_name, offset=offset)
         flat.append(grid.ravel())
         offset += grid.size
@@ -203,7 +364,11 @@ def merge_manifests(shard_dirs: Iterable[Path]) -> pa.Table:
     """One table over all shards; raises if a key appears in two shards."""
     tables = []
     for shard_dir in shard_dirs:
-        table = read_shard(shard_dir)
+        try:
+            table = read_shard(shard_dir)
+        except ManifestError as exc:
+            hint = "; re-running its shard recomputes the instances it held"
+            raise ManifestError(exc.path, exc.what + hint) from exc
         where = pa.repeat(pa.scalar(str(shard_dir), pa.string()), table.num_rows)
         tables.append(table.append_column("shard_dir", where))
     if not tables:

@@ -7,12 +7,16 @@ the same shard (the image is read and resized once). The shard's Parquet
 manifest (see ``bbam.manifest``) says what is finished: a re-run skips
 instances whose row matches the params hash and code version, retries failed
 ones up to ``max_attempts``, and appends new rows in small parts so a kill
-costs at most one chunk.
+costs at most one chunk. A finished row counts as done only if it can be read back:
+rows of an unreadable manifest file, and rows whose map file is unreadable or fails
+its sha256, are recomputed with a warning naming the file (a disk fault or a foreign
+file must not stop a dataset-scale run, nor leave broken maps behind a "done").
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import traceback
 import uuid
@@ -26,9 +30,24 @@ import torch
 from bbam import __version__
 from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord, Instance
-from bbam.manifest import compact_shard, empty_row, read_shard, write_part
+from bbam.manifest import compact_shard, empty_row, scan_shard, unreadable_maps, write_part
 
 DONE = ("ok", "no_positive", "skipped")
+_RESUME_COLUMNS = [
+    "key",
+    "status",
+    "params_hash",
+    "code_version",
+    "attempt",
+    "array_file",
+    "offset",
+    "length",
+    "grid_h",
+    "grid_w",
+    "sha256",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def shard_of(image_id: str, num_shards: int) -> int:
@@ -68,24 +87,46 @@ def pending_work(
     shard_dir: Path,
     params_hash: str,
     max_attempts: int,
-) -> tuple[list[WorkItem], dict[str, int]]:
-    """What still has to run, and counts of why the rest is skipped."""
-    table = read_shard(shard_dir) if shard_dir.exists() else None
+) -> tuple[list[WorkItem], dict[str, int], list[str]]:
+    """What still has to run, counts of why the rest is skipped, and the unreadable files.
+
+    A done row whose map cannot be read back is run again (counted as ``unreadable``),
+    as are the rows of a manifest file that cannot be read (counted as ``new``).
+    """
+    table, problems = scan_shard(shard_dir) if shard_dir.exists() else (None, [])
+    for problem in problems:
+        logger.warning("%s; its instances count as not done and are recomputed", problem)
     previous = {}
     if table is not None and table.num_rows:
-        cols = table.select(["key", "status", "params_hash", "code_version", "attempt"]).to_pylist()
-        previous = {row["key"]: row for row in cols}
-    work, counts = [], {"done": 0, "retry": 0, "new": 0, "gave_up": 0}
-    for record, instance in planned:
-        row = previous.get(instance_key(record.image_id, instance.instance_id))
-        current = (
+        previous = {row["key"]: row for row in table.select(_RESUME_COLUMNS).to_pylist()}
+
+    def current(row: dict | None) -> bool:
+        return (
             row is not None
             and row["params_hash"] == params_hash
             and row["code_version"] == __version__
         )
-        if current and row["status"] in DONE:
+
+    rows = [previous.get(instance_key(r.image_id, i.instance_id)) for r, i in planned]
+    done = [row for row in rows if current(row) and row["status"] in DONE]
+    bad_maps = unreadable_maps(shard_dir, done)
+    by_file: dict[Path, list[str]] = {}
+    for key, problem in bad_maps.items():
+        by_file.setdefault(problem.path, []).append(key)
+    for keys in by_file.values():
+        logger.warning(
+            "%s; %d finished instances with a map in it are recomputed",
+            bad_maps[keys[0]],
+            len(keys),
+        )
+    work, counts = [], {"done": 0, "retry": 0, "new": 0, "gave_up": 0, "unreadable": 0}
+    for (record, instance), row in zip(planned, rows, strict=True):
+        if current(row) and row["key"] in bad_maps:
+            counts["unreadable"] += 1
+            work.append(WorkItem(record, instance, 1))
+        elif current(row) and row["status"] in DONE:
             counts["done"] += 1
-        elif current and row["status"] == "failed":
+        elif current(row) and row["status"] == "failed":
             if row["attempt"] >= max_attempts:
                 counts["gave_up"] += 1
             else:
@@ -97,7 +138,8 @@ def pending_work(
     # Same-size images next to each other: the engine batches instances whose resized
     # images have one size, so this keeps chunks full on datasets of mixed sizes.
     work.sort(key=lambda w: (w.record.height, w.record.width))
-    return work, counts
+    unreadable = sorted({str(p.path) for p in problems} | {str(p) for p in by_file})
+    return work, counts, unreadable
 
 
 def _chunks(work: list[WorkItem], size: int) -> Iterator[list[WorkItem]]:
@@ -157,10 +199,12 @@ def run_shard(
     its instances and the shard goes on. An image that cannot be read fails only
     its own instances. ``should_stop`` is asked before each chunk (a SIGTERM from
     a scheduler): when it says so, the shard stops with its finished chunks on
-    disk, uncompacted, and the summary says ``interrupted``.
+    disk, uncompacted, and the summary says ``interrupted``. Files that could not be
+    read back are listed in the summary (``unreadable_files``); what they held is
+    recomputed (``recomputed_unreadable`` counts finished rows whose map was lost).
     """
     planned = plan_shard(dataset, shard, num_shards)
-    work, counts = pending_work(planned, shard_dir, params_hash, max_attempts)
+    work, counts, unreadable = pending_work(planned, shard_dir, params_hash, max_attempts)
     started = time.perf_counter()
     run_id = uuid.uuid4().hex
     interrupted, ran = False, 0
@@ -199,9 +243,10 @@ def run_shard(
         if progress is not None:
             progress(len(chunk))
     if interrupted or not shard_dir.exists():
-        table = read_shard(shard_dir)  # compaction can wait for the run that finishes
+        table, _ = scan_shard(shard_dir)  # compaction can wait for the run that finishes
     else:
-        table = compact_shard(shard_dir)
+        # Every planned instance now has a readable row: what is unreadable can go.
+        table = compact_shard(shard_dir, repair=True)
     keys = {instance_key(r.image_id, i.instance_id) for r, i in planned}
     statuses = (
         [
@@ -221,6 +266,8 @@ def run_shard(
         "interrupted": interrupted,
         "skipped_done": counts["done"],
         "retried": counts["retry"],
+        "recomputed_unreadable": counts["unreadable"],
+        "unreadable_files": unreadable,
         "seconds": time.perf_counter() - started,
         "ok": statuses.count("ok"),
         "no_positive": statuses.count("no_positive"),

@@ -11,7 +11,9 @@ fpn_channels=256, representation_size=1024 and, with pretrained local weights,
 norm="frozen_bn", trainable_layers=3 like torchvision.
 
 Resumable: each epoch ends with an atomic out_dir/checkpoint.pt; a rerun with the same
-params_hash continues after the last finished epoch, with a different one it starts over.
+params_hash continues after the last finished epoch, with a different one it starts over,
+as it does (with a warning naming the file) from a checkpoint that is unreadable or not
+one of ours (see ``bbam.segmenters.training.resume_checkpoint``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord
 from bbam.data.torch_dataset import DetectionDataset, collate_fn
 from bbam.detector import ARCHS, NORMS, build_detector, freeze
+from bbam.segmenters.training import resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -345,24 +348,21 @@ def train_detector(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch, train_seconds = 0, 0.0
 
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("params_hash") == params_hash:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, train_seconds = int(ckpt["epoch"]), float(ckpt["train_seconds"])
-            logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
-            _append_log(log_path, {"event": "resume", "epoch": start_epoch})
-        else:
-            logger.warning(
-                "%s was made with params_hash %s, not %s: starting over",
-                ckpt_path,
-                ckpt.get("params_hash"),
-                params_hash,
-            )
-            _append_log(log_path, {"event": "restart", "reason": "params_hash changed"})
+    states = {
+        "model": model,
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
+        "scaler": scaler,
+    }
+    ckpt, why = resume_checkpoint(
+        ckpt_path, params_hash, states, numbers=("epoch", "train_seconds")
+    )
+    if ckpt is not None:
+        start_epoch, train_seconds = int(ckpt["epoch"]), float(ckpt["train_seconds"])
+        logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
+        _append_log(log_path, {"event": "resume", "epoch": start_epoch})
+    elif why:
+        _append_log(log_path, {"event": "restart", "reason": why})
     else:
         _append_log(log_path, {"event": "start"})
 

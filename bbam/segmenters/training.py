@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +22,8 @@ MODEL_NAME = "model.pt"
 LOG_NAME = "train_log.jsonl"
 # Knobs that do not change the result: a run may resume on another device or worker count.
 NOT_HASHED = frozenset({"device", "num_workers", "log_every"})
+
+logger = logging.getLogger(__name__)
 
 
 def build_config(cls: type, params: dict[str, Any] | None) -> Any:
@@ -212,8 +216,9 @@ def setup_training(
     both segmenters so their checkpoints and logs cannot drift apart.
 
     `extra` joins the config in the params hash (data identity); a matching checkpoint in
-    `out_dir` is loaded into the model, optimizer, scheduler and scaler. Skipped records are
-    logged once, as a "skipped" event.
+    `out_dir` is loaded into the model, optimizer, scheduler and scaler; any other one
+    (another hash, unreadable, foreign) starts over, logged as a "restart" event with its
+    reason. Skipped records are logged once, as a "skipped" event.
     """
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
     iters = iters_per_epoch(n_items, config.batch_size, config.max_iters_per_epoch)
@@ -228,11 +233,102 @@ def setup_training(
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     phash = params_hash(config, extra)
-    start = try_resume(out_dir, phash, model, optimizer, scheduler, scaler)
+    start, why = _resume(out_dir, phash, model, optimizer, scheduler, scaler)
     log = JsonlLog(Path(out_dir) / LOG_NAME)
+    if why:
+        log.write({"event": "restart", "reason": why})
     if skipped.total:
         log.write({"event": "skipped", "counts": skipped.counts, "examples": skipped.examples})
     return TrainingSetup(optimizer, scheduler, scaler, use_amp, iters, phash, start, log)
+
+
+def _short(exc: BaseException) -> str:
+    """First sentence of an exception: torch's load errors run to paragraphs of advice
+    (such as loading with weights_only=False) that is wrong for a damaged file."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(". ")[0].rstrip(".:")[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _backup(obj: Any) -> Any:
+    """A copy of ``obj.state_dict()`` to roll back to (tensors copied to the CPU)."""
+    if isinstance(obj, torch.nn.Module):
+        return {k: v.detach().to("cpu", copy=True) for k, v in obj.state_dict().items()}
+    return copy.deepcopy(obj.state_dict())
+
+
+def _load_states(ckpt: dict[str, Any], states: dict[str, Any]) -> None:
+    """Load ``ckpt[key]`` into each object, all or none: a state that fails half-way
+    (``load_state_dict`` copies what matches before it raises) rolls back the others."""
+    loads = {key: obj for key, obj in states.items() if key in ckpt and ckpt[key]}
+    backups = {key: _backup(obj) for key, obj in loads.items()}
+    try:
+        for key, obj in loads.items():
+            obj.load_state_dict(ckpt[key])
+    except Exception:
+        for key, obj in loads.items():
+            obj.load_state_dict(backups[key])
+        raise
+
+
+def resume_checkpoint(
+    path: str | Path,
+    phash: str,
+    states: dict[str, Any],
+    numbers: tuple[str, ...] = ("epoch",),
+    optional: tuple[str, ...] = ("scaler",),
+) -> tuple[dict[str, Any] | None, str]:
+    """Load a training checkpoint into ``states`` (checkpoint key -> object with
+    ``load_state_dict``) when it was made with ``phash``.
+
+    Returns ``(checkpoint, "")`` when resumed, ``(None, "")`` when there is no file, and
+    ``(None, reason)`` to start over, with a warning naming the file: made with another
+    params hash, unreadable (truncated, garbage), not a checkpoint of ours (no params
+    hash, missing keys), or states that do not fit the objects (left as they were). Such
+    a file holds nothing to resume from; the first new checkpoint replaces it. A file
+    that cannot be read at all (OSError: permissions, a lost mount) raises instead: it
+    may be fine, and starting over would overwrite it. ``numbers`` must be numbers;
+    ``optional`` states may be missing or empty (a scaler saved with AMP off).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None, ""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise OSError(
+            f"{path}: cannot read the checkpoint ({_short(exc)}); "
+            "fix it, or remove it to start this training over"
+        ) from exc
+    except Exception as exc:
+        what = f"not a readable weights-only torch file ({_short(exc)})"
+        return _start_over(path, what, "unreadable checkpoint")
+    if not isinstance(ckpt, dict) or "params_hash" not in ckpt:
+        return _start_over(path, "not a training checkpoint (no params_hash)", "not a checkpoint")
+    if ckpt["params_hash"] != phash:
+        logger.warning(
+            "%s was made with params_hash %s, not %s: starting over",
+            path,
+            ckpt["params_hash"],
+            phash,
+        )
+        return None, "params_hash changed"
+    required = [key for key in states if key not in optional]
+    missing = [key for key in required if not (isinstance(ckpt.get(key), dict) and ckpt[key])]
+    missing += [key for key in numbers if not isinstance(ckpt.get(key), int | float)]
+    if missing:
+        return _start_over(path, f"a checkpoint without {missing}", "incomplete checkpoint")
+    try:
+        _load_states(ckpt, states)
+    except Exception as exc:
+        reason = f"states that do not fit the model ({_short(exc)})"
+        return _start_over(path, reason, "checkpoint does not fit the model")
+    return ckpt, ""
+
+
+def _start_over(path: Path, what: str, reason: str) -> tuple[None, str]:
+    logger.warning("%s: %s: starting over", path, what)
+    return None, reason
 
 
 def try_resume(
@@ -243,19 +339,28 @@ def try_resume(
     scheduler: Any,
     scaler: Any,
 ) -> int:
-    """Load the checkpoint when its params_hash matches; return the first epoch still to run."""
-    path = Path(out_dir) / CHECKPOINT_NAME
-    if not path.is_file():
-        return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("params_hash") != phash:
-        return 0
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    return int(ckpt["epoch"]) + 1
+    """Load the checkpoint when its params_hash matches; return the first epoch still to run.
+
+    Anything else (another params hash, an unreadable or foreign file) starts over at 0;
+    see ``resume_checkpoint``.
+    """
+    return _resume(out_dir, phash, model, optimizer, scheduler, scaler)[0]
+
+
+def _resume(
+    out_dir: Path,
+    phash: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+) -> tuple[int, str]:
+    """``try_resume`` plus why it starts over ("" when resumed or there is no checkpoint)."""
+    states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if scaler is not None:
+        states["scaler"] = scaler
+    ckpt, why = resume_checkpoint(Path(out_dir) / CHECKPOINT_NAME, phash, states)
+    return (0, why) if ckpt is None else (int(ckpt["epoch"]) + 1, "")
 
 
 def save_checkpoint(
