@@ -6,7 +6,11 @@ the mean instance IoU with the GT mask (percent):
 - bbam_crf: the reference post-processing (rank rule, blur, DenseCRF, fallbacks);
 - bbam_crf_proposals: the same plus the proposal refinement (MCG .mat files with --mcg-dir,
   otherwise scikit-image superpixel proposals);
-- box: the filled box; grabcut: OpenCV GrabCut initialised with the box.
+- box: the filled box; grabcut: OpenCV GrabCut initialised with the box;
+- gt_map_crf (a diagnostic, not a method): the GT mask itself fed to the bbam_crf
+  refinement as if it were the attribution map, i.e. what the refinement keeps of a perfect
+  map. The gap between it and 100 is lost by the post-processing (blur, CRF, cut), whatever
+  the attribution does.
 It also reports the class-wise semantic mIoU (background included; pixels the pseudo label marks
 255 count as wrong) and merges `pseudo_labels` into bench/results.json.
 
@@ -36,7 +40,7 @@ from bbam.mcg import MCGConfig, MCGMatSource, ProposalSource, SuperpixelSource, 
 from bbam.pseudo_labels import IGNORE, semantic_label
 from bbam.refine import RefineConfig, refine_instance
 
-VARIANTS = ("bbam_raw", "bbam_crf", "bbam_crf_proposals", "box", "grabcut")
+VARIANTS = ("bbam_raw", "bbam_crf", "bbam_crf_proposals", "box", "grabcut", "gt_map_crf")
 
 
 def map_key(image_id: str, instance_id: int) -> str:
@@ -170,6 +174,7 @@ def evaluate_pseudo_labels(
             crf = refine_instance(heat, inst.box, image, cfg["crf"])
             fallbacks[crf.stats["fallback"]] = fallbacks.get(crf.stats["fallback"], 0) + 1
             prop = apply_proposals(crf, inst.box, props, cfg["proposals"])
+            ceiling = refine_instance(inst.mask.astype(np.float32), inst.box, image, cfg["crf"])
             counts["mcg_used"] += bool(prop.stats["mcg_used"])
             h, w = image.shape[:2]
             none = np.zeros((h, w), dtype=bool)
@@ -179,6 +184,7 @@ def evaluate_pseudo_labels(
                 "bbam_crf_proposals": (prop.fg, prop.ignore),
                 "box": (box_mask(inst.box, h, w), none),
                 "grabcut": (grabcut_mask(image, inst.box, grabcut_iterations), none),
+                "gt_map_crf": (ceiling.fg, ceiling.ignore),
             }
             for variant, (fg, ignore) in results.items():
                 ious[variant].append(_iou(fg, inst.mask))

@@ -43,7 +43,10 @@ def test_evaluate_with_perfect_and_empty_maps(synthetic):
     for v in bench.VARIANTS:
         assert 0.0 <= out[f"miou_{v}"] <= 100.0
     assert out["miou_bbam_raw"] > out["miou_box"]
+    # the refinement ceiling feeds the GT mask as the map: here the same input as bbam_crf
+    assert out["miou_gt_map_crf"] == out["miou_bbam_crf"]
     empty = bench.evaluate_pseudo_labels(records, {}, num_classes=len(dataset.classes))
+    assert empty["miou_gt_map_crf"] == out["miou_gt_map_crf"]  # whatever the maps
     assert empty["n_missing_map"] == n
     assert empty["fallbacks"].get("empty_map") == n
     assert empty["miou_bbam_raw"] < out["miou_bbam_raw"]
