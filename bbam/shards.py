@@ -30,22 +30,16 @@ import torch
 from bbam import __version__
 from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord, Instance
-from bbam.manifest import compact_shard, empty_row, scan_shard, unreadable_maps, write_part
+from bbam.manifest import (
+    REQUIRED,
+    compact_shard,
+    empty_row,
+    scan_shard,
+    unreadable_maps,
+    write_part,
+)
 
 DONE = ("ok", "no_positive", "skipped")
-_RESUME_COLUMNS = [
-    "key",
-    "status",
-    "params_hash",
-    "code_version",
-    "attempt",
-    "array_file",
-    "offset",
-    "length",
-    "grid_h",
-    "grid_w",
-    "sha256",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +92,7 @@ def pending_work(
         logger.warning("%s; its instances count as not done and are recomputed", problem)
     previous = {}
     if table is not None and table.num_rows:
-        previous = {row["key"]: row for row in table.select(_RESUME_COLUMNS).to_pylist()}
+        previous = {row["key"]: row for row in table.select(list(REQUIRED)).to_pylist()}
 
     def current(row: dict | None) -> bool:
         return (

@@ -88,11 +88,12 @@ def _tiny_parts() -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
 def test_damaged_segmenter_checkpoint_starts_over_naming_it(tmp_path, caplog, damage):
     model, optimizer, scheduler = _tiny_parts()
     T.save_checkpoint(tmp_path, "h", 3, model, optimizer, scheduler, None)
-    assert T.try_resume(tmp_path, "h", *_tiny_parts(), None) == 4
+    assert T.try_resume(tmp_path, "h", *_tiny_parts(), None)[0] == 4
     path = tmp_path / T.CHECKPOINT_NAME
     DAMAGE[damage](path)
     with caplog.at_level(logging.WARNING, logger="bbam.segmenters.training"):
-        assert T.try_resume(tmp_path, "h", *_tiny_parts(), None) == 0
+        start, why = T.try_resume(tmp_path, "h", *_tiny_parts(), None)
+    assert start == 0 and why  # the reason goes to the training log as a restart event
     assert str(path) in caplog.text and "starting over" in caplog.text
     assert "weights_only" not in caplog.text, "torch's advice to load unsafely is not ours"
 
@@ -108,7 +109,7 @@ def test_checkpoint_that_does_not_fit_leaves_the_model_as_it_was(tmp_path, caplo
     fresh, fresh_opt, fresh_sched = _tiny_parts()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with caplog.at_level(logging.WARNING, logger="bbam.segmenters.training"):
-        assert T.try_resume(tmp_path, "h", fresh, fresh_opt, fresh_sched, None) == 0
+        assert T.try_resume(tmp_path, "h", fresh, fresh_opt, fresh_sched, None)[0] == 0
     assert "do not fit" in caplog.text and str(tmp_path / T.CHECKPOINT_NAME) in caplog.text
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -117,7 +118,7 @@ def test_checkpoint_that_does_not_fit_leaves_the_model_as_it_was(tmp_path, caplo
 def test_checkpoint_missing_states_starts_over(tmp_path, caplog):
     torch.save({"params_hash": "h", "epoch": 2, "model": {}}, tmp_path / T.CHECKPOINT_NAME)
     with caplog.at_level(logging.WARNING, logger="bbam.segmenters.training"):
-        assert T.try_resume(tmp_path, "h", *_tiny_parts(), None) == 0
+        assert T.try_resume(tmp_path, "h", *_tiny_parts(), None)[0] == 0
     assert "without" in caplog.text and "model" in caplog.text
 
 

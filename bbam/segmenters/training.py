@@ -233,7 +233,7 @@ def setup_training(
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     phash = params_hash(config, extra)
-    start, why = _resume(out_dir, phash, model, optimizer, scheduler, scaler)
+    start, why = try_resume(out_dir, phash, model, optimizer, scheduler, scaler)
     log = JsonlLog(Path(out_dir) / LOG_NAME)
     if why:
         log.write({"event": "restart", "reason": why})
@@ -338,24 +338,11 @@ def try_resume(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any,
-) -> int:
-    """Load the checkpoint when its params_hash matches; return the first epoch still to run.
-
-    Anything else (another params hash, an unreadable or foreign file) starts over at 0;
-    see ``resume_checkpoint``.
-    """
-    return _resume(out_dir, phash, model, optimizer, scheduler, scaler)[0]
-
-
-def _resume(
-    out_dir: Path,
-    phash: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
 ) -> tuple[int, str]:
-    """``try_resume`` plus why it starts over ("" when resumed or there is no checkpoint)."""
+    """(first epoch still to run, why it starts over): the checkpoint is loaded when its
+    params_hash matches; anything else (another params hash, an unreadable or foreign file)
+    starts over at 0 with the reason ("" when resumed or there is no checkpoint); see
+    ``resume_checkpoint``."""
     states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if scaler is not None:
         states["scaler"] = scaler
