@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint status clean
+.PHONY: demo test bench gpu-wheels lint status clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(RUN) python bench/run_all.py
+
+# What bench/gpu_check.py needs on a lent GPU machine that its image (Python 3.12, torch) lacks.
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl pycocotools==2.0.11 defusedxml==0.7.1
+	$(BIN)/pip download -q --no-deps --no-binary=:all: -d .whl pydensecrf2==1.1
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results import merge_results
+from results import RESULTS, merge_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from bbam.attribution import (
@@ -49,8 +49,7 @@ from bbam.attribution import (
 from bbam.heads import HeadsFn
 from bbam.refine import RefineConfig, refine_instance
 from bbam.toy_detector import ToyDetector, toy_scene
-from flows.common import load_params
-from tasks.pseudo_labels import refine_config
+from flows.common import load_params, refine_config
 
 
 def log(msg: str) -> None:
@@ -218,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="do not touch results.json")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge into")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense_peak_gflops": peak / 1e9,
     }
     if not args.no_write:
-        merge_results("attribution", result)
+        merge_results("attribution", result, args.results)
     return 0
 
 

@@ -103,6 +103,22 @@ def detector_config(params: dict):
     return DetectorTrainConfig(**section, seed=int(params.get("seed", 0)))
 
 
+def refine_config(params: dict):
+    """The pseudo-label stage's refinement settings (also what the benches measure)."""
+    from bbam.refine import RefineConfig
+
+    return RefineConfig(**(params.get("refine") or {}))
+
+
+def proposal_config(params: dict):
+    """(MCGConfig, directory of MCG .mat files or None) of the ``proposals`` section."""
+    from bbam.mcg import MCGConfig
+
+    section = dict(params.get("proposals") or {})
+    mcg_dir = section.pop("mcg_dir", None)
+    return MCGConfig(**section), mcg_dir
+
+
 DETECTOR_DIR = Path("runs/detector")
 
 

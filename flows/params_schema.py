@@ -224,8 +224,7 @@ def _check_simple_configs(params: dict) -> list[str]:
     from bbam.mcg import MCGConfig
     from bbam.refine import RefineConfig
     from bbam.train_detector import DetectorTrainConfig
-    from flows.common import detector_config
-    from tasks.pseudo_labels import proposal_config, refine_config
+    from flows.common import detector_config, proposal_config, refine_config
 
     checks = {
         "synthetic": (

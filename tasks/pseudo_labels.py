@@ -13,21 +13,10 @@ from tqdm import tqdm
 from bbam.atomic import atomic_write
 from bbam.data.coco import coco_image_ids, load_coco_json
 from bbam.labeling import label_dataset
-from bbam.mcg import MCGConfig, make_source
+from bbam.mcg import make_source
 from bbam.pseudo_labels import write_coco_pseudo_gt
-from bbam.refine import RefineConfig
-from flows.common import load_params, load_split, split_paths
+from flows.common import load_params, load_split, proposal_config, refine_config, split_paths
 from tasks.attribution import engine_config, shard_dir
-
-
-def refine_config(params: dict) -> RefineConfig:
-    return RefineConfig(**(params.get("refine") or {}))
-
-
-def proposal_config(params: dict) -> tuple[MCGConfig, str | None]:
-    section = dict(params.get("proposals") or {})
-    mcg_dir = section.pop("mcg_dir", None)
-    return MCGConfig(**section), mcg_dir
 
 
 @task(name="make-pseudo-labels", retries=1, retry_delay_seconds=5)

@@ -14,7 +14,7 @@ def test_toy_bench_writes_the_attribution_object(tmp_path, monkeypatch):
     monkeypatch.setattr(
         bench,
         "merge_results",
-        lambda key, value: results.write_text(json.dumps({key: value}, default=float)),
+        lambda key, value, *_: results.write_text(json.dumps({key: value}, default=float)),
     )
     assert bench.main(["--instances", "2", "--reference-instances", "1"]) == 0
     entry = json.loads(results.read_text())["attribution"]
