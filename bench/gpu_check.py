@@ -1,8 +1,8 @@
 """One prepared check for a lent GPU machine, without Prefect or DVC (its image has neither).
 
-1. the library's tests on CUDA (tests/test_cuda.py: AMP, channels_last, a CPU checkpoint
-   resumed on the GPU; and the engine, detector and segmenter tests, whose training picks
-   CUDA by itself);
+1. the library's tests on CUDA (tests/test_cuda.py: AMP, channels_last, both segmenters, a
+   CPU checkpoint resumed on the GPU; and the engine and detector tests, the detector's
+   training picking CUDA by itself);
 2. the synthetic default and its detector, made there with the library (as the pipeline's
    prepare_data and train_detector stages would);
 3. bench/attribution.py on that detector: `reference` vs `fast` where batching can pay.
@@ -32,7 +32,6 @@ TESTS = [
     "tests/test_cuda.py",
     "tests/test_attribution.py",
     "tests/test_detector.py",
-    "tests/test_segmenters.py",
 ]
 
 

@@ -15,11 +15,14 @@ import torch
 from PIL import Image
 from test_attribution import SIZE, SMALL
 from test_detector import CLASSES, _shapes_records, _tiny, _tiny_config
+from test_segmenters import _make_data, _pseudo_json, _pseudo_pngs, _sem_cfg
 
 import bbam.train_detector as td
 from bbam.attribution import AttributionItem, attribute_instances, map_to_image, profile_config
 from bbam.data.records import Dataset
 from bbam.detector import freeze, prepare_images, roi_head_forward
+from bbam.segmenters.instance import InstanceTrainConfig, predict_instances, train_instance
+from bbam.segmenters.semantic import predict_semantic, train_semantic
 from bbam.toy_detector import ToyDetector, toy_scene
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -94,3 +97,27 @@ def test_cpu_checkpoint_resumes_on_cuda_with_amp(tmp_path, monkeypatch):
     assert {"event": "resume", "epoch": 1} in log
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert 0.0 <= metrics["box_ap50"] <= 1.0
+
+
+def test_segmenters_train_with_amp_and_predict_on_cuda(tmp_path):
+    records = _make_data(tmp_path)
+    cfg = InstanceTrainConfig(
+        supervision="bbam", epochs=6, batch_size=2, min_size=64, max_size=64, warmup_iters=2,
+        lr=0.01, device="cuda", hflip=False,
+    )  # fmt: skip
+    assert cfg.amp
+    ins = train_instance(
+        records, ["thing"], tmp_path / "ins", cfg, _pseudo_json(tmp_path, records), progress=False
+    )
+    assert np.isfinite(ins.losses).all()
+    assert np.mean(ins.losses[-3:]) < 0.7 * np.mean(ins.losses[:3])
+    preds = predict_instances(ins.model, records[:1], device="cuda")
+    assert all(0 <= p["score"] <= 1 for p in preds)
+    sem = train_semantic(
+        records, ["thing"], tmp_path / "sem", _sem_cfg(device="cuda"),
+        _pseudo_pngs(tmp_path, records), progress=False,
+    )  # fmt: skip
+    assert np.isfinite(sem.losses).all()
+    assert np.mean(sem.losses[-3:]) < 0.7 * np.mean(sem.losses[:3])
+    ((_, label),) = list(predict_semantic(sem.model, records[:1], device="cuda"))
+    assert label.shape == (64, 64) and label.dtype == np.uint8

@@ -250,7 +250,7 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
     assert [epoch for epoch, _ in seen] == [1]
     restored = seen[0][1]
     assert len(restored) == len(saved_momentum)
-    assert all(torch.equal(a, b) for a, b in zip(restored, saved_momentum, strict=True))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, saved_momentum, strict=True))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == metrics and set(metrics) >= {
