@@ -319,12 +319,20 @@ def pseudo_label_quality(
     if pseudo_semantic is not None:
         from bbam.segmenters.semantic import render_label_map
 
-        pairs = (
-            (pseudo_semantic[r.image_id], render_label_map(r, "mask"))
+        # Box-only instances are legal (boxes are BBAM's input): without every GT mask an
+        # image has no GT label map, so it is left out and counted.
+        scored = [
+            r
             for r in records
             if r.image_id in pseudo_semantic
-        )
+            and all(i.mask is not None for i in r.instances if not i.iscrowd)
+        ]
+        pairs = ((pseudo_semantic[r.image_id], render_label_map(r, "mask")) for r in scored)
         out["pseudo_sem_miou"] = semantic_miou(pairs, num_classes)["miou"]
+        out["pseudo_sem_images"] = len(scored)
+        out["pseudo_sem_images_without_gt_mask"] = sum(
+            r.image_id in pseudo_semantic for r in records
+        ) - len(scored)
     return out
 
 

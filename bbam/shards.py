@@ -65,14 +65,17 @@ class WorkItem:
         return instance_key(self.record.image_id, self.instance.instance_id)
 
 
+CROWD_SKIP = "iscrowd=1: a crowd region, not one object; not attributed"
+
+
 def plan_shard(dataset: Dataset, shard: int, num_shards: int) -> list[tuple[ImageRecord, Instance]]:
-    """All (image, instance) pairs of a shard, crowd regions excluded, in dataset order."""
+    """All (image, instance) pairs of a shard in dataset order. Crowd regions are planned
+    too: run_shard records them as ``skipped`` so the manifest accounts for every instance."""
     return [
         (record, instance)
         for record in dataset.records
         if shard_of(record.image_id, num_shards) == shard
         for instance in record.instances
-        if not instance.iscrowd
     ]
 
 
@@ -191,7 +194,7 @@ def run_shard(
 
     A chunk that raises is recorded as failed (with the error text) for each of
     its instances and the shard goes on. An image that cannot be read fails only
-    its own instances. ``should_stop`` is asked before each chunk (a SIGTERM from
+    its own instances. Crowd regions get a ``skipped`` row with the reason. ``should_stop`` is asked before each chunk (a SIGTERM from
     a scheduler): when it says so, the shard stops with its finished chunks on
     disk, uncompacted, and the summary says ``interrupted``. Files that could not be
     read back are listed in the summary (``unreadable_files``); what they held is
@@ -211,6 +214,12 @@ def run_shard(
         images: list[np.ndarray] = []
         cache: dict[str, np.ndarray] = {}
         for item in chunk:
+            if item.instance.iscrowd:
+                row = _base_row(item, shard, dataset.classes, params_hash, run_id)
+                row.update(status="skipped", error=CROWD_SKIP)
+                rows.append(row)
+                grids.append(None)
+                continue
             try:
                 if item.record.image_id not in cache:
                     cache[item.record.image_id] = load_rgb(item.record.path)

@@ -81,7 +81,8 @@ def attribute_flow(
     failed_fraction = summary["failed"] / max(1, summary["instances"])
     print(
         f"[bbam] attribute: {summary['instances']} instances, ok {summary['ok']}, "
-        f"no_positive {summary['no_positive']}, failed {summary['failed']}; "
+        f"no_positive {summary['no_positive']}, skipped {summary['skipped']}, "
+        f"failed {summary['failed']}; "
         f"ran {summary['ran_now']}, reused {summary['skipped_done']}, {summary['wall_seconds']} s"
     )
     limit = float(section.get("max_failure_fraction", 0.05))

@@ -71,9 +71,10 @@ def evaluate_flow(params_path: str = "params.yaml") -> dict:
         }
     pseudo = evaluate_pseudo_labels(params_path)
     pseudo_pct = {k: _pct(v) for k, v in pseudo.items() if isinstance(v, float)}
+    counts = {k: v for k, v in pseudo.items() if isinstance(v, int)}  # what was scored
     metrics = {
         **per_supervision,
-        "pseudo_labels": pseudo_pct,
+        "pseudo_labels": {**pseudo_pct, **counts},
         "table": summary_table(per_supervision, pseudo_pct),
     }
     write_metrics(METRICS, metrics)

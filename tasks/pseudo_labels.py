@@ -64,6 +64,8 @@ def make_pseudo_labels(params_path: str, attribution_dir: str, out_dir: str) -> 
     return {
         "images": len(dataset.records),
         "instances": len(rows),
+        # not labelled (skipped rows of the attribution manifest): regions, not objects
+        "crowd_regions": sum(i.iscrowd for r in dataset.records for i in r.instances),
         "image_errors": errors,
         "mean_instance_iou_vs_gt": round(100 * float(np.mean(ious)), 2) if ious else None,
         "empty_fg": sum(bool(r["empty_fg"]) for r in rows),

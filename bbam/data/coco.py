@@ -63,6 +63,11 @@ def coco_image_ids(json_path: str | Path) -> dict[str, int]:
     return {Path(str(im["file_name"])).stem: int(im["id"]) for im in data["images"]}
 
 
+def _degenerate(polygon) -> bool:
+    """A polygon of fewer than 3 points (6 coordinates) encloses nothing."""
+    return isinstance(polygon, list) and len(polygon) < 6
+
+
 def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray:
     """HxW bool mask from polygons, uncompressed RLE or compressed RLE."""
     try:
@@ -99,7 +104,8 @@ def read_coco(
     """Read a COCO instances file; `file_name`s are relative to `image_root`.
 
     Boxes: xywh -> xyxy (x2/y2 exclusive), clipped to the image; empty boxes are skipped and
-    counted ("zero_area_box"). A missing bbox is taken from the segmentation. Annotations of
+    counted ("zero_area_box"). Polygons of fewer than 3 points are dropped and counted
+    ("degenerate_polygon"); an instance left without a polygon keeps its box but has no mask. A missing bbox is taken from the segmentation. Annotations of
     unknown images are skipped and counted; unknown category ids raise DataError
     (`unknown="skip"` counts them instead). Instance ids are the annotation ids.
     """
@@ -144,6 +150,10 @@ def read_coco(
             skipped.add("unknown_class", where)
             continue
         segm = ann.get("segmentation")
+        if isinstance(segm, list) and any(_degenerate(p) for p in segm):
+            # An empty GT mask would teach "background" and score IoU 0: no mask instead.
+            skipped.add("degenerate_polygon", where)
+            segm = [p for p in segm if not _degenerate(p)] or None
         mask = None
         if segm is not None and (with_masks or "bbox" not in ann):
             mask = decode_segmentation(segm, record.height, record.width, where)
