@@ -194,9 +194,10 @@ def run_shard(
 
     A chunk that raises is recorded as failed (with the error text) for each of
     its instances and the shard goes on. An image that cannot be read fails only
-    its own instances. Crowd regions get a ``skipped`` row with the reason. ``should_stop`` is asked before each chunk (a SIGTERM from
-    a scheduler): when it says so, the shard stops with its finished chunks on
-    disk, uncompacted, and the summary says ``interrupted``. Files that could not be
+    its own instances. Crowd regions get a ``skipped`` row with the reason.
+    ``should_stop`` is asked before each chunk (a SIGTERM from a scheduler): when
+    it says so, the shard stops with its finished chunks on disk, uncompacted, and
+    the summary says ``interrupted``. Files that could not be
     read back are listed in the summary (``unreadable_files``); what they held is
     recomputed (``recomputed_unreadable`` counts finished rows whose map was lost).
     """

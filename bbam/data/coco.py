@@ -104,10 +104,11 @@ def read_coco(
     """Read a COCO instances file; `file_name`s are relative to `image_root`.
 
     Boxes: xywh -> xyxy (x2/y2 exclusive), clipped to the image; empty boxes are skipped and
-    counted ("zero_area_box"). Polygons of fewer than 3 points are dropped and counted
-    ("degenerate_polygon"); an instance left without a polygon keeps its box but has no mask. A missing bbox is taken from the segmentation. Annotations of
-    unknown images are skipped and counted; unknown category ids raise DataError
-    (`unknown="skip"` counts them instead). Instance ids are the annotation ids.
+    counted ("zero_area_box"). A missing bbox is taken from the segmentation. Polygons of
+    fewer than 3 points are dropped and counted ("degenerate_polygon"); an instance left
+    without a polygon keeps its box but has no mask. Annotations of unknown images are
+    skipped and counted; unknown category ids raise DataError (`unknown="skip"` counts them
+    instead). Instance ids are the annotation ids.
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"unknown must be 'error' or 'skip', got {unknown!r}")
