@@ -18,7 +18,6 @@ Writes gpu.json, pytest.txt, detector.json and results.json (the `attribution` o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import json
 import os
@@ -76,10 +75,9 @@ def train_synthetic_detector(params_path: Path) -> dict:
     from flows.common import (
         DETECTOR_DIR,
         detector_config,
-        file_sha256,
+        detector_params_hash,
         load_params,
         load_split,
-        params_hash,
         split_paths,
     )
 
@@ -94,7 +92,7 @@ def train_synthetic_detector(params_path: Path) -> dict:
             "synthetic", root, None, root.parent / "downloads", synthetic=params.get("synthetic")
         )
     config = detector_config(params)
-    digest = params_hash(dataclasses.asdict(config), file_sha256(split_paths(params, "train")[0]))
+    digest = detector_params_hash(params, config)
     return train_detector(
         load_split(params, "train"), load_split(params, "val"), DETECTOR_DIR, config, digest,
         progress=False,

@@ -122,6 +122,13 @@ def proposal_config(params: dict):
 DETECTOR_DIR = Path("runs/detector")
 
 
+def detector_params_hash(params: dict, config) -> str:
+    """What a trained detector depends on: its resolved config and the train annotations."""
+    import dataclasses
+
+    return params_hash(dataclasses.asdict(config), file_sha256(split_paths(params, "train")[0]))
+
+
 def load_detector_from_params(params: dict, num_classes: int, device):
     """The trained detector of the train_detector stage, frozen, on ``device``."""
     from bbam.detector import freeze

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from prefect import flow, task
@@ -13,11 +12,9 @@ from prefect import flow, task
 from flows.common import (
     DETECTOR_DIR,
     detector_config,
-    file_sha256,
+    detector_params_hash,
     load_params,
     load_split,
-    params_hash,
-    split_paths,
     stage_cli,
     write_json,
 )
@@ -32,10 +29,7 @@ def train(params_path: str) -> dict:
     params = load_params(params_path)
     config = detector_config(params)
     train_split, val_split = load_split(params, "train"), load_split(params, "val")
-    digest = params_hash(
-        dataclasses.asdict(config),
-        file_sha256(split_paths(params, "train")[0]),
-    )
+    digest = detector_params_hash(params, config)
     return train_detector(train_split, val_split, DETECTOR_DIR, config, digest)
 
 

@@ -92,15 +92,20 @@ def test_seeded_runs_are_deterministic(detector, scene):
     assert a.stats["positives"] != c.stats["positives"] or not np.array_equal(a.grid, c.grid)
 
 
-def test_batched_matches_one_at_a_time(detector):
+def four_items() -> list[AttributionItem]:
+    """Two toy images with two instances each (instances of one image share its tensor)."""
     img1, boxes1, _ = toy_scene(SIZE, [(30, 32, 14, 1), (68, 64, 16, 2)])
     img2, boxes2, _ = toy_scene(SIZE, [(50, 46, 20, 2), (20, 78, 10, 1)])
-    items = [
+    return [
         AttributionItem("i1a", img1, boxes1[0], 1),
         AttributionItem("i1b", img1, boxes1[1], 2),
         AttributionItem("i2a", img2, boxes2[0], 2),
         AttributionItem("i2b", img2, boxes2[1], 1),
     ]
+
+
+def test_batched_matches_one_at_a_time(detector):
+    items = four_items()
     base = profile_config("fast", **{**SMALL, "iterations": 60})
     batched = attribute_instances(detector, items, dataclasses.replace(base, batch_size=4), "cpu")
     single = attribute_instances(detector, items, dataclasses.replace(base, batch_size=1), "cpu")

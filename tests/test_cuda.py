@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_attribution import SIZE, SMALL
+from test_attribution import SIZE, SMALL, four_items
 from test_detector import CLASSES, _shapes_records, _tiny, _tiny_config
 from test_segmenters import _make_data, _pseudo_json, _pseudo_pngs, _sem_cfg
 
@@ -50,14 +50,7 @@ def test_attribution_on_cuda_with_amp_recovers_the_region_like_cpu():
 
 
 def test_batched_matches_one_at_a_time_on_cuda():
-    img1, boxes1, _ = toy_scene(SIZE, [(30, 32, 14, 1), (68, 64, 16, 2)])
-    img2, boxes2, _ = toy_scene(SIZE, [(50, 46, 20, 2), (20, 78, 10, 1)])
-    items = [
-        AttributionItem("i1a", img1, boxes1[0], 1),
-        AttributionItem("i1b", img1, boxes1[1], 2),
-        AttributionItem("i2a", img2, boxes2[0], 2),
-        AttributionItem("i2b", img2, boxes2[1], 1),
-    ]
+    items = four_items()
     det = ToyDetector().eval().cuda()
     base = profile_config("fast", **{**SMALL, "iterations": 60})
     batched = attribute_instances(det, items, dataclasses.replace(base, batch_size=4), "cuda")

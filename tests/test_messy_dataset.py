@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image, ImageDraw
-from project_env import project_env
+from project_env import custom_data_params, project_env
 
 from bbam.data.writers import mask_to_rle
 
@@ -161,41 +161,6 @@ def write_messy_coco(root: Path) -> None:
     _write_split(root, "val", val)
 
 
-def _params() -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["torch_threads"] = 1
-    params["data"] = {
-        "name": "custom",
-        "root": "mydata",
-        "archives_dir": None,
-        "train_json": "mydata/annotations/instances_train.json",
-        "train_images": "mydata/images/train",
-        "val_json": "mydata/annotations/instances_val.json",
-        "val_images": "mydata/images/val",
-    }
-    params["detector"].update(
-        epochs=1, min_size=64, max_size=96, lr=0.0, warmup_iters=1, lr_steps=[1], batch_size=4
-    )
-    params["attribution"].update(
-        num_shards=2,
-        chunk_size=4,
-        overrides={
-            "iou_thresholds": [0.0],
-            "iterations": 4,
-            "early_stop": False,
-            "num_jitters": 32,
-            "positives_per_iter": 4,
-        },
-    )
-    params["segmenters"] = {
-        "supervisions": ["full", "bbam"],
-        "instance": {"epochs": 1, "min_size": 64, "max_size": 96, "max_iters_per_epoch": 2},
-        "semantic": {"epochs": 1, "max_iters_per_epoch": 2},
-    }
-    params["evaluate"] = {"report_samples": 2}
-    return params
-
-
 def _run_stage(project: Path, stage: str) -> subprocess.CompletedProcess:
     env = project_env(project)
     env["PYTHONPATH"] = str(REPO)  # the code is not copied: no DVC here
@@ -211,7 +176,11 @@ def _run_stage(project: Path, stage: str) -> subprocess.CompletedProcess:
 def messy_run(tmp_path_factory):
     project = tmp_path_factory.mktemp("messy") / "project"
     write_messy_coco(project / "mydata")
-    (project / "params.yaml").write_text(yaml.safe_dump(_params(), sort_keys=False))
+    (project / "params.yaml").write_text(
+        yaml.safe_dump(
+            custom_data_params(num_shards=2, chunk_size=4, iterations=4), sort_keys=False
+        )
+    )
     outputs = {stage: _run_stage(project, stage) for stage in (*STAGES, "evaluate")}
     return project, outputs
 

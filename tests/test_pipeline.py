@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from project_env import project_env
+from project_env import custom_data_params, project_env
 
 from bbam.data.records import Dataset
 from bbam.data.synthetic import SyntheticConfig, generate_synthetic
@@ -62,41 +62,6 @@ def _write_custom_coco(root: Path) -> None:
     shutil.rmtree(root / "gen")
 
 
-def _params(project: Path) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["torch_threads"] = 1
-    params["data"] = {
-        "name": "custom",
-        "root": "mydata",
-        "archives_dir": None,
-        "train_json": "mydata/annotations/instances_train.json",
-        "train_images": "mydata/images/train",
-        "val_json": "mydata/annotations/instances_val.json",
-        "val_images": "mydata/images/val",
-    }
-    params["detector"].update(
-        epochs=1, min_size=64, max_size=96, lr=0.0, warmup_iters=1, lr_steps=[1], batch_size=4
-    )
-    params["attribution"].update(
-        num_shards=3,
-        chunk_size=1,
-        overrides={
-            "iou_thresholds": [0.0],
-            "iterations": 12,
-            "early_stop": False,
-            "num_jitters": 32,
-            "positives_per_iter": 4,
-        },
-    )
-    params["segmenters"] = {
-        "supervisions": ["full", "bbam"],
-        "instance": {"epochs": 1, "min_size": 64, "max_size": 96, "max_iters_per_epoch": 2},
-        "semantic": {"epochs": 1, "max_iters_per_epoch": 2},
-    }
-    params["evaluate"] = {"report_samples": 2}
-    return params
-
-
 def _copy_code(path: Path) -> None:
     """A copy, not a symlink: DVC hashes the code folders as stage dependencies."""
     for name in ("bbam", "flows", "tasks"):
@@ -109,7 +74,11 @@ def _make_project(path: Path, params: dict | None = None) -> Path:
     shutil.copy(REPO / "dvc.yaml", path / "dvc.yaml")
     if not (path / "mydata").exists():
         _write_custom_coco(path / "mydata")
-    (path / "params.yaml").write_text(yaml.safe_dump(params or _params(path), sort_keys=False))
+    (path / "params.yaml").write_text(
+        yaml.safe_dump(
+            params or custom_data_params(num_shards=3, chunk_size=1, iterations=12), sort_keys=False
+        )
+    )
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=path, env=_env(path), check=True)
     return path
 
