@@ -194,16 +194,19 @@ def run(heads, items, config, device) -> tuple[list[AttributionResult], float]:
     return results, time.perf_counter() - t0
 
 
+def thresholded_maps(results: list[AttributionResult]) -> dict[str, np.ndarray]:
+    """Each ok map on its resized image, thresholded at 0.5."""
+    return {
+        r.key: map_to_image(r.grid, r.resized_hw, r.resized_hw, valid_hw=r.valid_hw) > 0.5
+        for r in results
+        if r.status == "ok"
+    }
+
+
 def agreement(a: list[AttributionResult], b: list[AttributionResult]) -> tuple[float, int]:
-    ious = []
-    for ra, rb in zip(a, b, strict=False):
-        if ra.status != "ok" or rb.status != "ok":
-            continue
-        ma = map_to_image(ra.grid, ra.resized_hw, ra.resized_hw, valid_hw=ra.valid_hw) > 0.5
-        mb = map_to_image(rb.grid, rb.resized_hw, rb.resized_hw, valid_hw=rb.valid_hw) > 0.5
-        union = (ma | mb).sum()
-        ious.append(1.0 if union == 0 else float((ma & mb).sum() / union))
-    return (float(np.mean(ious)) if ious else float("nan")), len(ious)
+    """Mean IoU of the thresholded maps of the instances both runs explained, and how many."""
+    ma, mb = thresholded_maps(a), thresholded_maps(b)
+    return mask_agreement(ma, mb), len(ma.keys() & mb.keys())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,18 +22,18 @@ DATA_NAMES = ("synthetic", "voc", "coco", "custom")
 SUPERVISIONS = ("full", "bbam", "box")
 EXECUTORS = ("local", "deployments")
 
-TOP_LEVEL: dict[str, type | None] = {  # None: a mapping, checked by its own section check
+TOP_LEVEL: dict[str, type] = {  # each mapping is checked by its own section check
     "seed": int,
     "device": str,
     "torch_threads": int,
-    "data": None,
-    "synthetic": None,
-    "detector": None,
-    "attribution": None,
-    "refine": None,
-    "proposals": None,
-    "segmenters": None,
-    "evaluate": None,
+    "data": dict,
+    "synthetic": dict,
+    "detector": dict,
+    "attribution": dict,
+    "refine": dict,
+    "proposals": dict,
+    "segmenters": dict,
+    "evaluate": dict,
 }
 DATA_KEYS: dict[str, Any] = {
     "name": str,
@@ -78,7 +78,7 @@ def _matches(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None) or hint is None:
+    if hint is type(None):
         return value is None
     if origin is typing.Literal:
         return value in typing.get_args(hint)
@@ -123,17 +123,19 @@ def _value_problem(value: Any, hint: Any) -> str | None:
 
 
 def _check_keys(section: Any, where: str, hints: dict[str, Any]) -> list[str]:
-    """Unknown keys (with the closest known one) and values of the wrong type."""
+    """Unknown keys (with the closest known one) and values of the wrong type; `where` is the
+    dotted path of `section` ("" for the top level)."""
     if not isinstance(section, dict):
         return [f"{where}: expected a mapping, got {type(section).__name__} {section!r}"]
     errors = []
     for key, value in section.items():
+        name = f"{where}.{key}" if where else str(key)
         if key not in hints:
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(hints)}"
-            errors.append(f"{where}.{key}: unknown key{hint}")
+            errors.append(f"{name}: unknown key{hint}")
         elif (problem := _value_problem(value, hints[key])) is not None:
-            errors.append(f"{where}.{key}: {problem}")
+            errors.append(f"{name}: {problem}")
     return errors
 
 
@@ -252,8 +254,7 @@ def _check_simple_configs(params: dict) -> list[str]:
 
 def check_params(params: dict, path: str | Path) -> None:
     """Raise ParamsError listing every problem of a loaded params file (None: all good)."""
-    errors = _check_keys(params, "params", {k: v or dict for k, v in TOP_LEVEL.items()})
-    errors = [e.replace("params.", "", 1) for e in errors]
+    errors = _check_keys(params, "", TOP_LEVEL)
     if not errors:
         if "data" in params:
             errors += _check_keys(params["data"], "data", DATA_KEYS)
