@@ -13,7 +13,7 @@ norm="frozen_bn", trainable_layers=3 like torchvision.
 Resumable: each epoch ends with an atomic out_dir/checkpoint.pt; a rerun with the same
 params_hash continues after the last finished epoch, with a different one it starts over,
 as it does (with a warning naming the file) from a checkpoint that is unreadable or not
-one of ours (see ``bbam.segmenters.training.resume_checkpoint``).
+one of ours (see ``bbam.checkpoint.resume_checkpoint``).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from bbam.atomic import atomic_torch_save, atomic_write_text
+from bbam.checkpoint import resume_checkpoint
 from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord
 from bbam.data.torch_dataset import DetectionDataset, collate_fn
 from bbam.detector import ARCHS, NORMS, build_detector, freeze
-from bbam.segmenters.training import resume_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -91,7 +91,7 @@ def test_damaged_segmenter_checkpoint_starts_over_naming_it(tmp_path, caplog, da
     assert T.try_resume(tmp_path, "h", *_tiny_parts(), None)[0] == 4
     path = tmp_path / T.CHECKPOINT_NAME
     DAMAGE[damage](path)
-    with caplog.at_level(logging.WARNING, logger="bbam.segmenters.training"):
+    with caplog.at_level(logging.WARNING, logger="bbam.checkpoint"):
         start, why = T.try_resume(tmp_path, "h", *_tiny_parts(), None)
     assert start == 0 and why  # the reason goes to the training log as a restart event
     assert str(path) in caplog.text and "starting over" in caplog.text
@@ -108,7 +108,7 @@ def test_checkpoint_that_does_not_fit_leaves_the_model_as_it_was(tmp_path, caplo
     torch.save(ckpt, tmp_path / T.CHECKPOINT_NAME)
     fresh, fresh_opt, fresh_sched = _tiny_parts()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="bbam.segmenters.training"):
+    with caplog.at_level(logging.WARNING, logger="bbam.checkpoint"):
         assert T.try_resume(tmp_path, "h", fresh, fresh_opt, fresh_sched, None)[0] == 0
     assert "do not fit" in caplog.text and str(tmp_path / T.CHECKPOINT_NAME) in caplog.text
     for key, value in fresh.state_dict().items():
@@ -117,7 +117,7 @@ def test_checkpoint_that_does_not_fit_leaves_the_model_as_it_was(tmp_path, caplo
 
 def test_checkpoint_missing_states_starts_over(tmp_path, caplog):
     torch.save({"params_hash": "h", "epoch": 2, "model": {}}, tmp_path / T.CHECKPOINT_NAME)
-    with caplog.at_level(logging.WARNING, logger="bbam.segmenters.training"):
+    with caplog.at_level(logging.WARNING, logger="bbam.checkpoint"):
         assert T.try_resume(tmp_path, "h", *_tiny_parts(), None)[0] == 0
     assert "without" in caplog.text and "model" in caplog.text
 
@@ -146,7 +146,7 @@ def test_semantic_training_restarts_from_a_truncated_checkpoint(tmp_path, caplog
     out = tmp_path / "s"
     first = train_semantic(records, ["thing"], out, cfg, labels, progress=False)
     _truncate(out / T.CHECKPOINT_NAME)
-    with caplog.at_level(logging.WARNING, logger="bbam.segmenters.training"):
+    with caplog.at_level(logging.WARNING, logger="bbam.checkpoint"):
         again = train_semantic(records, ["thing"], out, cfg, labels, progress=False)
     assert str(out / T.CHECKPOINT_NAME) in caplog.text
     assert again.start_epoch == 0 and again.losses == pytest.approx(first.losses, rel=1e-4)
@@ -165,7 +165,7 @@ def test_instance_training_restarts_from_a_copied_model_file(tmp_path, caplog):
     out = tmp_path / "i"
     train_instance(records, ["thing"], out, cfg, progress=False)
     (out / T.CHECKPOINT_NAME).write_bytes((out / T.MODEL_NAME).read_bytes())
-    with caplog.at_level(logging.WARNING, logger="bbam.segmenters.training"):
+    with caplog.at_level(logging.WARNING, logger="bbam.checkpoint"):
         again = train_instance(records, ["thing"], out, cfg, progress=False)
     assert again.start_epoch == 0 and len(again.losses) == 1
     assert f"{out / T.CHECKPOINT_NAME}: not a training checkpoint" in caplog.text
@@ -187,7 +187,7 @@ def test_detector_restarts_from_a_garbage_checkpoint(tmp_path, caplog):
     out = tmp_path / "det"
     out.mkdir()
     _garbage(out / "checkpoint.pt")
-    with caplog.at_level(logging.WARNING, logger="bbam.segmenters.training"):
+    with caplog.at_level(logging.WARNING, logger="bbam.checkpoint"):
         metrics = train_detector(data, data, out, cfg, params_hash="h1", progress=False)
     assert f"{out / 'checkpoint.pt'}: not a readable weights-only torch file" in caplog.text
     assert metrics["epochs"] == 1 and (out / "model.pt").is_file()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 import torch
 
 from bbam.atomic import atomic_torch_save
+from bbam.checkpoint import resume_checkpoint
 from bbam.data.records import ImageRecord, SkipReport
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -22,8 +21,6 @@ MODEL_NAME = "model.pt"
 LOG_NAME = "train_log.jsonl"
 # Knobs that do not change the result: a run may resume on another device or worker count.
 NOT_HASHED = frozenset({"device", "num_workers", "log_every"})
-
-logger = logging.getLogger(__name__)
 
 
 def build_config(cls: type, params: dict[str, Any] | None) -> Any:
@@ -240,95 +237,6 @@ def setup_training(
     if skipped.total:
         log.write({"event": "skipped", "counts": skipped.counts, "examples": skipped.examples})
     return TrainingSetup(optimizer, scheduler, scaler, use_amp, iters, phash, start, log)
-
-
-def _short(exc: BaseException) -> str:
-    """First sentence of an exception: torch's load errors run to paragraphs of advice
-    (such as loading with weights_only=False) that is wrong for a damaged file."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = text.split(". ")[0].rstrip(".:")[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _backup(obj: Any) -> Any:
-    """A copy of ``obj.state_dict()`` to roll back to (tensors copied to the CPU)."""
-    if isinstance(obj, torch.nn.Module):
-        return {k: v.detach().to("cpu", copy=True) for k, v in obj.state_dict().items()}
-    return copy.deepcopy(obj.state_dict())
-
-
-def _load_states(ckpt: dict[str, Any], states: dict[str, Any]) -> None:
-    """Load ``ckpt[key]`` into each object, all or none: a state that fails half-way
-    (``load_state_dict`` copies what matches before it raises) rolls back the others."""
-    loads = {key: obj for key, obj in states.items() if key in ckpt and ckpt[key]}
-    backups = {key: _backup(obj) for key, obj in loads.items()}
-    try:
-        for key, obj in loads.items():
-            obj.load_state_dict(ckpt[key])
-    except Exception:
-        for key, obj in loads.items():
-            obj.load_state_dict(backups[key])
-        raise
-
-
-def resume_checkpoint(
-    path: str | Path,
-    phash: str,
-    states: dict[str, Any],
-    numbers: tuple[str, ...] = ("epoch",),
-    optional: tuple[str, ...] = ("scaler",),
-) -> tuple[dict[str, Any] | None, str]:
-    """Load a training checkpoint into ``states`` (checkpoint key -> object with
-    ``load_state_dict``) when it was made with ``phash``.
-
-    Returns ``(checkpoint, "")`` when resumed, ``(None, "")`` when there is no file, and
-    ``(None, reason)`` to start over, with a warning naming the file: made with another
-    params hash, unreadable (truncated, garbage), not a checkpoint of ours (no params
-    hash, missing keys), or states that do not fit the objects (left as they were). Such
-    a file holds nothing to resume from; the first new checkpoint replaces it. A file
-    that cannot be read at all (OSError: permissions, a lost mount) raises instead: it
-    may be fine, and starting over would overwrite it. ``numbers`` must be numbers;
-    ``optional`` states may be missing or empty (a scaler saved with AMP off).
-    """
-    path = Path(path)
-    if not path.is_file():
-        return None, ""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as exc:
-        raise OSError(
-            f"{path}: cannot read the checkpoint ({_short(exc)}); "
-            "fix it, or remove it to start this training over"
-        ) from exc
-    except Exception as exc:
-        what = f"not a readable weights-only torch file ({_short(exc)})"
-        return _start_over(path, what, "unreadable checkpoint")
-    if not isinstance(ckpt, dict) or "params_hash" not in ckpt:
-        return _start_over(path, "not a training checkpoint (no params_hash)", "not a checkpoint")
-    if ckpt["params_hash"] != phash:
-        logger.warning(
-            "%s was made with params_hash %s, not %s: starting over",
-            path,
-            ckpt["params_hash"],
-            phash,
-        )
-        return None, "params_hash changed"
-    required = [key for key in states if key not in optional]
-    missing = [key for key in required if not (isinstance(ckpt.get(key), dict) and ckpt[key])]
-    missing += [key for key in numbers if not isinstance(ckpt.get(key), int | float)]
-    if missing:
-        return _start_over(path, f"a checkpoint without {missing}", "incomplete checkpoint")
-    try:
-        _load_states(ckpt, states)
-    except Exception as exc:
-        reason = f"states that do not fit the model ({_short(exc)})"
-        return _start_over(path, reason, "checkpoint does not fit the model")
-    return ckpt, ""
-
-
-def _start_over(path: Path, what: str, reason: str) -> tuple[None, str]:
-    logger.warning("%s: %s: starting over", path, what)
-    return None, reason
 
 
 def try_resume(
