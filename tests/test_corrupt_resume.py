@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_detector import _tiny_config
+from test_segmenters import _make_data
 
 from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.manifest import (
@@ -30,7 +32,7 @@ from bbam.segmenters import training as T
 from bbam.segmenters.instance import InstanceTrainConfig, train_instance
 from bbam.segmenters.semantic import SemanticTrainConfig, render_label_map, train_semantic
 from bbam.shards import run_shard
-from bbam.train_detector import DetectorTrainConfig, train_detector
+from bbam.train_detector import train_detector
 
 torch.set_num_threads(1)
 
@@ -56,24 +58,6 @@ DAMAGE = {"truncated": _truncate, "garbage": _garbage, "empty": _empty, "a tenso
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def _images(tmp_path: Path, n: int = 2, size: int = 64) -> list[ImageRecord]:
-    """Red rectangles (label 1) on a dark background, with their masks."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(n):
-        image = (rng.random((size, size, 3)) * 40 + 30).astype(np.uint8)
-        y, x = 6 + 4 * i, 8 + 3 * i
-        mask = np.zeros((size, size), bool)
-        mask[y : y + 28, x : x + 24] = True
-        image[mask] = (210, 60, 50)
-        path = tmp_path / f"img{i}.png"
-        Image.fromarray(image).save(path)
-        box = np.array([x, y, x + 24, y + 28], np.float32)
-        records.append(ImageRecord(f"img{i}", path, size, size, [Instance(1, 1, box, mask)]))
-    return records
 
 
 def _tiny_parts() -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
@@ -135,7 +119,7 @@ def test_unreadable_checkpoint_file_raises_naming_it(tmp_path, monkeypatch):
 
 
 def test_semantic_training_restarts_from_a_truncated_checkpoint(tmp_path, caplog):
-    records = _images(tmp_path)
+    records = _make_data(tmp_path, n=2)
     labels = tmp_path / "sem"
     labels.mkdir()
     for record in records:
@@ -158,7 +142,7 @@ def test_semantic_training_restarts_from_a_truncated_checkpoint(tmp_path, caplog
 
 def test_instance_training_restarts_from_a_copied_model_file(tmp_path, caplog):
     """model.pt copied over checkpoint.pt: readable, but no checkpoint of ours."""
-    records = _images(tmp_path)
+    records = _make_data(tmp_path, n=2)
     cfg = InstanceTrainConfig(
         supervision="full", epochs=1, batch_size=2, min_size=64, max_size=64, device="cpu"
     )
@@ -172,18 +156,9 @@ def test_instance_training_restarts_from_a_copied_model_file(tmp_path, caplog):
 
 
 def test_detector_restarts_from_a_garbage_checkpoint(tmp_path, caplog):
-    records = _images(tmp_path / "img", n=2)
-    data = Dataset(["thing"], records)
-    cfg = DetectorTrainConfig(
-        min_size=64,
-        max_size=64,
-        anchor_sizes=(8, 16, 32, 64, 128),
-        epochs=1,
-        batch_size=2,
-        warmup_iters=1,
-        lr=0.01,
-        log_every=1,
-    )
+    (tmp_path / "img").mkdir()
+    data = Dataset(["thing"], _make_data(tmp_path / "img", n=2))
+    cfg = _tiny_config(max_size=64)
     out = tmp_path / "det"
     out.mkdir()
     _garbage(out / "checkpoint.pt")
