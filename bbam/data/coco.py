@@ -13,7 +13,9 @@ Choices:
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +47,44 @@ def load_coco_json(path: str | Path) -> dict:
 
 
 def _sorted_categories(data: dict, path: Path) -> list[dict]:
+    """Categories in id order; a repeated id or name would split one class into two labels."""
     try:
-        return sorted(data["categories"], key=lambda c: int(c["id"]))
+        cats = sorted(data["categories"], key=lambda c: int(c["id"]))
+        names = [str(c["name"]) for c in cats]
     except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path}: category without a valid id ({exc})") from exc
+        raise DataError(f"{path}: category without a valid id and name ({exc})") from exc
+    for key, values in (("id", [int(c["id"]) for c in cats]), ("name", names)):
+        repeated = [v for v, count in Counter(values).items() if count > 1]
+        if repeated:
+            raise DataError(f"{path}: category {key} {repeated[0]!r} is listed more than once")
+    return cats
+
+
+def _as_id(value) -> int | None:
+    """An id as the images/categories lists read it (`int("7") == 7`), or None."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _flag(ann: dict, key: str, where: str) -> bool:
+    """0/1 flags such as iscrowd; the string "0" is false (`bool("0")` would say true)."""
+    value = ann.get(key) or 0
+    if value not in (0, 1, "0", "1"):
+        raise DataError(f"{where}: {key} must be 0 or 1, got {value!r}")
+    return bool(int(value))
+
+
+def _image_path(image_root: Path, file_name: str, path: Path) -> Path:
+    """`image_root / file_name`, refusing names that lead outside the root (`../x.jpg`,
+    `/etc/x`): an annotation file must not make the pipeline read files elsewhere. The check
+    is lexical, so folders symlinked inside the root still work."""
+    image_path = image_root / file_name
+    root = os.path.abspath(image_root)
+    if os.path.commonpath([root, os.path.abspath(image_path)]) != root:
+        raise DataError(f"{path}: file_name {file_name!r} is outside the image root {image_root}")
+    return image_path
 
 
 def category_ids(json_path: str | Path) -> list[int]:
@@ -104,11 +140,13 @@ def read_coco(
     """Read a COCO instances file; `file_name`s are relative to `image_root`.
 
     Boxes: xywh -> xyxy (x2/y2 exclusive), clipped to the image; empty boxes are skipped and
-    counted ("zero_area_box"). A missing bbox is taken from the segmentation. Polygons of
+    counted ("zero_area_box"), non-finite ones raise. A missing bbox is taken from the segmentation. Polygons of
     fewer than 3 points are dropped and counted ("degenerate_polygon"); an instance left
     without a polygon keeps its box but has no mask. Annotations of unknown images are
     skipped and counted; unknown category ids raise DataError (`unknown="skip"` counts them
-    instead). Instance ids are the annotation ids.
+    instead). Instance ids are the annotation ids, so they must be unique, as must image ids
+    and category ids/names (DataError). Ids given as strings ("7") match their integers.
+    A `file_name` leading outside `image_root` raises DataError.
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"unknown must be 'error' or 'skip', got {unknown!r}")
@@ -123,28 +161,42 @@ def read_coco(
     stems: set[str] = set()
     for im in data["images"]:
         try:
-            coco_id, file_name = int(im["id"]), str(im["file_name"])
+            coco_id, file_name = int(im["id"]), im["file_name"]
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{path}: image entry without id/file_name ({exc})") from exc
+        if not isinstance(file_name, str) or not Path(file_name).stem:
+            raise DataError(f"{path}: image {coco_id}: invalid file_name {file_name!r}")
+        if coco_id in records:
+            raise DataError(f"{path}: image id {coco_id} is listed more than once ({file_name})")
         stem = Path(file_name).stem
         if stem in stems:
             raise DataError(f"{path}: two images share the id {stem!r} ({file_name})")
         stems.add(stem)
-        image_path = image_root / file_name
-        width, height = int(im.get("width") or 0), int(im.get("height") or 0)
+        image_path = _image_path(image_root, file_name, path)
+        try:
+            width, height = int(im.get("width") or 0), int(im.get("height") or 0)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: image {file_name}: invalid width/height ({exc})") from exc
         if width <= 0 or height <= 0:
             width, height = image_size(image_path)
         records[coco_id] = ImageRecord(stem, image_path, width, height, [])
 
+    annotation_ids: set[int] = set()
     for n, ann in enumerate(data.get("annotations", [])):
         where = f"{path}: annotation {ann.get('id', f'#{n}') if isinstance(ann, dict) else n}"
         if not isinstance(ann, dict):
             raise DataError(f"{where}: not an object")
-        record = records.get(ann.get("image_id"))
+        instance_id = _as_id(ann.get("id", n + 1))
+        if instance_id is None:
+            raise DataError(f"{where}: invalid annotation id")
+        if instance_id in annotation_ids:
+            raise DataError(f"{where}: annotation id {instance_id} is used more than once")
+        annotation_ids.add(instance_id)
+        record = records.get(_as_id(ann.get("image_id")))
         if record is None:
             skipped.add("annotation_without_image", where)
             continue
-        label = label_of.get(ann.get("category_id"))
+        label = label_of.get(_as_id(ann.get("category_id")))
         if label is None:
             if unknown == "error":
                 raise DataError(f"{where}: unknown category_id {ann.get('category_id')!r}")
@@ -167,6 +219,8 @@ def read_coco(
             bbox = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
         try:
             x, y, w, h = (float(v) for v in bbox)
+            if not np.isfinite([x, y, w, h]).all():
+                raise ValueError("not finite")
         except (TypeError, ValueError) as exc:
             raise DataError(f"{where}: invalid bbox {bbox!r}") from exc
         box = np.array(
@@ -183,12 +237,12 @@ def read_coco(
             continue
         record.instances.append(
             Instance(
-                instance_id=int(ann.get("id", n + 1)),
+                instance_id=instance_id,
                 label=label,
                 box=box,
                 mask=mask if with_masks else None,
-                iscrowd=bool(ann.get("iscrowd", 0)),
-                difficult=bool(ann.get("difficult", 0)),
+                iscrowd=_flag(ann, "iscrowd", where),
+                difficult=_flag(ann, "difficult", where),
             )
         )
     names = [str(c["name"]) for c in cats]

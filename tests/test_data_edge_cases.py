@@ -1,0 +1,154 @@
+"""Real-world oddities in COCO and VOC inputs that the other reader tests do not cover:
+each is either read correctly, raises a DataError naming the file, or is counted as skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bbam.data.coco import read_coco
+from bbam.data.records import DataError
+
+W, H = 40, 30
+
+
+def _coco(tmp_path: Path, images=None, annotations=None, categories=None) -> Path:
+    """An instances JSON (one 40x30 image `a.jpg`, one ring box unless given) beside `imgs/`."""
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    data = {
+        "images": images or [{"id": 1, "file_name": "a.jpg", "width": W, "height": H}],
+        "categories": categories or [{"id": 1, "name": "ring"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]}]
+        if annotations is None
+        else annotations,
+    }
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _ann(**fields) -> dict:
+    return {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], **fields}
+
+
+# ------------------------------------------------------------------ COCO ids and categories
+
+
+def test_coco_duplicate_image_id_raises(tmp_path):
+    """The second image used to replace the first, taking its annotations with it."""
+    images = [
+        {"id": 1, "file_name": "a.jpg", "width": W, "height": H},
+        {"id": 1, "file_name": "b.jpg", "width": W, "height": H},
+    ]
+    with pytest.raises(DataError, match=r"ann\.json: image id 1 .*more than once"):
+        read_coco(_coco(tmp_path, images=images), tmp_path / "imgs")
+
+
+def test_coco_duplicate_annotation_id_raises(tmp_path):
+    """Instance ids key the attribution and pseudo-label manifests: two rows must not merge."""
+    path = _coco(tmp_path, annotations=[_ann(), _ann(bbox=[20, 5, 8, 8])])
+    with pytest.raises(
+        DataError, match=r"ann\.json: annotation 1: annotation id 1 .*more than once"
+    ):
+        read_coco(path, tmp_path / "imgs")
+
+
+def test_coco_string_ids_match_their_integers(tmp_path):
+    """Image and category ids are read with int(); the annotations' references must match the
+    same way (a string image_id used to orphan the annotation, a string category_id to raise)."""
+    path = _coco(tmp_path, annotations=[_ann(image_id="1", category_id="1")])
+    ds = read_coco(path, tmp_path / "imgs")
+    assert [i.label for i in ds.records[0].instances] == [1] and ds.skipped.total == 0
+
+
+def test_coco_non_contiguous_category_ids(tmp_path):
+    categories = [{"id": 90, "name": "z"}, {"id": 1, "name": "a"}, {"id": 5, "name": "f"}]
+    path = _coco(tmp_path, categories=categories, annotations=[_ann(category_id=90)])
+    ds = read_coco(path, tmp_path / "imgs")
+    assert ds.classes == ["a", "f", "z"] and ds.category_ids == [1, 5, 90]
+    assert ds.records[0].instances[0].label == 3
+
+
+@pytest.mark.parametrize(
+    ("second", "problem"),
+    [({"id": 1, "name": "star"}, "category id 1"), ({"id": 2, "name": "ring"}, "name 'ring'")],
+)
+def test_coco_category_listed_twice_raises(tmp_path, second, problem):
+    """A repeated category used to become a second, never-used label with the same name."""
+    path = _coco(tmp_path, categories=[{"id": 1, "name": "ring"}, second])
+    with pytest.raises(DataError, match=rf"ann\.json: .*{problem} is listed more than once"):
+        read_coco(path, tmp_path / "imgs")
+
+
+def test_coco_category_without_name_names_file(tmp_path):
+    with pytest.raises(DataError, match=r"ann\.json: category without a valid id"):
+        read_coco(_coco(tmp_path, categories=[{"id": 1}]), tmp_path / "imgs")
+
+
+# ------------------------------------------------------------------ COCO boxes and flags
+
+
+@pytest.mark.parametrize("bbox", [[float("nan"), 2, 5, 5], [2, 2, float("inf"), 5], [1, 2, 3]])
+def test_coco_non_finite_or_short_bbox_raises(tmp_path, bbox):
+    """NaN boxes used to pass through as NaN coordinates, inf ones were clipped to the border."""
+    path = _coco(tmp_path, annotations=[_ann(bbox=bbox)])
+    with pytest.raises(DataError, match=r"ann\.json: annotation 1: invalid bbox"):
+        read_coco(path, tmp_path / "imgs")
+
+
+def test_coco_negative_size_bbox_is_counted(tmp_path):
+    path = _coco(tmp_path, annotations=[_ann(bbox=[20, 5, -5, 10])])
+    ds = read_coco(path, tmp_path / "imgs")
+    assert ds.records[0].instances == [] and ds.skipped.counts == {"zero_area_box": 1}
+
+
+def test_coco_iscrowd_flag_values(tmp_path):
+    """The string "0" used to count as crowd (bool("0") is True); a missing flag is 0."""
+    anns = [_ann(id=1, iscrowd="0"), _ann(id=2, iscrowd=1), _ann(id=3)]
+    ds = read_coco(_coco(tmp_path, annotations=anns), tmp_path / "imgs")
+    assert [i.iscrowd for i in ds.records[0].instances] == [False, True, False]
+    path = _coco(tmp_path, annotations=[_ann(iscrowd="yes")])
+    with pytest.raises(DataError, match=r"ann\.json: annotation 1: iscrowd must be 0 or 1"):
+        read_coco(path, tmp_path / "imgs")
+
+
+def test_coco_invalid_annotation_id_names_file(tmp_path):
+    path = _coco(tmp_path, annotations=[_ann(id="abc")])
+    with pytest.raises(DataError, match=r"ann\.json: annotation abc: invalid annotation id"):
+        read_coco(path, tmp_path / "imgs")
+
+
+# ------------------------------------------------------------------ COCO image entries
+
+
+@pytest.mark.parametrize("file_name", ["../a.jpg", "sub/../../a.jpg", "/etc/passwd"])
+def test_coco_file_name_outside_image_root_raises(tmp_path, file_name):
+    images = [{"id": 1, "file_name": file_name, "width": W, "height": H}]
+    with pytest.raises(DataError, match=r"ann\.json: file_name .* is outside the image root"):
+        read_coco(_coco(tmp_path, images=images), tmp_path / "imgs")
+
+
+def test_coco_absolute_file_name_inside_root_and_unicode_names_are_read(tmp_path):
+    inside = str((tmp_path / "imgs" / "sub" / "b.jpg").absolute())
+    images = [
+        {"id": 1, "file_name": "Ünïcödé 猫.jpg", "width": W, "height": H},
+        {"id": 2, "file_name": inside, "width": W, "height": H},
+    ]
+    ds = read_coco(_coco(tmp_path, images=images), tmp_path / "imgs")
+    assert [r.image_id for r in ds.records] == ["Ünïcödé 猫", "b"]
+    assert ds.records[1].path == Path(inside)
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"id": 1, "file_name": "", "width": W, "height": H}, "invalid file_name"),
+        ({"id": 1, "file_name": None, "width": W, "height": H}, "invalid file_name"),
+        ({"id": 1, "file_name": "a.jpg", "width": "wide", "height": H}, "invalid width/height"),
+    ],
+)
+def test_coco_invalid_image_entry_names_file(tmp_path, entry, problem):
+    with pytest.raises(DataError, match=rf"ann\.json: image .*{problem}"):
+        read_coco(_coco(tmp_path, images=[entry]), tmp_path / "imgs")
