@@ -22,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 
 from bbam.atomic import atomic_write_text
 from bbam.data.records import ImageRecord
+from bbam.pseudo_labels import crowd_region
 
 IGNORE_INDEX = 255
 VOC_IOU_THRESHOLDS = (0.25, 0.5, 0.7, 0.75)
@@ -105,6 +106,21 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
         mpre[i] = max(mpre[i], mpre[i + 1])
     idx = np.where(mrec[1:] != mrec[:-1])[0]
     return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
+
+
+def records_with_gt_masks(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[str]]:
+    """(records whose every non-crowd instance has a GT mask, image ids of the others).
+
+    Boxes alone are legal input (they are what BBAM starts from), but mask metrics need a
+    GT mask for every object of an image: an unmasked object would count its predictions as
+    false positives. Such images are left out of mask evaluation and reported."""
+    kept, left_out = [], []
+    for r in records:
+        if all(i.mask is not None for i in r.instances if not i.iscrowd):
+            kept.append(r)
+        else:
+            left_out.append(r.image_id)
+    return kept, left_out
 
 
 def _gt_by_image(records: list[ImageRecord]) -> dict[str, dict[str, np.ndarray]]:
@@ -219,9 +235,13 @@ def records_to_coco(
         ids[r.image_id] = n
         images.append({"id": n, "file_name": r.path.name, "height": r.height, "width": r.width})
         for inst in r.instances:
-            if inst.mask is None:
+            if inst.iscrowd:
+                mask = crowd_region(inst, r.height, r.width)
+            elif inst.mask is None:
                 raise ValueError(f"{r.path}: instance {inst.instance_id} has no GT mask")
-            rle = mask_utils.encode(np.asfortranarray(inst.mask.astype(np.uint8)))
+            else:
+                mask = inst.mask
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             x1, y1, x2, y2 = (float(v) for v in inst.box)
             anns.append(
                 {
@@ -319,20 +339,12 @@ def pseudo_label_quality(
     if pseudo_semantic is not None:
         from bbam.segmenters.semantic import render_label_map
 
-        # Box-only instances are legal (boxes are BBAM's input): without every GT mask an
-        # image has no GT label map, so it is left out and counted.
-        scored = [
-            r
-            for r in records
-            if r.image_id in pseudo_semantic
-            and all(i.mask is not None for i in r.instances if not i.iscrowd)
-        ]
+        labelled = [r for r in records if r.image_id in pseudo_semantic]
+        scored, left_out = records_with_gt_masks(labelled)  # no GT label map without them
         pairs = ((pseudo_semantic[r.image_id], render_label_map(r, "mask")) for r in scored)
         out["pseudo_sem_miou"] = semantic_miou(pairs, num_classes)["miou"]
         out["pseudo_sem_images"] = len(scored)
-        out["pseudo_sem_images_without_gt_mask"] = sum(
-            r.image_id in pseudo_semantic for r in records
-        ) - len(scored)
+        out["pseudo_sem_images_without_gt_mask"] = len(left_out)
     return out
 
 

@@ -21,6 +21,7 @@ from bbam.manifest import load_grid
 from bbam.mcg import MCGConfig, ProposalSource
 from bbam.pseudo_labels import (
     build_instance_annotations,
+    mark_crowd_ignore,
     refine_record,
     semantic_label,
     write_semantic_png,
@@ -98,6 +99,7 @@ def label_image(
         record.width,
         [(i.label, i.box, m.fg, m.ignore) for i, m in zip(instances, masks, strict=True)],
     )
+    mark_crowd_ignore(label, record.instances)
     semantic_path = semantic_dir / f"{record.image_id}.png"
     write_semantic_png(semantic_path, label)
     return LabelledImage(annotations, out_rows, semantic_path)

@@ -7,7 +7,9 @@ with an empty RLE and flagged `bbam.empty_fg = true`, so boxes and masks never m
 
 Semantic labels follow the reference (§6f): per-class union of fg masks, pixels claimed by two
 or more classes -> 255; a box lying entirely inside another re-assigns its own mask pixels to its
-class (largest to smallest box); finally every instance's ignore band -> 255.
+class (largest to smallest box); finally every instance's ignore band -> 255. Crowd regions
+(COCO `iscrowd`) are 255 too: they hold objects of their class that no box singles out, so
+neither background nor a class is a safe target there (`mark_crowd_ignore`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from bbam.data.palette import save_palette_png
 from bbam.data.records import ImageRecord, Instance
 from bbam.data.writers import mask_to_rle
 from bbam.mcg import MCGConfig, ProposalSource, apply_proposals
-from bbam.refine import InstanceMasks, RefineConfig, refine_instance
+from bbam.refine import InstanceMasks, RefineConfig, box_slices, refine_instance
 
 IGNORE = 255
 
@@ -193,6 +195,25 @@ def semantic_label(
     for _, _, _, ignore in instances:
         label[ignore] = IGNORE
     return label
+
+
+def mark_crowd_ignore(label: np.ndarray, instances: Sequence[Instance]) -> np.ndarray:
+    """Set the crowd regions of ``instances`` to 255 in ``label`` (in place; returned).
+
+    A crowd region is its mask, or its box when it has none."""
+    for inst in instances:
+        if inst.iscrowd:
+            label[crowd_region(inst, *label.shape)] = IGNORE
+    return label
+
+
+def crowd_region(inst: Instance, height: int, width: int) -> np.ndarray:
+    """HxW bool: a crowd instance's mask, or its box when it has no mask."""
+    if inst.mask is not None and inst.mask.shape == (height, width):
+        return inst.mask.astype(bool)
+    region = np.zeros((height, width), dtype=bool)
+    region[box_slices(np.asarray(inst.box), height, width)] = True
+    return region
 
 
 def write_semantic_png(path: str | Path, label: np.ndarray) -> None:

@@ -12,7 +12,7 @@ the mean instance IoU with the GT mask (percent):
   map. The gap between it and 100 is lost by the post-processing (blur, CRF, cut), whatever
   the attribution does.
 It also reports the class-wise semantic mIoU (background included; pixels the pseudo label marks
-255 count as wrong) and merges `pseudo_labels` into bench/results.json.
+255 count as wrong; crowd regions are not scored) and merges `pseudo_labels` into bench/results.json.
 
     python bench/pseudo_labels.py --annotations data/synthetic/annotations/instances_val.json \\
         --image-root data/synthetic/VOC2012/JPEGImages --maps runs/attribution/val
@@ -37,7 +37,7 @@ from bbam.baselines import box_mask, grabcut_mask
 from bbam.data.images import load_rgb
 from bbam.data.records import ImageRecord
 from bbam.mcg import MCGConfig, MCGMatSource, ProposalSource, SuperpixelSource, apply_proposals
-from bbam.pseudo_labels import IGNORE, semantic_label
+from bbam.pseudo_labels import IGNORE, mark_crowd_ignore, semantic_label
 from bbam.refine import RefineConfig, refine_instance
 
 VARIANTS = ("bbam_raw", "bbam_crf", "bbam_crf_proposals", "box", "grabcut", "gt_map_crf")
@@ -191,7 +191,7 @@ def evaluate_pseudo_labels(
             gt_sem.append((inst.label, inst.box, inst.mask, none))
             counts["instances"] += 1
         h, w = image.shape[:2]
-        gt_label = semantic_label(h, w, gt_sem)
+        gt_label = mark_crowd_ignore(semantic_label(h, w, gt_sem), record.instances)
         for variant in VARIANTS:
             conf[variant] += _confusion(gt_label, semantic_label(h, w, per_variant[variant]), n)
     out: dict = {}

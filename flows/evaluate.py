@@ -68,6 +68,9 @@ def evaluate_flow(params_path: str = "params.yaml") -> dict:
             "ins_ap75": _pct(voc.get("ap75")),
             "ins_abo": _pct(voc.get("abo")),
             **{f"coco_{k}": _pct(v) for k, v in coco.items() if isinstance(v, float)},
+            # box-only val images cannot be scored on masks: left out, counted here
+            "val_images": instance["images"],
+            "val_images_without_gt_mask": instance["images_without_gt_mask"],
         }
     pseudo = evaluate_pseudo_labels(params_path)
     pseudo_pct = {k: _pct(v) for k, v in pseudo.items() if isinstance(v, float)}

@@ -8,9 +8,11 @@ from prefect import task
 
 from bbam.data.coco import coco_image_ids, decode_segmentation, load_coco_json, read_coco
 from bbam.data.images import load_rgb
+from bbam.data.records import DataError, ImageRecord
 from bbam.evaluate import (
     coco_metrics_from_records,
     pseudo_label_quality,
+    records_with_gt_masks,
     semantic_miou,
     voc_instance_metrics,
 )
@@ -20,24 +22,37 @@ from flows.common import load_params, load_split, split_paths
 from tasks.segmenters import PSEUDO_DIR, SEGMENTERS_DIR, instance_config, semantic_config
 
 
+def masked_val_records(params: dict, records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
+    """The val images that mask metrics can score, and how many were left out (box-only)."""
+    kept, left_out = records_with_gt_masks(records)
+    if not kept:
+        raise DataError(
+            f"{split_paths(params, 'val')[0]}: no val image has a GT mask for every instance; "
+            "mask metrics need them (boxes alone can be labelled, not evaluated)"
+        )
+    return kept, len(left_out)
+
+
 @task(name="evaluate-instance-segmenter")
 def evaluate_instance(params_path: str, supervision: str) -> dict:
     params = load_params(params_path)
     val = load_split(params, "val")
+    records, left_out = masked_val_records(params, val.records)
     config = instance_config(params, supervision)
     model = load_instance_model(
         SEGMENTERS_DIR / f"instance_{supervision}" / "model.pt", config, len(val.classes) + 1
     )
-    predictions = predict_instances(model, val.records, device=config.device)
-    voc = voc_instance_metrics(val.records, predictions, len(val.classes) + 1)
-    coco = coco_metrics_from_records(val.records, val.classes, predictions)
-    return {"voc": voc, "coco": coco}
+    predictions = predict_instances(model, records, device=config.device)
+    voc = voc_instance_metrics(records, predictions, len(val.classes) + 1)
+    coco = coco_metrics_from_records(records, val.classes, predictions)
+    return {"voc": voc, "coco": coco, "images": len(records), "images_without_gt_mask": left_out}
 
 
 @task(name="evaluate-semantic-segmenter")
 def evaluate_semantic(params_path: str, supervision: str) -> dict:
     params = load_params(params_path)
     val = load_split(params, "val")
+    records, left_out = masked_val_records(params, val.records)
     config = semantic_config(params, supervision)
     model = load_semantic_model(
         SEGMENTERS_DIR / f"semantic_{supervision}" / "model.pt", config, len(val.classes) + 1
@@ -45,10 +60,11 @@ def evaluate_semantic(params_path: str, supervision: str) -> dict:
     pairs = (
         (prediction, render_label_map(record))
         for record, prediction in predict_semantic(
-            model, val.records, device=config.device, scale=config.scale
+            model, records, device=config.device, scale=config.scale
         )
     )
-    return semantic_miou(pairs, len(val.classes) + 1)
+    metrics = semantic_miou(pairs, len(val.classes) + 1)
+    return metrics | {"images": len(records), "images_without_gt_mask": left_out}
 
 
 def _pseudo_split(params: dict):

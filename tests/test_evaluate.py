@@ -14,6 +14,7 @@ from bbam.evaluate import (
     coco_segm_metrics,
     confusion_matrix,
     records_to_coco,
+    records_with_gt_masks,
     semantic_miou,
     voc_ap,
     voc_instance_metrics,
@@ -180,6 +181,34 @@ def test_coco_wrapper_equals_direct_cocoeval():
     ]
     assert coco_metrics_from_records(recs, ["a", "b"], perfect)["ap"] == pytest.approx(1.0)
     assert coco_segm_metrics(gt, [])["ap"] == 0.0
+
+
+def test_box_only_images_left_out_of_mask_metrics():
+    masked = _rec("masked", [(_rect(1, 5, 1, 5), 1)])
+    box_only = _rec("box_only", [(_rect(1, 5, 1, 5), 1), (_rect(5, 8, 5, 8), 2)])
+    box_only.instances[1].mask = None
+    crowd_only_unmasked = _rec("crowd", [(_rect(1, 5, 1, 5), 1)])
+    crowd_only_unmasked.instances.append(
+        Instance(9, 2, np.array([5.0, 5.0, 8.0, 8.0]), None, iscrowd=True)
+    )
+    kept, left_out = records_with_gt_masks([masked, box_only, crowd_only_unmasked])
+    assert [r.image_id for r in kept] == ["masked", "crowd"]
+    assert left_out == ["box_only"]
+
+
+def test_crowd_without_mask_is_its_box_and_detections_on_it_are_not_false_positives():
+    h, w = 40, 48
+    rec = _rec("im", [(_rect(2, 20, 3, 25, h, w), 1)], h, w)
+    rec.instances.append(Instance(7, 1, np.array([30.0, 24.0, 46.0, 38.0]), None, iscrowd=True))
+    gt, _ = records_to_coco([rec], ["a"])
+    crowd = [a for a in gt["annotations"] if a["iscrowd"]]
+    assert len(crowd) == 1 and crowd[0]["area"] == 16 * 14
+    preds = [
+        {"image_id": "im", "category_id": 1, "score": 0.9, "mask": _rect(24, 38, 30, 46, h, w)},
+        {"image_id": "im", "category_id": 1, "score": 0.5, "mask": rec.instances[0].mask},
+    ]
+    # The higher-scored detection lies on the crowd region: ignored, not a false positive.
+    assert coco_metrics_from_records([rec], ["a"], preds)["ap50"] == pytest.approx(1.0)
 
 
 def test_writers(tmp_path):

@@ -156,6 +156,12 @@ def write_messy_coco(root: Path) -> None:
             ],
         },
         {"file_name": "v_empty.png", "size": (96, 128), "mode": "RGBA", "anns": []},
+        {  # a box without a mask: it cannot be scored on masks
+            "file_name": "v_box_only.jpg",
+            "size": (128, 96),
+            "mode": "RGB",
+            "anns": [{"category_id": 2, "bbox": [30, 20, 50, 40], "segmentation": None}],
+        },
     ]
     _write_split(root, "train", train)
     _write_split(root, "val", val)
@@ -194,7 +200,7 @@ def _train_annotations(project: Path) -> list[dict]:
 def test_odd_inputs_are_reported_by_the_data_summary(messy_run):
     project, _ = messy_run
     data = json.loads((project / "metrics/data.json").read_text())
-    assert data["train"]["images"] == 6 and data["val"]["images"] == 3  # empty images count
+    assert data["train"]["images"] == 6 and data["val"]["images"] == 4  # empty images count
     assert data["train"]["skipped"] == {"degenerate_polygon": 1}
     assert data["train"]["instances_per_class"]["fig"] == 0
     assert data["val"]["instances_per_class"]["fig"] == 1
@@ -235,6 +241,8 @@ def test_every_non_crowd_instance_gets_a_pseudo_label(messy_run):
     assert by_id[degenerate]["iou_gt"] is None, "no GT mask: not scored as IoU 0"
     tiny = next(a["id"] for a in anns if a["bbox"] == [20, 20, 2, 3])
     assert by_id[tiny]["fg_area"] > 0
+    gray = np.asarray(Image.open(semantic / "gray.png"))
+    assert (gray[80:110, 110:150] == 255).all(), "a crowd region is ignore, not background"
 
 
 def test_segmenters_record_what_they_skip_and_evaluation_runs(messy_run):
@@ -252,5 +260,8 @@ def test_segmenters_record_what_they_skip_and_evaluation_runs(messy_run):
     assert set(evaluation) >= {"full", "bbam", "pseudo_labels", "table"}
     assert evaluation["pseudo_labels"]["pseudo_sem_images_without_gt_mask"] == 1
     assert evaluation["pseudo_labels"]["pseudo_sem_images"] == 5
+    for supervision in ("full", "bbam"):  # the box-only val image is left out and counted
+        assert evaluation[supervision]["val_images_without_gt_mask"] == 1
+        assert evaluation[supervision]["val_images"] == 3
     assert (project / "reports/index.html").is_file()
     assert "skipped 1" in outputs["attribute"].stdout

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from bbam.pseudo_labels import (
     build_instance_annotations,
     coco_image_entry,
     coco_image_id,
+    mark_crowd_ignore,
     semantic_label,
     write_coco_pseudo_gt,
     write_semantic_png,
@@ -89,6 +91,24 @@ def test_ignore_band_applied_last():
     assert np.all(label[a_ign] == IGNORE)
     assert np.all(label[a_fg] == 2)
     assert np.all(label[b_fg & ~a_ign] == 4)
+
+
+def test_crowd_regions_are_ignore_in_semantic_targets():
+    from bbam.segmenters.semantic import render_label_map
+
+    h, w = 12, 16
+    person = Instance(0, 1, np.array([0.0, 0.0, 6.0, 6.0]), rect(h, w, 1, 5, 1, 5))
+    crowd_mask = Instance(1, 1, np.array([8.0, 0.0, 16.0, 6.0]), rect(h, w, 2, 4, 9, 15), True)
+    crowd_box = Instance(2, 2, np.array([2.5, 7.2, 6.0, 11.0]), None, iscrowd=True)
+    record = ImageRecord("a", Path("a.jpg"), w, h, [person, crowd_mask, crowd_box])
+    expected = crowd_mask.mask | rect(h, w, 7, 11, 2, 6)  # a box-only crowd: its box, rounded out
+
+    label = mark_crowd_ignore(np.zeros((h, w), np.uint8), record.instances)
+    assert np.array_equal(label == IGNORE, expected)
+    for source in ("mask", "box"):
+        target = render_label_map(record, source)
+        assert np.array_equal(target == IGNORE, expected), source
+        assert (target[person.mask] == 1).all() and (target[~expected & (target != 1)] == 0).all()
 
 
 def test_semantic_png_palette_roundtrip(tmp_path):

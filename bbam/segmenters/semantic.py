@@ -34,6 +34,7 @@ from tqdm import tqdm
 from bbam.data.images import load_rgb
 from bbam.data.palette import load_index_png
 from bbam.data.records import DataError, ImageRecord, SkipReport
+from bbam.pseudo_labels import mark_crowd_ignore
 from bbam.segmenters import training as T
 
 IGNORE_INDEX = 255
@@ -132,7 +133,9 @@ def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> Seman
 
 
 def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
-    """HxW uint8 class map from a record's instances: GT masks, or boxes (largest drawn first)."""
+    """HxW uint8 class map from a record's instances: GT masks, or boxes (largest drawn first).
+
+    Crowd regions are 255 (ignored by the loss and by the evaluation)."""
     out = np.zeros((record.height, record.width), dtype=np.uint8)
     instances = [i for i in record.instances if not i.iscrowd]
     if source == "box":
@@ -143,12 +146,12 @@ def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
             x2 = min(record.width, math.ceil(inst.box[2]))
             y2 = min(record.height, math.ceil(inst.box[3]))
             out[y1:y2, x1:x2] = inst.label
-        return out
+        return mark_crowd_ignore(out, record.instances)
     for inst in instances:
         if inst.mask is None:
             raise DataError(f"{record.path}: instance {inst.instance_id} has no GT mask")
         out[inst.mask] = inst.label
-    return out
+    return mark_crowd_ignore(out, record.instances)
 
 
 def semantic_target(
