@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bbam.data.coco import read_coco
 from bbam.data.records import DataError
+from bbam.data.writers import mask_to_rle
 
 W, H = 40, 30
 
@@ -152,3 +154,53 @@ def test_coco_absolute_file_name_inside_root_and_unicode_names_are_read(tmp_path
 def test_coco_invalid_image_entry_names_file(tmp_path, entry, problem):
     with pytest.raises(DataError, match=rf"ann\.json: image .*{problem}"):
         read_coco(_coco(tmp_path, images=[entry]), tmp_path / "imgs")
+
+
+# ------------------------------------------------------------------ COCO segmentations
+
+
+def _square() -> np.ndarray:
+    mask = np.zeros((H, W), bool)
+    mask[5:20, 5:30] = True
+    return mask
+
+
+def test_coco_empty_segmentation_means_no_mask(tmp_path):
+    """Box-only exports write "segmentation": []; that used to become an all-zero GT mask,
+    which teaches "background" and scores IoU 0."""
+    ds = read_coco(_coco(tmp_path, annotations=[_ann(segmentation=[])]), tmp_path / "imgs")
+    (instance,) = ds.records[0].instances
+    assert instance.mask is None and ds.skipped.total == 0
+
+
+def test_coco_polygon_with_odd_coordinate_count_raises(tmp_path):
+    """pycocotools ignored the dangling coordinate and drew a different polygon."""
+    path = _coco(tmp_path, annotations=[_ann(segmentation=[[2, 2, 12, 2, 12, 12, 2]])])
+    with pytest.raises(DataError, match=r"ann\.json: annotation 1: polygon with an odd number"):
+        read_coco(path, tmp_path / "imgs")
+
+
+def test_coco_rle_counts_must_cover_the_whole_mask(tmp_path):
+    """Counts that fall short left the rest of the mask as uninitialised memory."""
+    rle = mask_to_rle(_square())
+    short = {"size": [H, W], "counts": rle["counts"][:-2]}  # the last (zero) run cut off
+    uncompressed = {"size": [H, W], "counts": [60, 5, 10]}
+    for n, segm in enumerate((short, uncompressed), start=1):
+        path = _coco(tmp_path, annotations=[_ann(id=n, segmentation=segm)])
+        with pytest.raises(DataError, match=rf"ann\.json: annotation {n}: RLE counts cover"):
+            read_coco(path, tmp_path / "imgs")
+
+
+def test_coco_rle_size_must_match_the_image(tmp_path):
+    path = _coco(tmp_path, annotations=[_ann(segmentation={"size": [20, 20], "counts": [400]})])
+    with pytest.raises(DataError, match=r"annotation 1: mask size \(20, 20\) differs"):
+        read_coco(path, tmp_path / "imgs")
+
+
+def test_coco_uncompressed_rle_on_a_non_crowd_instance(tmp_path):
+    # column-major runs of _square(): 5 empty columns and 5 rows, then 25 columns of 15 pixels
+    counts = [5 * H + 5, 15] + [H - 15, 15] * 24 + [H * W - (5 * H + 5) - 15 - 24 * H]
+    path = _coco(tmp_path, annotations=[_ann(segmentation={"size": [H, W], "counts": counts})])
+    (instance,) = read_coco(path, tmp_path / "imgs").records[0].instances
+    np.testing.assert_array_equal(instance.mask, _square())
+    assert not instance.iscrowd

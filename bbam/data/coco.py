@@ -104,18 +104,45 @@ def _degenerate(polygon) -> bool:
     return isinstance(polygon, list) and len(polygon) < 6
 
 
+def _rle_length(counts: str | bytes) -> int:
+    """Pixels a compressed RLE string covers (maskApi.c's rleFrString, vectorised).
+
+    Each count is a run of 5-bit groups, low bits first; 0x20 means "more groups follow", 0x10
+    on the last group makes it negative. From the 4th count on, counts are deltas to the count
+    two places before, so the runs are the cumulative sums of every other count."""
+    raw = counts.encode("ascii") if isinstance(counts, str) else counts
+    c = np.frombuffer(raw, np.uint8).astype(np.int64) - 48
+    last = (c & 0x20) == 0
+    if not c.size or not last[-1]:
+        raise ValueError("RLE string is empty or cut inside a count")
+    start = np.flatnonzero(np.r_[True, last[:-1]])
+    shift = 5 * (np.arange(c.size) - np.repeat(start, np.diff(np.r_[start, c.size])))
+    x = np.add.reduceat((c & 0x1F) << shift, start)
+    x -= np.where(c[last] & 0x10, 1 << (shift[last] + 5), 0)
+    return int(x[0] + np.cumsum(x[1::2]).sum() + np.cumsum(x[2::2]).sum())
+
+
 def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray:
-    """HxW bool mask from polygons, uncompressed RLE or compressed RLE."""
+    """HxW bool mask from polygons, uncompressed RLE or compressed RLE.
+
+    RLE counts must cover exactly size[0] x size[1] pixels: pycocotools leaves the rest of the
+    mask uninitialised memory when they fall short. Polygons need an even number of coordinates
+    (an odd one is a truncated list that pycocotools would silently close differently)."""
     try:
         if isinstance(segm, list):
+            if any(isinstance(p, list) and len(p) % 2 for p in segm):
+                raise DataError(f"{where}: polygon with an odd number of coordinates")
             polys = [p for p in segm if len(p) >= 6]
             if not polys:
                 return np.zeros((height, width), dtype=bool)
             rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
-        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-            rle = mask_utils.frPyObjects(segm, *segm["size"])
-        elif isinstance(segm, dict) and isinstance(segm.get("counts"), str | bytes):
-            rle = segm
+        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list | str | bytes):
+            h, w = (int(v) for v in segm["size"])
+            counts = segm["counts"]
+            covered = sum(counts) if isinstance(counts, list) else _rle_length(counts)
+            if covered != h * w:
+                raise DataError(f"{where}: RLE counts cover {covered} pixels, not {h}x{w}")
+            rle = mask_utils.frPyObjects(segm, h, w) if isinstance(counts, list) else segm
         else:
             raise DataError(f"{where}: unsupported segmentation format")
         with warnings.catch_warnings(action="ignore", category=DeprecationWarning):
@@ -202,7 +229,7 @@ def read_coco(
                 raise DataError(f"{where}: unknown category_id {ann.get('category_id')!r}")
             skipped.add("unknown_class", where)
             continue
-        segm = ann.get("segmentation")
+        segm = ann.get("segmentation") or None  # box-only exports write "segmentation": []
         if isinstance(segm, list) and any(_degenerate(p) for p in segm):
             # An empty GT mask would teach "background" and score IoU 0: no mask instead.
             skipped.add("degenerate_polygon", where)
