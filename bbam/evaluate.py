@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,24 +123,13 @@ def records_with_gt_masks(records: list[ImageRecord]) -> tuple[list[ImageRecord]
     return kept, left_out
 
 
-def _gt_by_image(records: list[ImageRecord]) -> dict[str, dict[str, np.ndarray]]:
-    out = {}
-    for r in records:
-        insts = [i for i in r.instances if not i.iscrowd]
-        for i in insts:
-            if i.mask is None:
-                raise ValueError(f"{r.path}: instance {i.instance_id} has no GT mask to evaluate")
-        masks = (
-            np.stack([i.mask for i in insts])
-            if insts
-            else np.zeros((0, r.height, r.width), dtype=bool)
-        )
-        out[r.image_id] = {
-            "labels": np.array([i.label for i in insts], dtype=np.int64),
-            "difficult": np.array([bool(i.difficult) for i in insts], dtype=bool),
-            "masks": masks.astype(bool),
-        }
-    return out
+def _gt_masks(record: ImageRecord, instances: list) -> np.ndarray:
+    for i in instances:
+        if i.mask is None:
+            raise ValueError(f"{record.path}: instance {i.instance_id} has no GT mask to evaluate")
+    if not instances:
+        return np.zeros((0, record.height, record.width), dtype=bool)
+    return np.stack([i.mask for i in instances]).astype(bool)
 
 
 def voc_instance_metrics(
@@ -155,20 +144,33 @@ def voc_instance_metrics(
     highest IoU in its image (a GT already taken makes it a false positive; difficult GTs are
     neither), AP by all-point interpolation, mean over classes with GT. ABO: for each GT
     instance, the best IoU among all predictions of its image, averaged over instances.
+    Masks are decoded one image at a time (a whole COCO val split would not fit in memory).
     """
-    gts = _gt_by_image(records)
-    preds_by_image: dict[str, list[tuple[int, float, np.ndarray]]] = {k: [] for k in gts}
+    gts: dict[str, dict[str, np.ndarray]] = {}
+    for r in records:
+        insts = [i for i in r.instances if not i.iscrowd]
+        gts[r.image_id] = {
+            "labels": np.array([i.label for i in insts], dtype=np.int64),
+            "difficult": np.array([bool(i.difficult) for i in insts], dtype=bool),
+        }
+    preds_by_image: dict[str, list[tuple[int, float, dict[str, Any]]]] = {k: [] for k in gts}
     for p in predictions:
         key = str(p["image_id"])
         if key not in gts:
             raise ValueError(f"prediction for unknown image_id {key!r}")
-        preds_by_image[key].append((int(p["category_id"]), float(p["score"]), _mask_of(p)))
+        preds_by_image[key].append((int(p["category_id"]), float(p["score"]), p))
     ious: dict[str, np.ndarray] = {}
     best_overlaps: list[float] = []
-    for key, g in gts.items():
+    for r in records:
+        key, g = r.image_id, gts[r.image_id]
+        gt_masks = _gt_masks(r, [i for i in r.instances if not i.iscrowd])
         plist = preds_by_image[key]
-        pm = np.stack([m for _, _, m in plist]) if plist else np.zeros((0,) + g["masks"].shape[1:])
-        ious[key] = mask_iou(pm.astype(bool), g["masks"])
+        pm = (
+            np.stack([_mask_of(p) for _, _, p in plist])
+            if plist
+            else np.zeros((0,) + gt_masks.shape[1:], dtype=bool)
+        )
+        ious[key] = mask_iou(pm, gt_masks)
         for j in range(len(g["labels"])):
             best_overlaps.append(float(ious[key][:, j].max()) if len(plist) else 0.0)
     out: dict[str, Any] = {"abo": float(np.mean(best_overlaps)) if best_overlaps else float("nan")}
@@ -306,15 +308,16 @@ def coco_metrics_from_records(
 
 def pseudo_label_quality(
     records: list[ImageRecord],
-    pseudo_instances: dict[str, list[tuple[int, np.ndarray, np.ndarray]]],
+    pseudo_instances: Mapping[str, list[tuple[int, np.ndarray, np.ndarray]]],
     num_classes: int,
-    pseudo_semantic: dict[str, np.ndarray] | None = None,
+    pseudo_semantic: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Pseudo GT vs GT. `pseudo_instances[image_id]` = [(label, box xyxy, fg mask)].
 
     Each GT instance is paired with the same-label pseudo instance whose box overlaps its box
     most (pseudo boxes are the input GT boxes); unpaired GT instances score IoU 0.
-    Semantic pseudo labels: 255 counts as background (see `confusion_matrix`).
+    Semantic pseudo labels: 255 counts as background (see `confusion_matrix`). Both mappings
+    are read one image at a time, so they may load on access.
     """
     ious: list[float] = []
     for r in records:

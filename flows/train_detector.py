@@ -28,7 +28,9 @@ def train(params_path: str) -> dict:
 
     params = load_params(params_path)
     config = detector_config(params)
-    train_split, val_split = load_split(params, "train"), load_split(params, "val")
+    # Boxes only: decoding every GT mask would cost memory at COCO scale for nothing.
+    train_split = load_split(params, "train", with_masks=False)
+    val_split = load_split(params, "val", with_masks=False)
     digest = detector_params_hash(params, config)
     return train_detector(train_split, val_split, DETECTOR_DIR, config, digest)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
 import numpy as np
 from PIL import Image
 from prefect import task
@@ -81,16 +84,34 @@ def evaluate_pseudo_labels(params_path: str) -> dict:
     train = load_split(params, params["attribution"]["split"])
     if not any(i.mask is not None for r in train.records for i in r.instances):
         return {}
-    pseudo = _pseudo_split(params)
-    instances = {
-        r.image_id: [(i.label, i.box, i.mask) for i in r.instances] for r in pseudo.records
-    }
-    semantic = {}
-    for record in train.records:
-        path = PSEUDO_DIR / "semantic" / f"{record.image_id}.png"
-        if path.is_file():
-            semantic[record.image_id] = np.asarray(Image.open(path))
+    pseudo = {r.image_id: r for r in _pseudo_split(params).records}
+    instances = PerImage(
+        {
+            key: lambda r=r: [(i.label, i.box, i.mask) for i in r.instances]
+            for key, r in pseudo.items()
+        }
+    )
+    pngs = {r.image_id: PSEUDO_DIR / "semantic" / f"{r.image_id}.png" for r in train.records}
+    semantic = PerImage(
+        {key: lambda p=p: np.asarray(Image.open(p)) for key, p in pngs.items() if p.is_file()}
+    )
     return pseudo_label_quality(train.records, instances, len(train.classes) + 1, semantic)
+
+
+class PerImage(Mapping):
+    """image_id -> value loaded when asked for: a split's masks never sit in memory at once."""
+
+    def __init__(self, loaders: dict[str, Callable[[], Any]]) -> None:
+        self._loaders = loaders
+
+    def __getitem__(self, key: str) -> Any:
+        return self._loaders[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
 
 
 def report_samples(params: dict, count: int) -> list[dict]:
