@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from bbam.data.coco import read_coco
 from bbam.data.records import DataError
+from bbam.data.voc import read_voc
 from bbam.data.writers import mask_to_rle
 
 W, H = 40, 30
+CLASSES = ["ring", "star"]
 
 
 def _coco(tmp_path: Path, images=None, annotations=None, categories=None) -> Path:
@@ -204,3 +207,60 @@ def test_coco_uncompressed_rle_on_a_non_crowd_instance(tmp_path):
     (instance,) = read_coco(path, tmp_path / "imgs").records[0].instances
     np.testing.assert_array_equal(instance.mask, _square())
     assert not instance.iscrowd
+
+
+# ------------------------------------------------------------------ image sizes
+
+
+def test_coco_size_disagreeing_with_the_image_file_raises(tmp_path):
+    """Masks and boxes were sized from the JSON although the file is larger."""
+    path = _coco(tmp_path, annotations=[_ann(segmentation=[[2, 2, 12, 2, 12, 12, 2, 12]])])
+    Image.new("RGB", (W + 10, H)).save(tmp_path / "imgs" / "a.jpg")
+    with pytest.raises(DataError, match=r"a\.jpg: image is 50x30 but .*ann\.json says 40x30"):
+        read_coco(path, tmp_path / "imgs")
+
+
+def test_coco_size_missing_from_json_is_read_from_the_file(tmp_path):
+    path = _coco(tmp_path, images=[{"id": 1, "file_name": "a.jpg"}])
+    Image.new("RGB", (W + 10, H)).save(tmp_path / "imgs" / "a.jpg")
+    record = read_coco(path, tmp_path / "imgs").records[0]
+    assert (record.width, record.height) == (W + 10, H)
+
+
+def _voc(root: Path, objects: str = "", size: str | None = None, ids: bytes = b"im\n") -> Path:
+    """VOC2012 under `root` listing `ids` in train.txt, each with the same XML; returns the XML
+    of `im`. `size` replaces the <size> element (default 40x30)."""
+    voc = root / "VOC2012"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    (voc / "ImageSets/Segmentation/train.txt").write_bytes(ids)
+    if size is None:
+        size = f"<size><width>{W}</width><height>{H}</height></size>"
+    for image_id in ("im", "im2"):
+        (voc / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><filename>{image_id}.jpg</filename>{size}{objects}</annotation>"
+        )
+    return voc / "Annotations" / "im.xml"
+
+
+def _object(name: str = "ring", box=(3, 3, 12, 12), extra: str = "") -> str:
+    x1, y1, x2, y2 = box
+    return (
+        f"<object><name>{name}</name>{extra}<bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+        f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+    )
+
+
+def test_voc_size_disagreeing_with_the_jpeg_raises(tmp_path):
+    _voc(tmp_path, _object())
+    Image.new("RGB", (W, H + 5)).save(tmp_path / "VOC2012/JPEGImages/im.jpg")
+    with pytest.raises(DataError, match=r"im\.jpg: image is 40x35 but .*im\.xml says 40x30"):
+        read_voc(tmp_path, "train", classes=CLASSES)
+
+
+@pytest.mark.parametrize("size", ["", "<size><width>0</width><height>0</height></size>"])
+def test_voc_missing_or_zero_size_is_read_from_the_jpeg(tmp_path, size):
+    _voc(tmp_path, _object(), size=size)
+    Image.new("RGB", (W + 10, H)).save(tmp_path / "VOC2012/JPEGImages/im.jpg")
+    record = read_voc(tmp_path, "train", classes=CLASSES).records[0]
+    assert (record.width, record.height) == (W + 10, H)

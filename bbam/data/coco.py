@@ -7,7 +7,8 @@ Choices:
   ignore them; training code must filter `iscrowd` out.
 - `ImageRecord.image_id` is the file name's stem (`syn_000001`, `000000397133`), the same id the
   VOC reader gives; `coco_image_ids(json_path)` maps it back to the integer COCO id.
-- Images are not decoded: sizes come from the JSON (or the file header when missing).
+- Images are not decoded: sizes come from the JSON, checked against the file header (read from
+  the header when missing); a size that disagrees with the file raises DataError.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from bbam.data.images import image_size
+from bbam.data.images import checked_size
 from bbam.data.records import DataError, Dataset, ImageRecord, Instance, SkipReport
 
 
@@ -204,8 +205,7 @@ def read_coco(
             width, height = int(im.get("width") or 0), int(im.get("height") or 0)
         except (TypeError, ValueError) as exc:
             raise DataError(f"{path}: image {file_name}: invalid width/height ({exc})") from exc
-        if width <= 0 or height <= 0:
-            width, height = image_size(image_path)
+        width, height = checked_size(image_path, width, height, path)
         records[coco_id] = ImageRecord(stem, image_path, width, height, [])
 
     annotation_ids: set[int] = set()

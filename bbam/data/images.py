@@ -60,3 +60,24 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise DataError(f"{path}: image file not found") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: unreadable or corrupt image ({exc})") from exc
+
+
+def checked_size(path: str | Path, width: int, height: int, source: str | Path) -> tuple[int, int]:
+    """(width, height) that `source` (an annotation file) gives for the image at `path`.
+
+    A missing size (<= 0) is read from the header. A given size must match the header: boxes
+    are clipped to it and masks are decoded at it, so a wrong one makes every mask of the image
+    the wrong shape. Only the header is read (about 50 us an image); a missing or unreadable
+    file is left to `load_rgb`, which names it when a stage needs the pixels.
+    """
+    if width <= 0 or height <= 0:
+        return image_size(path)
+    try:
+        actual = image_size(path)
+    except DataError:
+        return width, height
+    if actual != (width, height):
+        raise DataError(
+            f"{path}: image is {actual[0]}x{actual[1]} but {source} says {width}x{height}"
+        )
+    return width, height

@@ -1,7 +1,8 @@
 """PASCAL VOC 2012 (+ SBD) reader: boxes from the XML, GT masks from the PNGs or SBD .mat files.
 
-Images are not decoded here (sizes come from the XML); a bad image surfaces when a later stage
-calls `load_rgb`, which names the file.
+Images are not decoded here: sizes come from the XML, checked against the image header (a
+mismatch raises DataError); a bad image surfaces when a later stage calls `load_rgb`, which
+names the file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import scipy.io
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
-from bbam.data.images import image_size
+from bbam.data.images import checked_size
 from bbam.data.palette import load_index_png
 from bbam.data.records import DataError, Dataset, ImageRecord, Instance, SkipReport
 
@@ -269,8 +270,7 @@ def read_voc(
         path = voc / "JPEGImages" / (filename or f"{image_id}.jpg")
         if not path.is_file() and (voc / "JPEGImages" / f"{image_id}.jpg").is_file():
             path = voc / "JPEGImages" / f"{image_id}.jpg"
-        if width <= 0 or height <= 0:
-            width, height = image_size(path)  # header only
+        width, height = checked_size(path, width, height, xml)
         labels: list[int | None] = []
         boxes: list[np.ndarray | None] = []
         for obj in objects:
