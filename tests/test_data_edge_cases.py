@@ -131,7 +131,7 @@ def test_coco_invalid_annotation_id_names_file(tmp_path):
 @pytest.mark.parametrize("file_name", ["../a.jpg", "sub/../../a.jpg", "/etc/passwd"])
 def test_coco_file_name_outside_image_root_raises(tmp_path, file_name):
     images = [{"id": 1, "file_name": file_name, "width": W, "height": H}]
-    with pytest.raises(DataError, match=r"ann\.json: file_name .* is outside the image root"):
+    with pytest.raises(DataError, match=r"ann\.json: file name .* is outside the image folder"):
         read_coco(_coco(tmp_path, images=images), tmp_path / "imgs")
 
 
@@ -264,3 +264,75 @@ def test_voc_missing_or_zero_size_is_read_from_the_jpeg(tmp_path, size):
     Image.new("RGB", (W + 10, H)).save(tmp_path / "VOC2012/JPEGImages/im.jpg")
     record = read_voc(tmp_path, "train", classes=CLASSES).records[0]
     assert (record.width, record.height) == (W + 10, H)
+
+
+# ------------------------------------------------------------------ VOC XML
+
+
+@pytest.mark.parametrize(("tag", "box"), [("xmin", ("nan", 3, 12, 12)), ("xmax", (3, 3, "inf", 9))])
+def test_voc_non_finite_coordinate_raises(tmp_path, tag, box):
+    """float() accepts "nan" and "inf": the box used to hold NaN or reach the border."""
+    _voc(tmp_path, _object(box=box))
+    with pytest.raises(DataError, match=rf"im\.xml: <{tag}> is not a finite number"):
+        read_voc(tmp_path, "train", classes=CLASSES, with_masks=False)
+
+
+def test_voc_float_coordinates_are_kept(tmp_path):
+    _voc(tmp_path, _object(box=(3.5, 2.5, 12.25, 10)))
+    (instance,) = read_voc(tmp_path, "train", classes=CLASSES).records[0].instances
+    np.testing.assert_array_equal(instance.box, [2.5, 1.5, 12.25, 10])
+
+
+def test_voc_difficult_flag_values(tmp_path):
+    """ "false" and "0.0" used to read as difficult (anything but "0" or empty did)."""
+    flags = ["", "<difficult>1</difficult>", "<difficult> 0 </difficult>"]
+    flags += ["<difficult>true</difficult>", "<difficult>False</difficult>"]
+    _voc(tmp_path, "".join(_object(extra=f) for f in flags))
+    ds = read_voc(tmp_path, "train", classes=CLASSES)
+    assert [i.difficult for i in ds.records[0].instances] == [False, True, False, True, False]
+    _voc(tmp_path, _object(extra="<difficult>0.0</difficult>"))
+    with pytest.raises(DataError, match=r"im\.xml: <difficult> must be 0 or 1, got '0\.0'"):
+        read_voc(tmp_path, "train", classes=CLASSES)
+
+
+def test_voc_class_names_are_stripped_but_case_sensitive(tmp_path):
+    _voc(tmp_path, _object(name=" star\n"))
+    assert read_voc(tmp_path, "train", classes=CLASSES).records[0].instances[0].label == 2
+    _voc(tmp_path, _object(name="Star "))
+    with pytest.raises(DataError, match=r"im\.xml: unknown class name 'Star'"):
+        read_voc(tmp_path, "train", classes=CLASSES)
+
+
+@pytest.mark.parametrize("filename", ["../secret.jpg", "/etc/passwd"])
+def test_voc_filename_outside_jpeg_images_raises(tmp_path, filename):
+    xml = _voc(tmp_path, _object())
+    xml.write_text(xml.read_text().replace("<filename>im.jpg", f"<filename>{filename}"))
+    with pytest.raises(DataError, match=r"im\.xml: file name .* is outside the image folder"):
+        read_voc(tmp_path, "train", classes=CLASSES)
+
+
+# ------------------------------------------------------------------ VOC image lists
+
+
+def test_voc_id_list_with_bom_crlf_blank_lines_and_trailing_spaces(tmp_path):
+    """A BOM (Windows editors) used to glue itself to the first id, which was then skipped
+    as "missing_annotation"."""
+    _voc(tmp_path, _object(), ids="\ufeffim \r\n\r\n  \r\nim2\t\r\n".encode())
+    ds = read_voc(tmp_path, "train", classes=CLASSES)
+    assert [r.image_id for r in ds.records] == ["im", "im2"] and ds.skipped.total == 0
+
+
+def test_voc_duplicate_id_is_read_once_and_counted(tmp_path):
+    """A repeated id used to yield the image (and its instances) twice."""
+    _voc(tmp_path, _object(), ids=b"im\nim2\nim\n")
+    ds = read_voc(tmp_path, "train", classes=CLASSES)
+    assert [r.image_id for r in ds.records] == ["im", "im2"]
+    assert [i.instance_id for r in ds.records for i in r.instances] == [1, 2]
+    assert ds.skipped.counts == {"duplicate_id": 1}
+    assert ds.skipped.examples["duplicate_id"][0].endswith("train.txt: im")
+
+
+def test_voc_id_list_not_utf8_names_file(tmp_path):
+    _voc(tmp_path, _object(), ids="im\nim\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"train\.txt: not UTF-8 text"):
+        read_voc(tmp_path, "train", classes=CLASSES)

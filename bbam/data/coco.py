@@ -14,7 +14,6 @@ Choices:
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from bbam.data.images import checked_size
+from bbam.data.images import checked_size, path_in_root
 from bbam.data.records import DataError, Dataset, ImageRecord, Instance, SkipReport
 
 
@@ -75,17 +74,6 @@ def _flag(ann: dict, key: str, where: str) -> bool:
     if value not in (0, 1, "0", "1"):
         raise DataError(f"{where}: {key} must be 0 or 1, got {value!r}")
     return bool(int(value))
-
-
-def _image_path(image_root: Path, file_name: str, path: Path) -> Path:
-    """`image_root / file_name`, refusing names that lead outside the root (`../x.jpg`,
-    `/etc/x`): an annotation file must not make the pipeline read files elsewhere. The check
-    is lexical, so folders symlinked inside the root still work."""
-    image_path = image_root / file_name
-    root = os.path.abspath(image_root)
-    if os.path.commonpath([root, os.path.abspath(image_path)]) != root:
-        raise DataError(f"{path}: file_name {file_name!r} is outside the image root {image_root}")
-    return image_path
 
 
 def category_ids(json_path: str | Path) -> list[int]:
@@ -200,7 +188,7 @@ def read_coco(
         if stem in stems:
             raise DataError(f"{path}: two images share the id {stem!r} ({file_name})")
         stems.add(stem)
-        image_path = _image_path(image_root, file_name, path)
+        image_path = path_in_root(image_root, file_name, path)
         try:
             width, height = int(im.get("width") or 0), int(im.get("height") or 0)
         except (TypeError, ValueError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,14 @@ def checked_size(path: str | Path, width: int, height: int, source: str | Path) 
             f"{path}: image is {actual[0]}x{actual[1]} but {source} says {width}x{height}"
         )
     return width, height
+
+
+def path_in_root(root: Path, name: str, source: str | Path) -> Path:
+    """`root / name` for a file name read from `source` (an annotation file), refusing names
+    that lead outside `root` ("../x.jpg", "/etc/x"): annotations must not make the pipeline read
+    files elsewhere. The check is lexical, so folders symlinked inside the root still work."""
+    path = root / name
+    absolute_root = os.path.abspath(root)
+    if os.path.commonpath([absolute_root, os.path.abspath(path)]) != absolute_root:
+        raise DataError(f"{source}: file name {name!r} is outside the image folder {root}")
+    return path

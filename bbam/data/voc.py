@@ -16,7 +16,7 @@ import scipy.io
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
-from bbam.data.images import checked_size
+from bbam.data.images import checked_size, path_in_root
 from bbam.data.palette import load_index_png
 from bbam.data.records import DataError, Dataset, ImageRecord, Instance, SkipReport
 
@@ -61,12 +61,25 @@ def load_classes(source: Sequence[str] | str | Path) -> list[str]:
     return [str(c) for c in source]
 
 
-def read_id_list(path: Path) -> list[str]:
+def read_id_list(path: Path, skipped: SkipReport | None = None) -> list[str]:
+    """Image ids in file order: the first word of each line (blank lines, CRLF endings, a
+    Windows BOM and Main-style "id  1" lines are fine). A repeated id is read once and counted
+    in `skipped` ("duplicate_id"): reading it twice would weigh that image double."""
     if not path.is_file():
         raise DataError(f"{path}: image list not found")
-    return [
-        line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+    ids: dict[str, None] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        image_id = line.split()[0]
+        if image_id in ids and skipped is not None:
+            skipped.add("duplicate_id", f"{path}: {image_id}")
+        ids[image_id] = None
+    return list(ids)
 
 
 def train_aug_ids(voc_root: str | Path, sbd_root: str | Path) -> list[str]:
@@ -79,15 +92,15 @@ def train_aug_ids(voc_root: str | Path, sbd_root: str | Path) -> list[str]:
     return sorted(ids)
 
 
-def _split_ids(voc: Path, split: str, sbd_root: Path | None) -> list[str]:
+def _split_ids(voc: Path, split: str, sbd_root: Path | None, skipped: SkipReport) -> list[str]:
     if split == "train_aug":
         if sbd_root is None:
             raise DataError(f"{voc}: split 'train_aug' needs sbd_root")
         return train_aug_ids(voc, sbd_root)
     seg = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
     if seg.is_file():
-        return read_id_list(seg)
-    return read_id_list(voc / "ImageSets" / "Main" / f"{split}.txt")
+        return read_id_list(seg, skipped)
+    return read_id_list(voc / "ImageSets" / "Main" / f"{split}.txt", skipped)
 
 
 def _text(node, tag: str, xml: Path, default: str | None = None) -> str:
@@ -102,9 +115,20 @@ def _text(node, tag: str, xml: Path, default: str | None = None) -> str:
 def _number(node, tag: str, xml: Path) -> float:
     value = _text(node, tag, xml)
     try:
-        return float(value)
+        number = float(value)
     except ValueError as exc:
         raise DataError(f"{xml}: <{tag}> is not a number: {value!r}") from exc
+    if not np.isfinite(number):  # float() accepts "nan" and "inf"
+        raise DataError(f"{xml}: <{tag}> is not a finite number: {value!r}")
+    return number
+
+
+def _flag(node, tag: str, xml: Path) -> bool:
+    """<difficult>: 0/1 (some tools write false/true); "0" must not read as true."""
+    value = _text(node, tag, xml, "0").lower()
+    if value not in ("0", "1", "false", "true", ""):
+        raise DataError(f"{xml}: <{tag}> must be 0 or 1, got {value!r}")
+    return value in ("1", "true")
 
 
 def parse_voc_xml(xml: Path) -> tuple[str | None, int, int, list[dict]]:
@@ -135,7 +159,7 @@ def parse_voc_xml(xml: Path) -> tuple[str | None, int, int, list[dict]]:
         objects.append(
             {
                 "name": _text(obj, "name", xml),
-                "difficult": _text(obj, "difficult", xml, "0") not in ("0", ""),
+                "difficult": _flag(obj, "difficult", xml),
                 "box": [_number(bnd, t, xml) for t in ("xmin", "ymin", "xmax", "ymax")],
             }
         )
@@ -248,8 +272,9 @@ def read_voc(
     are kept (flagged). Masks: SegmentationObject/Class PNGs when present, else SBD inst/cls .mat
     when `sbd_root` has the image, else None. `classes` may be a list, a COCO JSON or a text file;
     the PNG class indices must follow it. Unknown class names: `unknown="error"` raises DataError,
-    `"skip"` skips the object and counts it ("unknown_class"). A listed image without XML is
-    skipped and counted ("missing_annotation"). Instance ids run 1..N over the split in order.
+    `"skip"` skips the object and counts it ("unknown_class"); names are compared after
+    stripping whitespace, case-sensitively. A listed image without XML is skipped and counted
+    ("missing_annotation"), as is an id listed twice ("duplicate_id"). Instance ids run 1..N over the split in order.
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"unknown must be 'error' or 'skip', got {unknown!r}")
@@ -260,14 +285,14 @@ def read_voc(
     skipped = SkipReport()
     records: list[ImageRecord] = []
     next_instance = 1
-    ids = _split_ids(voc, split, sbd)
+    ids = _split_ids(voc, split, sbd, skipped)
     for image_id in ids:
         xml = voc / "Annotations" / f"{image_id}.xml"
         if not xml.is_file():
             skipped.add("missing_annotation", str(xml))
             continue
         filename, width, height, objects = parse_voc_xml(xml)
-        path = voc / "JPEGImages" / (filename or f"{image_id}.jpg")
+        path = path_in_root(voc / "JPEGImages", filename or f"{image_id}.jpg", xml)
         if not path.is_file() and (voc / "JPEGImages" / f"{image_id}.jpg").is_file():
             path = voc / "JPEGImages" / f"{image_id}.jpg"
         width, height = checked_size(path, width, height, xml)
