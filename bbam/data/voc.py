@@ -274,7 +274,8 @@ def read_voc(
     the PNG class indices must follow it. Unknown class names: `unknown="error"` raises DataError,
     `"skip"` skips the object and counts it ("unknown_class"); names are compared after
     stripping whitespace, case-sensitively. A listed image without XML is skipped and counted
-    ("missing_annotation"), as is an id listed twice ("duplicate_id"). Instance ids run 1..N over the split in order.
+    ("missing_annotation"), as is an id listed twice ("duplicate_id"). Instance ids run 1..N
+    over the split in order.
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"unknown must be 'error' or 'skip', got {unknown!r}")
