@@ -116,7 +116,7 @@ def records_with_gt_masks(records: list[ImageRecord]) -> tuple[list[ImageRecord]
     false positives. Such images are left out of mask evaluation and reported."""
     kept, left_out = [], []
     for r in records:
-        if all(i.mask is not None for i in r.instances if not i.iscrowd):
+        if all(i.has_mask for i in r.instances if not i.iscrowd):
             kept.append(r)
         else:
             left_out.append(r.image_id)
@@ -125,7 +125,7 @@ def records_with_gt_masks(records: list[ImageRecord]) -> tuple[list[ImageRecord]
 
 def _gt_masks(record: ImageRecord, instances: list) -> np.ndarray:
     for i in instances:
-        if i.mask is None:
+        if not i.has_mask:
             raise ValueError(f"{record.path}: instance {i.instance_id} has no GT mask to evaluate")
     if not instances:
         return np.zeros((0, record.height, record.width), dtype=bool)
@@ -239,7 +239,7 @@ def records_to_coco(
         for inst in r.instances:
             if inst.iscrowd:
                 mask = crowd_region(inst, r.height, r.width)
-            elif inst.mask is None:
+            elif not inst.has_mask:
                 raise ValueError(f"{r.path}: instance {inst.instance_id} has no GT mask")
             else:
                 mask = inst.mask
@@ -323,7 +323,7 @@ def pseudo_label_quality(
     for r in records:
         cand = pseudo_instances.get(r.image_id, [])
         for inst in r.instances:
-            if inst.iscrowd or inst.mask is None:
+            if inst.iscrowd or not inst.has_mask:
                 continue
             best, mask = 0.0, None
             for label, box, fg in cand:

@@ -90,9 +90,10 @@ def label_image(
         status = row["status"] if row is not None else "missing"
         annotation["bbam"]["attribution_status"] = status
         out_row.update(image_name=record.image_id, attribution_status=status)
-        if instance.mask is not None:
-            union = np.logical_or(instance.mask, mask.fg).sum()
-            overlap = np.logical_and(instance.mask, mask.fg).sum()
+        if instance.has_mask:
+            gt = instance.mask
+            union = np.logical_or(gt, mask.fg).sum()
+            overlap = np.logical_and(gt, mask.fg).sum()
             out_row["iou_gt"] = float(overlap / union) if union else 1.0
     label = semantic_label(
         record.height,

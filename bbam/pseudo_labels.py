@@ -209,8 +209,9 @@ def mark_crowd_ignore(label: np.ndarray, instances: Sequence[Instance]) -> np.nd
 
 def crowd_region(inst: Instance, height: int, width: int) -> np.ndarray:
     """HxW bool: a crowd instance's mask, or its box when it has no mask."""
-    if inst.mask is not None and inst.mask.shape == (height, width):
-        return inst.mask.astype(bool)
+    mask = inst.mask
+    if mask is not None and mask.shape == (height, width):
+        return mask.astype(bool)
     region = np.zeros((height, width), dtype=bool)
     region[box_slices(np.asarray(inst.box), height, width)] = True
     return region

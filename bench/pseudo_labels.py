@@ -155,9 +155,9 @@ def evaluate_pseudo_labels(
     counts = {"instances": 0, "no_gt_mask": 0, "crowd": 0, "missing_map": 0, "mcg_used": 0}
     fallbacks: dict[str, int] = {}
     for record in records:
-        insts = [i for i in record.instances if not i.iscrowd and i.mask is not None]
+        insts = [i for i in record.instances if not i.iscrowd and i.has_mask]
         counts["crowd"] += sum(i.iscrowd for i in record.instances)
-        counts["no_gt_mask"] += sum(i.mask is None and not i.iscrowd for i in record.instances)
+        counts["no_gt_mask"] += sum(not i.has_mask and not i.iscrowd for i in record.instances)
         if not insts:
             continue
         image = images(record)
@@ -165,6 +165,7 @@ def evaluate_pseudo_labels(
         per_variant: dict[str, list] = {v: [] for v in VARIANTS}
         gt_sem = []
         for inst in insts:
+            gt = inst.mask  # decoded once
             key = map_key(record.image_id, inst.instance_id)
             heat = maps.get(key)
             counts["missing_map"] += heat is None
@@ -173,7 +174,7 @@ def evaluate_pseudo_labels(
             crf = refine_instance(heat, inst.box, image, cfg["crf"])
             fallbacks[crf.stats["fallback"]] = fallbacks.get(crf.stats["fallback"], 0) + 1
             prop = apply_proposals(crf, inst.box, props, cfg["proposals"])
-            ceiling = refine_instance(inst.mask.astype(np.float32), inst.box, image, cfg["crf"])
+            ceiling = refine_instance(gt.astype(np.float32), inst.box, image, cfg["crf"])
             counts["mcg_used"] += bool(prop.stats["mcg_used"])
             h, w = image.shape[:2]
             none = np.zeros((h, w), dtype=bool)
@@ -186,9 +187,9 @@ def evaluate_pseudo_labels(
                 "gt_map_crf": (ceiling.fg, ceiling.ignore),
             }
             for variant, (fg, ignore) in results.items():
-                ious[variant].append(_iou(fg, inst.mask))
+                ious[variant].append(_iou(fg, gt))
                 per_variant[variant].append((inst.label, inst.box, fg, ignore))
-            gt_sem.append((inst.label, inst.box, inst.mask, none))
+            gt_sem.append((inst.label, inst.box, gt, none))
             counts["instances"] += 1
         h, w = image.shape[:2]
         gt_label = mark_crowd_ignore(semantic_label(h, w, gt_sem), record.instances)

@@ -82,7 +82,7 @@ def evaluate_pseudo_labels(params_path: str) -> dict:
     """Pseudo GT vs GT on the split that was labelled (where GT masks exist)."""
     params = load_params(params_path)
     train = load_split(params, params["attribution"]["split"])
-    if not any(i.mask is not None for r in train.records for i in r.instances):
+    if not any(i.has_mask for r in train.records for i in r.instances):
         return {}
     pseudo = {r.image_id: r for r in _pseudo_split(params).records}
     instances = PerImage(

@@ -132,3 +132,34 @@ def test_writer_round_trip(tmp_path):
     np.testing.assert_array_equal(first.mask, _square(2, 9, 1, 5))
     assert first.label == 2 and second.iscrowd and second.mask is None
     np.testing.assert_array_equal(second.box, [10, 10, 20, 15])
+
+
+def test_masks_are_held_compressed_so_a_large_split_fits_in_memory(tmp_path):
+    """60 images x 8 polygons at 640x480: 147 MB as bool arrays, about 0.2 MB as RLE."""
+    import tracemalloc
+
+    from PIL import Image
+
+    Image.new("RGB", (640, 480)).save(tmp_path / "blank.png")
+    images, anns = [], []
+    for n in range(60):
+        (tmp_path / f"{n}.png").write_bytes((tmp_path / "blank.png").read_bytes())
+        images.append({"id": n, "file_name": f"{n}.png", "width": 640, "height": 480})
+        for k in range(8):
+            x, y = 20 + 70 * k, 30 + 5 * k
+            poly = [x, y, x + 60, y, x + 60, y + 300, x, y + 300]
+            anns.append(
+                {"id": 8 * n + k, "image_id": n, "category_id": 1, "bbox": [x, y, 60, 300],
+                 "segmentation": [poly], "iscrowd": 0}
+            )  # fmt: skip
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "a"}]}))  # fmt: skip
+    tracemalloc.start()
+    dataset = read_coco(path, tmp_path)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held < 20e6, f"reading held {held / 1e6:.1f} MB"
+    inst = dataset.records[59].instances[7]
+    assert inst.has_mask and inst.mask_area == 60 * 300
+    assert inst.mask.shape == (480, 640) and inst.mask[30 + 35 : 330 + 35, 510:570].all()

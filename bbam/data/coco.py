@@ -14,7 +14,6 @@ Choices:
 from __future__ import annotations
 
 import json
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +21,14 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from bbam.data.images import checked_size, path_in_root
-from bbam.data.records import DataError, Dataset, ImageRecord, Instance, SkipReport
+from bbam.data.records import (
+    CompressedMask,
+    DataError,
+    Dataset,
+    ImageRecord,
+    Instance,
+    SkipReport,
+)
 
 
 def load_coco_json(path: str | Path) -> dict:
@@ -111,8 +117,8 @@ def _rle_length(counts: str | bytes) -> int:
     return int(x[0] + np.cumsum(x[1::2]).sum() + np.cumsum(x[2::2]).sum())
 
 
-def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray:
-    """HxW bool mask from polygons, uncompressed RLE or compressed RLE.
+def segmentation_rle(segm, height: int, width: int, where: str) -> CompressedMask:
+    """Polygons, uncompressed RLE or compressed RLE as one checked compressed RLE.
 
     RLE counts must cover exactly size[0] x size[1] pixels: pycocotools leaves the rest of the
     mask uninitialised memory when they fall short. Polygons need an even number of coordinates
@@ -123,7 +129,7 @@ def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray
                 raise DataError(f"{where}: polygon with an odd number of coordinates")
             polys = [p for p in segm if len(p) >= 6]
             if not polys:
-                return np.zeros((height, width), dtype=bool)
+                return CompressedMask.from_array(np.zeros((height, width), dtype=bool))
             rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
         elif isinstance(segm, dict) and isinstance(segm.get("counts"), list | str | bytes):
             h, w = (int(v) for v in segm["size"])
@@ -131,20 +137,28 @@ def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray
             covered = sum(counts) if isinstance(counts, list) else _rle_length(counts)
             if covered != h * w:
                 raise DataError(f"{where}: RLE counts cover {covered} pixels, not {h}x{w}")
-            rle = mask_utils.frPyObjects(segm, h, w) if isinstance(counts, list) else segm
+            if isinstance(counts, list):
+                rle = mask_utils.frPyObjects(segm, h, w)
+            else:
+                rle = {
+                    "size": [h, w],
+                    "counts": counts.encode() if isinstance(counts, str) else counts,
+                }
         else:
             raise DataError(f"{where}: unsupported segmentation format")
-        with warnings.catch_warnings(action="ignore", category=DeprecationWarning):
-            mask = mask_utils.decode(rle)  # pycocotools warns about numpy 2's copy keyword
     except DataError:
         raise
     except (TypeError, ValueError, KeyError, IndexError) as exc:
         raise DataError(f"{where}: cannot decode segmentation ({exc})") from exc
-    if mask.shape[:2] != (height, width):
-        raise DataError(
-            f"{where}: mask size {mask.shape[:2]} differs from image ({height}, {width})"
-        )
-    return mask.astype(bool)
+    mask = CompressedMask({"size": [int(v) for v in rle["size"]], "counts": rle["counts"]})
+    if mask.shape != (height, width):
+        raise DataError(f"{where}: mask size {mask.shape} differs from image ({height}, {width})")
+    return mask
+
+
+def decode_segmentation(segm, height: int, width: int, where: str) -> np.ndarray:
+    """HxW bool mask from polygons, uncompressed RLE or compressed RLE (`segmentation_rle`)."""
+    return segmentation_rle(segm, height, width, where).decode()
 
 
 def read_coco(
@@ -222,15 +236,15 @@ def read_coco(
             # An empty GT mask would teach "background" and score IoU 0: no mask instead.
             skipped.add("degenerate_polygon", where)
             segm = [p for p in segm if not _degenerate(p)] or None
-        mask = None
+        mask = None  # kept compressed: decoded arrays of a whole split would not fit in memory
         if segm is not None and (with_masks or "bbox" not in ann):
-            mask = decode_segmentation(segm, record.height, record.width, where)
+            mask = segmentation_rle(segm, record.height, record.width, where)
         bbox = ann.get("bbox")
         if bbox is None:
-            if mask is None or not mask.any():
+            if mask is None or not mask.area():
                 skipped.add("missing_bbox", where)
                 continue
-            ys, xs = np.nonzero(mask)
+            ys, xs = np.nonzero(mask.decode())
             bbox = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
         try:
             x, y, w, h = (float(v) for v in bbox)

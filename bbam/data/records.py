@@ -2,28 +2,94 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 
-@dataclass
+@dataclass(frozen=True)
+class CompressedMask:
+    """An HxW bool mask held as COCO RLE (pycocotools), decoded when read.
+
+    Readers keep GT masks this way: a 640x480 object mask is 300 kB as an array and about
+    1 kB as RLE, so a COCO-sized split (860k masks) fits in memory."""
+
+    rle: dict
+
+    @classmethod
+    def from_array(cls, mask: np.ndarray) -> CompressedMask:
+        rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+        return cls({"size": [int(v) for v in rle["size"]], "counts": rle["counts"]})
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.rle["size"][0]), int(self.rle["size"][1])
+
+    def decode(self) -> np.ndarray:
+        with warnings.catch_warnings(action="ignore", category=DeprecationWarning):
+            return mask_utils.decode(self.rle).astype(bool)  # numpy 2 'copy' warning
+
+    def area(self) -> int:
+        return int(mask_utils.area(self.rle))
+
+
 class Instance:
     """One annotated object.
 
     `label` is 1-based into the dataset's class list (0 is background).
     `box` is xyxy in pixels of the original image, float, x2/y2 exclusive
     (VOC's inclusive 1-based boxes are converted on read).
-    `mask` is an optional HxW bool array (GT where the dataset has it).
+    `mask` is an optional HxW bool array (GT where the dataset has it). It may be given as a
+    `CompressedMask`; reading `mask` then decodes a fresh array each time, so use
+    `has_mask` / `mask_area` where the pixels are not needed.
     """
 
-    instance_id: int
-    label: int
-    box: np.ndarray
-    mask: np.ndarray | None = None
-    iscrowd: bool = False
-    difficult: bool = False
+    def __init__(
+        self,
+        instance_id: int,
+        label: int,
+        box: np.ndarray,
+        mask: np.ndarray | CompressedMask | None = None,
+        iscrowd: bool = False,
+        difficult: bool = False,
+    ) -> None:
+        self.instance_id = instance_id
+        self.label = label
+        self.box = box
+        self.mask = mask
+        self.iscrowd = iscrowd
+        self.difficult = difficult
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        stored = self._mask
+        return stored.decode() if isinstance(stored, CompressedMask) else stored
+
+    @mask.setter
+    def mask(self, value: np.ndarray | CompressedMask | None) -> None:
+        self._mask = value
+
+    @property
+    def has_mask(self) -> bool:
+        return self._mask is not None
+
+    @property
+    def mask_area(self) -> int | None:
+        """Pixel count of the mask without decoding it (None without a mask)."""
+        stored = self._mask
+        if stored is None:
+            return None
+        return stored.area() if isinstance(stored, CompressedMask) else int(stored.sum())
+
+    def __repr__(self) -> str:
+        return (
+            f"Instance(instance_id={self.instance_id}, label={self.label}, "
+            f"box={np.asarray(self.box).tolist()}, has_mask={self.has_mask}, "
+            f"iscrowd={self.iscrowd}, difficult={self.difficult})"
+        )
 
 
 @dataclass

@@ -49,9 +49,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         if self.with_masks:
             masks = np.zeros((len(record.instances), height, width), dtype=np.uint8)
             for i, inst in enumerate(record.instances):
-                if inst.mask is None:
+                mask = inst.mask
+                if mask is None:
                     raise DataError(f"{record.path}: instance {inst.instance_id} has no mask")
-                masks[i] = inst.mask
+                masks[i] = mask
             target["masks"] = torch.from_numpy(masks)
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)

@@ -18,7 +18,14 @@ from defusedxml import ElementTree as SafeET
 
 from bbam.data.images import checked_size, path_in_root
 from bbam.data.palette import load_index_png
-from bbam.data.records import DataError, Dataset, ImageRecord, Instance, SkipReport
+from bbam.data.records import (
+    CompressedMask,
+    DataError,
+    Dataset,
+    ImageRecord,
+    Instance,
+    SkipReport,
+)
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -337,7 +344,8 @@ def read_voc(
             mask = masks[j] if masks is not None else None
             if masks is not None and mask is None:
                 skipped.add("object_without_mask", f"{xml}: object {j + 1}")
-            instances.append(Instance(next_instance, label, box, mask, False, obj["difficult"]))
+            stored = None if mask is None else CompressedMask.from_array(mask)  # see records.py
+            instances.append(Instance(next_instance, label, box, stored, False, obj["difficult"]))
             next_instance += 1
         records.append(ImageRecord(image_id, path, int(width), int(height), instances))
     if ids and not records:

@@ -33,9 +33,7 @@ def write_voc_xml(path: str | Path, record: ImageRecord, classes: Sequence[str])
     SubElement(size, "width").text = str(int(record.width))
     SubElement(size, "height").text = str(int(record.height))
     SubElement(size, "depth").text = "3"
-    SubElement(root, "segmented").text = (
-        "1" if any(i.mask is not None for i in record.instances) else "0"
-    )
+    SubElement(root, "segmented").text = "1" if any(i.has_mask for i in record.instances) else "0"
     for inst in record.instances:
         x1, y1, x2, y2 = (int(round(float(v))) for v in inst.box)
         obj = SubElement(root, "object")
@@ -95,9 +93,9 @@ def coco_dict(
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
                 "iscrowd": int(bool(inst.iscrowd)),
             }
-            if inst.mask is not None:
+            if inst.has_mask:
                 ann["segmentation"] = mask_to_rle(inst.mask)
-                ann["area"] = float(inst.mask.sum())
+                ann["area"] = float(inst.mask_area)
             else:
                 ann["area"] = float((x2 - x1) * (y2 - y1))
             if inst.difficult:

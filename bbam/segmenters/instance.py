@@ -447,7 +447,7 @@ def instance_targets(
             if inst.iscrowd:
                 continue
             if supervision == "full":
-                if inst.mask is None:
+                if not inst.has_mask:
                     return "instance without GT mask (full supervision)"
                 enc = inst.mask.astype(np.uint8)
             else:

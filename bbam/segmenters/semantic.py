@@ -148,9 +148,10 @@ def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
             out[y1:y2, x1:x2] = inst.label
         return mark_crowd_ignore(out, record.instances)
     for inst in instances:
-        if inst.mask is None:
+        mask = inst.mask
+        if mask is None:
             raise DataError(f"{record.path}: instance {inst.instance_id} has no GT mask")
-        out[inst.mask] = inst.label
+        out[mask] = inst.label
     return mark_crowd_ignore(out, record.instances)
 
 
@@ -172,7 +173,7 @@ def semantic_target(
     ):
         label = load_index_png(Path(gt_dir) / f"{record.image_id}.png")
     elif supervision == "full":
-        if any(i.mask is None for i in record.instances if not i.iscrowd):
+        if any(not i.has_mask for i in record.instances if not i.iscrowd):
             return "instance without GT mask (full supervision)"
         label = render_label_map(record, "mask")
     else:
@@ -210,7 +211,7 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
             elif supervision == "full" and not (
                 gt_dir is not None and (Path(gt_dir) / f"{record.image_id}.png").is_file()
             ):
-                if any(i.mask is None for i in record.instances if not i.iscrowd):
+                if any(not i.has_mask for i in record.instances if not i.iscrowd):
                     skipped.add("instance without GT mask (full supervision)", record.image_id)
                     continue
             self.items.append(record)

@@ -56,7 +56,7 @@ def data_digest(records: list[ImageRecord], files: Iterable[str | Path | None] =
                 int(i.label),
                 [round(float(v), 3) for v in i.box],
                 bool(i.iscrowd),
-                -1 if i.mask is None else int(i.mask.sum()),
+                -1 if i.mask_area is None else i.mask_area,
             ]
             for i in record.instances
         ]
