@@ -12,7 +12,8 @@ the mean instance IoU with the GT mask (percent):
   map. The gap between it and 100 is lost by the post-processing (blur, CRF, cut), whatever
   the attribution does.
 It also reports the class-wise semantic mIoU (background included; pixels the pseudo label marks
-255 count as wrong; crowd regions are not scored) and merges `pseudo_labels` into bench/results.json.
+255 count as wrong; crowd regions are not scored) and merges `pseudo_labels` into
+bench/results.json.
 
     python bench/pseudo_labels.py --annotations data/synthetic/annotations/instances_val.json \\
         --image-root data/synthetic/VOC2012/JPEGImages --maps runs/attribution/val

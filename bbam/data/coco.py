@@ -170,9 +170,10 @@ def read_coco(
     """Read a COCO instances file; `file_name`s are relative to `image_root`.
 
     Boxes: xywh -> xyxy (x2/y2 exclusive), clipped to the image; empty boxes are skipped and
-    counted ("zero_area_box"), non-finite ones raise. A missing bbox is taken from the segmentation. Polygons of
-    fewer than 3 points are dropped and counted ("degenerate_polygon"); an instance left
-    without a polygon keeps its box but has no mask. Annotations of unknown images are
+    counted ("zero_area_box"), non-finite ones raise. A missing bbox is taken from the
+    segmentation. Polygons of fewer than 3 points are dropped and counted
+    ("degenerate_polygon"); an instance left without a polygon keeps its box but has no mask.
+    Masks are kept as compressed RLE (`CompressedMask`). Annotations of unknown images are
     skipped and counted; unknown category ids raise DataError (`unknown="skip"` counts them
     instead). Instance ids are the annotation ids, so they must be unique, as must image ids
     and category ids/names (DataError). Ids given as strings ("7") match their integers.
