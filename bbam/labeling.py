@@ -8,11 +8,14 @@ status, never dropped: dropping would misalign boxes and masks downstream.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bbam.attribution import map_to_image
 from bbam.data.images import load_rgb
@@ -117,29 +120,93 @@ def label_dataset(
     source: ProposalSource | None,
     align_corners: bool = True,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
+    images_per_task: int = 16,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """(annotations, per-instance rows, per-image errors) over all images of ``dataset``.
 
     An image that cannot be read is recorded as an error and its instances get no
     annotation; the caller decides whether that fails the stage.
+
+    ``workers`` > 1 refines groups of ``images_per_task`` images in that many processes (the
+    DenseCRF and proposals are CPU-bound, one image at a time, as the reference's 80 joblib
+    processes were). Results are gathered in dataset order, so the output does not depend on
+    the number of workers.
     """
     by_image: dict[str, dict[int, dict]] = {}
     for row in manifest_rows:
         by_image.setdefault(row["image_id"], {})[int(row["instance_id"])] = row
+    common = (
+        shard_dirs, semantic_dir, refine_cfg, mcg_cfg, source, dataset.category_ids, align_corners
+    )  # fmt: skip
+    tasks = []
+    for start in range(0, len(dataset.records), max(1, images_per_task)):
+        records = dataset.records[start : start + max(1, images_per_task)]
+        tasks.append(
+            (
+                records,
+                {r.image_id: coco_ids[r.image_id] for r in records},
+                {r.image_id: by_image.get(r.image_id, {}) for r in records},
+                *common,
+            )
+        )
+    if workers <= 1 or len(tasks) <= 1:
+        results = []
+        for task in tasks:
+            results.append(_label_records(*task))
+            if progress is not None:
+                progress(len(task[0]))
+    else:
+        results = [None] * len(tasks)
+        # spawn, not fork: the parent has torch's thread pools running
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            min(workers, len(tasks)), mp_context=context, initializer=_one_torch_thread
+        ) as pool:
+            futures = {pool.submit(_label_records, *task): n for n, task in enumerate(tasks)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if progress is not None:
+                    progress(len(tasks[futures[future]][0]))
+    annotations, rows, errors = [], [], []
+    for task_annotations, task_rows, task_errors in results:
+        annotations += task_annotations
+        rows += task_rows
+        errors += task_errors
+    return annotations, rows, errors
+
+
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)  # the worker processes are the parallelism
+
+
+def _label_records(
+    records: list[ImageRecord],
+    coco_ids: dict[str, int],
+    rows_by_image: dict[str, dict[int, dict]],
+    shard_dirs: dict[int, Path],
+    semantic_dir: Path,
+    refine_cfg: RefineConfig,
+    mcg_cfg: MCGConfig | None,
+    source: ProposalSource | None,
+    category_ids: list[int],
+    align_corners: bool,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """One group of images, in order (runs in a worker process when there are several)."""
     annotations, rows, errors = [], [], []
     cache: dict = {}
-    for record in dataset.records:
+    for record in records:
         try:
             labelled = label_image(
                 record,
                 coco_ids[record.image_id],
-                by_image.get(record.image_id, {}),
+                rows_by_image[record.image_id],
                 shard_dirs,
                 semantic_dir,
                 refine_cfg,
                 mcg_cfg,
                 source,
-                dataset.category_ids,
+                category_ids,
                 align_corners,
                 cache,
             )
@@ -150,6 +217,4 @@ def label_dataset(
             rows += labelled.rows
         if len(cache) > 8:
             cache.clear()
-        if progress is not None:
-            progress(1)
     return annotations, rows, errors

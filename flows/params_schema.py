@@ -32,6 +32,7 @@ TOP_LEVEL: dict[str, type] = {  # each mapping is checked by its own section che
     "attribution": dict,
     "refine": dict,
     "proposals": dict,
+    "pseudo_labels": dict,
     "segmenters": dict,
     "evaluate": dict,
 }
@@ -67,6 +68,7 @@ ATTRIBUTION_KEYS: dict[str, Any] = {
 }
 SEGMENTER_KEYS: dict[str, Any] = {"supervisions": list, "instance": dict, "semantic": dict}
 EVALUATE_KEYS: dict[str, Any] = {"report_samples": int}
+PSEUDO_LABEL_KEYS: dict[str, Any] = {"workers": int}
 
 
 class ParamsError(SystemExit):
@@ -252,6 +254,14 @@ def _check_simple_configs(params: dict) -> list[str]:
     return errors
 
 
+def _check_pseudo_labels(section: dict) -> list[str]:
+    errors = _check_keys(section, "pseudo_labels", PSEUDO_LABEL_KEYS)
+    workers = section.get("workers", 1)
+    if not errors and workers < 0:
+        errors.append(f"pseudo_labels.workers: must be >= 0 (0 = every core), got {workers}")
+    return errors
+
+
 def check_params(params: dict, path: str | Path) -> None:
     """Raise ParamsError listing every problem of a loaded params file (None: all good)."""
     errors = _check_keys(params, "", TOP_LEVEL)
@@ -264,6 +274,8 @@ def check_params(params: dict, path: str | Path) -> None:
             errors += _check_attribution(params)
         if "segmenters" in params:
             errors += _check_segmenters(params)
+        if "pseudo_labels" in params:
+            errors += _check_pseudo_labels(params["pseudo_labels"])
         if "evaluate" in params:
             errors += _check_keys(params["evaluate"], "evaluate", EVALUATE_KEYS)
     if errors:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,12 @@ from bbam.mcg import make_source
 from bbam.pseudo_labels import write_coco_pseudo_gt
 from flows.common import load_params, load_split, proposal_config, refine_config, split_paths
 from tasks.attribution import engine_config, shard_dir
+
+
+def pseudo_label_workers(params: dict) -> int:
+    """`pseudo_labels.workers` processes (0 = one per CPU core)."""
+    workers = int(params.get("pseudo_labels", {}).get("workers", 1))
+    return workers if workers > 0 else os.cpu_count() or 1
 
 
 @task(name="make-pseudo-labels", retries=1, retry_delay_seconds=5)
@@ -47,6 +54,7 @@ def make_pseudo_labels(params_path: str, attribution_dir: str, out_dir: str) -> 
             source,
             align_corners=align,
             progress=bar.update,
+            workers=pseudo_label_workers(params),
         )
     source_json = load_coco_json(annotation_json)
     write_coco_pseudo_gt(

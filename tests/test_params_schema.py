@@ -73,6 +73,8 @@ CASES = [
     (_set("data.name", "pascal"), "data.name: 'pascal' is not one of"),
     (_drop("data.root"), "data.root: missing (data.name 'synthetic'"),
     (_set("evaluate.samples", 3), "evaluate.samples: unknown key"),
+    (_set("pseudo_labels.workers", -1), "pseudo_labels.workers: must be >= 0"),
+    (_set("pseudo_labels.worker", 2), "pseudo_labels.worker: unknown key; did you mean"),
     (_set("refine", True), "refine: expected dict, got bool True"),
 ]
 
