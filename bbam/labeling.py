@@ -57,17 +57,24 @@ def instance_map(row: dict, shard_dir: Path, cache: dict, align_corners: bool) -
     )
 
 
+@dataclass(frozen=True)
+class LabelSettings:
+    """What every image of a split is labelled with (sent once per task to a worker)."""
+
+    shard_dirs: dict[int, Path]
+    semantic_dir: Path
+    refine: RefineConfig
+    mcg: MCGConfig | None
+    source: ProposalSource | None
+    category_ids: list[int]
+    align_corners: bool = True
+
+
 def label_image(
     record: ImageRecord,
     coco_id: int,
     rows: dict[int, dict],
-    shard_dirs: dict[int, Path],
-    semantic_dir: Path,
-    refine_cfg: RefineConfig,
-    mcg_cfg: MCGConfig | None,
-    source: ProposalSource | None,
-    category_ids: list[int],
-    align_corners: bool = True,
+    settings: LabelSettings,
     cache: dict | None = None,
 ) -> LabelledImage:
     """Pseudo labels of one image. ``rows``: instance_id -> its attribution manifest row."""
@@ -76,15 +83,15 @@ def label_image(
     maps = {}
     for instance in instances:
         row = rows.get(instance.instance_id)
-        shard_dir = shard_dirs.get(row["shard"]) if row is not None else None
+        shard_dir = settings.shard_dirs.get(row["shard"]) if row is not None else None
         maps[instance.instance_id] = (
-            instance_map(row, shard_dir, cache, align_corners) if shard_dir else None
+            instance_map(row, shard_dir, cache, settings.align_corners) if shard_dir else None
         )
     image = load_rgb(record.path)
     crowd_free = ImageRecord(record.image_id, record.path, record.width, record.height, instances)
-    masks = refine_record(crowd_free, image, maps, refine_cfg, mcg_cfg, source)
+    masks = refine_record(crowd_free, image, maps, settings.refine, settings.mcg, settings.source)
     annotations, out_rows = build_instance_annotations(
-        coco_id, instances, masks, category_ids=category_ids or None
+        coco_id, instances, masks, category_ids=settings.category_ids or None
     )
     for instance, mask, annotation, out_row in zip(
         instances, masks, annotations, out_rows, strict=True
@@ -104,7 +111,7 @@ def label_image(
         [(i.label, i.box, m.fg, m.ignore) for i, m in zip(instances, masks, strict=True)],
     )
     mark_crowd_ignore(label, record.instances)
-    semantic_path = semantic_dir / f"{record.image_id}.png"
+    semantic_path = settings.semantic_dir / f"{record.image_id}.png"
     write_semantic_png(semantic_path, label)
     return LabelledImage(annotations, out_rows, semantic_path)
 
@@ -136,9 +143,9 @@ def label_dataset(
     by_image: dict[str, dict[int, dict]] = {}
     for row in manifest_rows:
         by_image.setdefault(row["image_id"], {})[int(row["instance_id"])] = row
-    common = (
+    settings = LabelSettings(
         shard_dirs, semantic_dir, refine_cfg, mcg_cfg, source, dataset.category_ids, align_corners
-    )  # fmt: skip
+    )
     tasks = []
     for start in range(0, len(dataset.records), max(1, images_per_task)):
         records = dataset.records[start : start + max(1, images_per_task)]
@@ -147,7 +154,7 @@ def label_dataset(
                 records,
                 {r.image_id: coco_ids[r.image_id] for r in records},
                 {r.image_id: by_image.get(r.image_id, {}) for r in records},
-                *common,
+                settings,
             )
         )
     if workers <= 1 or len(tasks) <= 1:
@@ -184,13 +191,7 @@ def _label_records(
     records: list[ImageRecord],
     coco_ids: dict[str, int],
     rows_by_image: dict[str, dict[int, dict]],
-    shard_dirs: dict[int, Path],
-    semantic_dir: Path,
-    refine_cfg: RefineConfig,
-    mcg_cfg: MCGConfig | None,
-    source: ProposalSource | None,
-    category_ids: list[int],
-    align_corners: bool,
+    settings: LabelSettings,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """One group of images, in order (runs in a worker process when there are several)."""
     annotations, rows, errors = [], [], []
@@ -198,17 +199,7 @@ def _label_records(
     for record in records:
         try:
             labelled = label_image(
-                record,
-                coco_ids[record.image_id],
-                rows_by_image[record.image_id],
-                shard_dirs,
-                semantic_dir,
-                refine_cfg,
-                mcg_cfg,
-                source,
-                category_ids,
-                align_corners,
-                cache,
+                record, coco_ids[record.image_id], rows_by_image[record.image_id], settings, cache
             )
         except Exception as exc:  # recorded; the stage reports and may fail on it
             errors.append({"image_id": record.image_id, "error": f"{type(exc).__name__}: {exc}"})
