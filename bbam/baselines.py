@@ -5,14 +5,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from bbam.refine import box_slices
+from bbam.refine import box_region, box_slices
 
 
 def box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
     """HxW bool: the box (xyxy, x2/y2 exclusive) filled."""
-    mask = np.zeros((height, width), dtype=bool)
-    mask[box_slices(np.asarray(box), height, width)] = True
-    return mask
+    return box_region(np.asarray(box), height, width)
 
 
 def grabcut_mask(image: np.ndarray, box: np.ndarray, iterations: int = 5) -> np.ndarray:

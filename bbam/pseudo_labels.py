@@ -24,7 +24,7 @@ from bbam.data.palette import save_palette_png
 from bbam.data.records import ImageRecord, Instance
 from bbam.data.writers import mask_to_rle
 from bbam.mcg import MCGConfig, ProposalSource, apply_proposals
-from bbam.refine import InstanceMasks, RefineConfig, box_slices, refine_instance
+from bbam.refine import InstanceMasks, RefineConfig, box_region, refine_instance
 
 IGNORE = 255
 
@@ -212,9 +212,7 @@ def crowd_region(inst: Instance, height: int, width: int) -> np.ndarray:
     mask = inst.mask
     if mask is not None and mask.shape == (height, width):
         return mask.astype(bool)
-    region = np.zeros((height, width), dtype=bool)
-    region[box_slices(np.asarray(inst.box), height, width)] = True
-    return region
+    return box_region(np.asarray(inst.box), height, width)
 
 
 def write_semantic_png(path: str | Path, label: np.ndarray) -> None:
