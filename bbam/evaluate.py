@@ -22,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 
 from bbam.atomic import atomic_write_text
 from bbam.data.records import ImageRecord
+from bbam.data.writers import mask_to_rle
 from bbam.pseudo_labels import crowd_region
 
 IGNORE_INDEX = 255
@@ -146,24 +147,24 @@ def voc_instance_metrics(
     instance, the best IoU among all predictions of its image, averaged over instances.
     Masks are decoded one image at a time (a whole COCO val split would not fit in memory).
     """
-    gts: dict[str, dict[str, np.ndarray]] = {}
-    for r in records:
-        insts = [i for i in r.instances if not i.iscrowd]
-        gts[r.image_id] = {
-            "labels": np.array([i.label for i in insts], dtype=np.int64),
-            "difficult": np.array([bool(i.difficult) for i in insts], dtype=bool),
-        }
-    preds_by_image: dict[str, list[tuple[int, float, dict[str, Any]]]] = {k: [] for k in gts}
+    preds_by_image: dict[str, list[tuple[int, float, dict[str, Any]]]] = {
+        r.image_id: [] for r in records
+    }
     for p in predictions:
         key = str(p["image_id"])
-        if key not in gts:
+        if key not in preds_by_image:
             raise ValueError(f"prediction for unknown image_id {key!r}")
         preds_by_image[key].append((int(p["category_id"]), float(p["score"]), p))
+    gts: dict[str, dict[str, np.ndarray]] = {}
     ious: dict[str, np.ndarray] = {}
     best_overlaps: list[float] = []
     for r in records:
-        key, g = r.image_id, gts[r.image_id]
-        gt_masks = _gt_masks(r, [i for i in r.instances if not i.iscrowd])
+        key, insts = r.image_id, [i for i in r.instances if not i.iscrowd]
+        g = gts[key] = {
+            "labels": np.array([i.label for i in insts], dtype=np.int64),
+            "difficult": np.array([bool(i.difficult) for i in insts], dtype=bool),
+        }
+        gt_masks = _gt_masks(r, insts)
         plist = preds_by_image[key]
         pm = (
             np.stack([_mask_of(p) for _, _, p in plist])
@@ -243,15 +244,14 @@ def records_to_coco(
                 raise ValueError(f"{r.path}: instance {inst.instance_id} has no GT mask")
             else:
                 mask = inst.mask
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             x1, y1, x2, y2 = (float(v) for v in inst.box)
             anns.append(
                 {
                     "id": len(anns) + 1,
                     "image_id": n,
                     "category_id": int(inst.label),
-                    "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
-                    "area": float(mask_utils.area(rle)),
+                    "segmentation": mask_to_rle(mask),
+                    "area": float(mask.sum()),
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "iscrowd": int(inst.iscrowd),
                 }
@@ -297,8 +297,7 @@ def coco_metrics_from_records(
             raise ValueError(f"prediction for unknown image_id {p['image_id']!r}")
         q["image_id"] = ids[str(p["image_id"])]
         if "segmentation" not in q:
-            rle = mask_utils.encode(np.asfortranarray(np.asarray(q.pop("mask"), dtype=np.uint8)))
-            q["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+            q["segmentation"] = mask_to_rle(np.asarray(q.pop("mask"), dtype=np.uint8))
         results.append(q)
     return coco_segm_metrics(gt, results)
 
