@@ -8,6 +8,12 @@ import numpy as np
 from bbam.refine import box_region, box_slices
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two HxW bool masks (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
 def box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
     """HxW bool: the box (xyxy, x2/y2 exclusive) filled."""
     return box_region(np.asarray(box), height, width)
@@ -28,6 +34,7 @@ def grabcut_mask(image: np.ndarray, box: np.ndarray, iterations: int = 5) -> np.
     bgd = np.zeros((1, 65), dtype=np.float64)
     fgd = np.zeros((1, 65), dtype=np.float64)
     bgr = np.ascontiguousarray(image[..., ::-1])
+    cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's RNG: same mask in any process
     try:
         cv2.grabCut(
             bgr, mask, (xs.start, ys.start, w, h), bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT

@@ -26,6 +26,7 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from bbam.heads import HeadsFn, RoIHeadOutputs
+from bbam.pretrained import verify_weights
 
 RESNET_ARCHS = {
     "resnet18_fpn": resnet.resnet18,
@@ -60,6 +61,7 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
+    verify_weights(path)  # a committed file with a record beside it must match its sha256
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt / not a torch file / contains pickled code

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bbam.attribution import map_to_image
+from bbam.baselines import box_mask, grabcut_mask, mask_iou
 from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord
 from bbam.manifest import load_grid
@@ -68,6 +69,9 @@ class LabelSettings:
     source: ProposalSource | None
     category_ids: list[int]
     align_corners: bool = True
+    # Score the box-only baselines (filled box, GrabCut) on every instance with a GT mask, so a
+    # run shows BBAM beside what boxes alone give (GrabCut costs about one CRF per instance).
+    baselines: bool = False
 
 
 def label_image(
@@ -100,11 +104,15 @@ def label_image(
         status = row["status"] if row is not None else "missing"
         annotation["bbam"]["attribution_status"] = status
         out_row.update(image_name=record.image_id, attribution_status=status)
+        if settings.baselines:  # the same columns in every row (Parquet takes one schema)
+            out_row.update(iou_gt_box=None, iou_gt_grabcut=None)
         if instance.has_mask:
             gt = instance.mask
-            union = np.logical_or(gt, mask.fg).sum()
-            overlap = np.logical_and(gt, mask.fg).sum()
-            out_row["iou_gt"] = float(overlap / union) if union else 1.0
+            out_row["iou_gt"] = mask_iou(gt, mask.fg)
+            if settings.baselines:
+                h, w = image.shape[:2]
+                out_row["iou_gt_box"] = mask_iou(gt, box_mask(instance.box, h, w))
+                out_row["iou_gt_grabcut"] = mask_iou(gt, grabcut_mask(image, instance.box))
     label = semantic_label(
         record.height,
         record.width,
@@ -129,6 +137,7 @@ def label_dataset(
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
     images_per_task: int = 16,
+    baselines: bool = False,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """(annotations, per-instance rows, per-image errors) over all images of ``dataset``.
 
@@ -138,13 +147,21 @@ def label_dataset(
     ``workers`` > 1 refines groups of ``images_per_task`` images in that many processes (the
     DenseCRF and proposals are CPU-bound, one image at a time, as the reference's 80 joblib
     processes were). Results are gathered in dataset order, so the output does not depend on
-    the number of workers.
+    the number of workers. ``baselines`` adds each instance's filled-box and GrabCut IoU
+    with its GT mask (``iou_gt_box``, ``iou_gt_grabcut``) beside BBAM's (``iou_gt``).
     """
     by_image: dict[str, dict[int, dict]] = {}
     for row in manifest_rows:
         by_image.setdefault(row["image_id"], {})[int(row["instance_id"])] = row
     settings = LabelSettings(
-        shard_dirs, semantic_dir, refine_cfg, mcg_cfg, source, dataset.category_ids, align_corners
+        shard_dirs,
+        semantic_dir,
+        refine_cfg,
+        mcg_cfg,
+        source,
+        dataset.category_ids,
+        align_corners,
+        baselines,
     )
     tasks = []
     for start in range(0, len(dataset.records), max(1, images_per_task)):

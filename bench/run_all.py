@@ -6,7 +6,8 @@ Objects written (each by its own script or step, merged into one file):
 - ``attribution``: ``reference`` vs ``fast`` on the same instances (bench/attribution.py);
 - ``pseudo_labels``: pseudo-mask mIoU of BBAM variants and baselines (bench/pseudo_labels.py);
 - ``segmenters``: weak / full / box supervision for both networks and the ratios;
-- ``scale``: 1 vs 2 workers and merging 10^6 manifest rows (bench/scale.py).
+- ``scale``: 1 vs 2 workers and merging 10^6 manifest rows (bench/scale.py);
+- ``demo_quality``: the demo run's headline numbers (percent), read from its metrics files.
 
 Nothing here is a test: numbers are printed and recorded, not asserted.
 """
@@ -85,6 +86,31 @@ def segmenters_object(params_path: str) -> dict:
     return out
 
 
+def demo_quality_object(metrics_dir: Path = ROOT / "metrics") -> dict:
+    """What `make demo` printed, in percent: the detector, positives, pseudo masks beside the
+    box-only baselines, and both segmenters under full and BBAM supervision."""
+
+    def load(name: str) -> dict:
+        return json.loads((metrics_dir / f"{name}.json").read_text())
+
+    detector, attribution = load("detector"), load("attribution")
+    pseudo, evaluation = load("pseudo_labels"), load("evaluation")
+    counted = sum(attribution.get(k) or 0 for k in ("ok", "no_positive", "failed"))
+    return {
+        "detector_ap50": round(100 * detector["box_ap50"], 2),
+        "no_positive_fraction": (
+            round(100 * attribution["no_positive"] / counted, 2) if counted else None
+        ),
+        "miou_bbam": pseudo.get("mean_instance_iou_vs_gt"),
+        "miou_grabcut": pseudo.get("mean_instance_iou_grabcut"),
+        "miou_box": pseudo.get("mean_instance_iou_box"),
+        "sem_miou_full": evaluation.get("full", {}).get("sem_miou"),
+        "sem_miou_bbam": evaluation.get("bbam", {}).get("sem_miou"),
+        "ins_ap50_full": evaluation.get("full", {}).get("ins_ap50"),
+        "ins_ap50_bbam": evaluation.get("bbam", {}).get("ins_ap50"),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -99,6 +125,7 @@ def main() -> int:
 
     params = load_params(args.params)
     data = params["data"]
+    merge_results("demo_quality", demo_quality_object())
     if "detector" not in args.skip:
         merge_results("detector", detector_object(args.params, 200))
     if "attribution" not in args.skip:

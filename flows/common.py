@@ -123,10 +123,15 @@ DETECTOR_DIR = Path("runs/detector")
 
 
 def detector_params_hash(params: dict, config) -> str:
-    """What a trained detector depends on: its resolved config and the train annotations."""
+    """What a trained detector depends on: its resolved config, the bytes of the weights it
+    starts from and the train annotations (a replaced weights file at the same path is a new
+    run, not a resume)."""
     import dataclasses
 
-    return params_hash(dataclasses.asdict(config), file_sha256(split_paths(params, "train")[0]))
+    start = [file_sha256(w) for w in (config.weights, config.backbone_weights) if w]
+    return params_hash(
+        dataclasses.asdict(config), *start, file_sha256(split_paths(params, "train")[0])
+    )
 
 
 def load_detector_from_params(params: dict, num_classes: int, device):

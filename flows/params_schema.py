@@ -68,7 +68,7 @@ ATTRIBUTION_KEYS: dict[str, Any] = {
 }
 SEGMENTER_KEYS: dict[str, Any] = {"supervisions": list, "instance": dict, "semantic": dict}
 EVALUATE_KEYS: dict[str, Any] = {"report_samples": int}
-PSEUDO_LABEL_KEYS: dict[str, Any] = {"workers": int}
+PSEUDO_LABEL_KEYS: dict[str, Any] = {"workers": int, "baselines": bool}
 
 
 class ParamsError(SystemExit):

@@ -23,10 +23,16 @@ def _fmt(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def _percent(part, whole) -> str:
+    return "-" if part is None or not whole else f"{100.0 * part / whole:.1f}"
+
+
 def metrics_rows() -> list[tuple[str, str]]:
     detector = _load("detector")
     attribution = _load("attribution")
+    pseudo = _load("pseudo_labels")
     evaluation = _load("evaluation")
+    counted = sum(attribution.get(k) or 0 for k in ("ok", "no_positive", "failed"))
     rows = [
         (
             "detector box AP50 (val, %)",
@@ -35,6 +41,21 @@ def metrics_rows() -> list[tuple[str, str]]:
         (
             "attribution ok / no_positive / failed",
             "/".join(_fmt(attribution.get(k)) for k in ("ok", "no_positive", "failed")),
+        ),
+        (
+            "train instances without a positive (%)",
+            _percent(attribution.get("no_positive"), counted),
+        ),
+        (
+            "pseudo masks IoU vs GT: bbam / grabcut / box (%)",
+            " / ".join(
+                _fmt(pseudo.get(k))
+                for k in (
+                    "mean_instance_iou_vs_gt",
+                    "mean_instance_iou_grabcut",
+                    "mean_instance_iou_box",
+                )
+            ),
         ),
     ]
     for key, value in evaluation.get("table", {}).items():
@@ -45,10 +66,10 @@ def metrics_rows() -> list[tuple[str, str]]:
 def show_metrics() -> None:
     rows = metrics_rows()
     width = max(len(name) for name, _ in rows)
-    print("\n" + "=" * (width + 14))
+    print("\n" + "=" * (width + 24))
     for name, value in rows:
-        print(f"{name:<{width}}  {value:>10}")
-    print("=" * (width + 14))
+        print(f"{name:<{width}}  {value:>20}")
+    print("=" * (width + 24))
     if REPORT.is_file():
         print(f"report: {REPORT.resolve()}")
 

@@ -55,6 +55,7 @@ def make_pseudo_labels(params_path: str, attribution_dir: str, out_dir: str) -> 
             align_corners=align,
             progress=bar.update,
             workers=pseudo_label_workers(params),
+            baselines=bool(params.get("pseudo_labels", {}).get("baselines", True)),
         )
     source_json = load_coco_json(annotation_json)
     write_coco_pseudo_gt(
@@ -65,7 +66,11 @@ def make_pseudo_labels(params_path: str, attribution_dir: str, out_dir: str) -> 
     )
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
     atomic_write(out / "manifest.parquet", lambda f: pq.write_table(table, f))
-    ious = [r["iou_gt"] for r in rows if r.get("iou_gt") is not None]
+
+    def mean_pct(key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return round(100 * float(np.mean(values)), 2) if values else None
+
     fallbacks: dict[str, int] = {}
     for r in rows:
         fallbacks[r["fallback"]] = fallbacks.get(r["fallback"], 0) + 1
@@ -75,7 +80,10 @@ def make_pseudo_labels(params_path: str, attribution_dir: str, out_dir: str) -> 
         # not labelled (skipped rows of the attribution manifest): regions, not objects
         "crowd_regions": sum(i.iscrowd for r in dataset.records for i in r.instances),
         "image_errors": errors,
-        "mean_instance_iou_vs_gt": round(100 * float(np.mean(ious)), 2) if ious else None,
+        "mean_instance_iou_vs_gt": mean_pct("iou_gt"),
+        # the box-only baselines on the same instances (pseudo_labels.baselines)
+        "mean_instance_iou_grabcut": mean_pct("iou_gt_grabcut"),
+        "mean_instance_iou_box": mean_pct("iou_gt_box"),
         "empty_fg": sum(bool(r["empty_fg"]) for r in rows),
         "fallbacks": fallbacks,
         "mcg_used": sum(bool(r["mcg_used"]) for r in rows),

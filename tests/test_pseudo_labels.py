@@ -262,3 +262,47 @@ def test_parallel_labelling_gives_the_same_output_as_serial(tmp_path):
     assert [a["id"] for a in annotations] == [1, 11, 21, 41]
     assert [e["image_id"] for e in errors] == ["im3"] and "missing.png" in errors[0]["error"]
     assert len(outputs[2][1]) == 4 and all(a["area"] > 0 for a in annotations)
+
+
+def test_baselines_are_scored_on_the_same_instances_and_do_not_depend_on_workers(tmp_path):
+    """baselines=True adds the filled box's and GrabCut's IoU with the GT mask to each row."""
+    from bbam.data.records import Dataset
+    from bbam.labeling import label_dataset
+    from bbam.refine import RefineConfig
+
+    rng = np.random.default_rng(1)
+    records = []
+    for n in range(4):
+        h, w = 48, 56
+        pixels = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+        yy, xx = np.mgrid[:h, :w]
+        disc = (yy - 24) ** 2 + (xx - 26 - n) ** 2 <= 12**2
+        pixels[disc] = (210, 90, 40)
+        path = tmp_path / "img" / f"im{n}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        box = np.array([14.0 + n, 12.0, 39.0 + n, 37.0])
+        records.append(ImageRecord(f"im{n}", path, w, h, [Instance(n + 1, 1, box, mask=disc)]))
+    records.append(ImageRecord("nomask", records[0].path, 56, 48, [Instance(9, 1, box)]))
+    dataset = Dataset(["thing"], records)
+    coco_ids = {r.image_id: n + 1 for n, r in enumerate(records)}
+    results = [
+        label_dataset(
+            dataset, coco_ids, [], {}, tmp_path / f"w{workers}", RefineConfig(), None, None,
+            workers=workers, images_per_task=2, baselines=True,
+        )[1]
+        for workers in (1, 2)
+    ]  # fmt: skip
+    assert json.dumps(results[0], sort_keys=True) == json.dumps(results[1], sort_keys=True)
+    rows = results[0]
+    for row, record in zip(rows[:4], records[:4], strict=True):
+        gt = record.instances[0].mask
+        assert row["iou_gt_box"] == pytest.approx(gt.sum() / (25 * 25))  # the box holds the disc
+        assert 0.5 < row["iou_gt_grabcut"] <= 1.0  # a contrasted disc: GrabCut finds most of it
+        assert 0.0 <= row["iou_gt"] <= 1.0
+    assert rows[4]["iou_gt_box"] is None and rows[4]["iou_gt_grabcut"] is None
+    assert "iou_gt" not in rows[4]
+    plain = label_dataset(
+        dataset, coco_ids, [], {}, tmp_path / "plain", RefineConfig(), None, None
+    )[1]
+    assert "iou_gt_box" not in plain[0]
