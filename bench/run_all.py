@@ -5,6 +5,8 @@ Objects written (each by its own script or step, merged into one file):
   least one positive proposal (train and val);
 - ``attribution``: ``reference`` vs ``fast`` on the same instances (bench/attribution.py);
 - ``pseudo_labels``: pseudo-mask mIoU of BBAM variants and baselines (bench/pseudo_labels.py);
+- ``refine_modes``: what each refinement mode keeps of GT and degraded GT-derived maps on a real
+  photo and on synthetic images, next to the filled box and GrabCut (bench/refine_modes.py);
 - ``segmenters``: weak / full / box supervision for both networks and the ratios;
 - ``scale``: 1 vs 2 workers and merging 10^6 manifest rows (bench/scale.py);
 - ``demo_quality``: the demo run's headline numbers (percent), read from its metrics files.
@@ -141,6 +143,8 @@ def main() -> int:
             "--annotations", data["train_json"], "--image-root", data["train_images"],
             "--maps", "runs/attribution", "--results", str(RESULTS), "--params", args.params,
         )  # fmt: skip
+    if "refine_modes" not in args.skip:
+        run(sys.executable, "bench/refine_modes.py", "--results", str(RESULTS))
     if "segmenters" not in args.skip:
         merge_results("segmenters", segmenters_object(args.params))
     if "scale" not in args.skip:
