@@ -8,7 +8,7 @@ RUN := PATH="$(abspath $(BIN)):$$PATH"
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench gpu-wheels lint status clean \
-	deploy-image deploy-pools deploy-deployments deploy-process-workers deploy-k8s-worker
+	report-check deploy-image deploy-pools deploy-deployments deploy-process-workers deploy-k8s-worker
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ lint: $(STAMP)
 
 status: $(STAMP)
 	$(RUN) dvc status
+
+# The HTML report rendered in headless Chromium: fails on an image that does not load or
+# an empty table (apt-get install -y chromium).
+report-check: $(STAMP)
+	$(RUN) python -m bbam.report check reports/index.html
 
 # Scale-out on a Prefect server (docs/scale_out.md): deploy/deploy.sh does each step.
 # BBAM_IMAGE=registry/bbam:tag for the image and the deployments; PREFECT_API_URL for the rest.
