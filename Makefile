@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench pretrain gpu-wheels lint status clean
+.PHONY: demo test bench pretrain gpu-wheels lint status clean \
+	report-check deploy-image deploy-pools deploy-deployments deploy-process-workers deploy-k8s-worker
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,28 @@ lint: $(STAMP)
 
 status: $(STAMP)
 	$(RUN) dvc status
+
+# The HTML report rendered in headless Chromium: fails on an image that does not load or
+# an empty table (apt-get install -y chromium).
+report-check: $(STAMP)
+	$(RUN) python -m bbam.report check reports/index.html
+
+# Scale-out on a Prefect server (docs/scale_out.md): deploy/deploy.sh does each step.
+# BBAM_IMAGE=registry/bbam:tag for the image and the deployments; PREFECT_API_URL for the rest.
+deploy-image:
+	deploy/deploy.sh image
+
+deploy-pools: $(STAMP)
+	$(RUN) deploy/deploy.sh pools
+
+deploy-deployments: $(STAMP)
+	$(RUN) deploy/deploy.sh deployments
+
+deploy-process-workers: $(STAMP)
+	$(RUN) deploy/deploy.sh process-workers
+
+deploy-k8s-worker: $(STAMP)
+	$(RUN) deploy/deploy.sh k8s-worker
 
 clean:
 	rm -rf runs metrics reports .prefect data/synthetic

@@ -105,9 +105,66 @@ def evaluate_flow(params_path: str = "params.yaml") -> dict:
     for supervision, curve in curves.items():
         write_pr_curves(PLOTS_DIR / f"pr_curves_{supervision}.csv", curve)
     samples = report_samples(params, int(params.get("evaluate", {}).get("report_samples", 8)))
-    path = write_report(REPORT_DIR, {**per_supervision, **metrics["table"]}, samples)
+    extras = report_extras(params, samples, curves)
+    path = write_report(REPORT_DIR, {**per_supervision, **metrics["table"]}, samples, **extras)
     print(f"[bbam] evaluate: report at {path}")
     return metrics
+
+
+def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
+    """What the report shows beyond `report_samples` (bbam.report.write_report's keywords):
+    per sample its BBAM heat map, GT and both segmenters' semantic predictions; the
+    pseudo labels beside the filled-box and GrabCut baselines on the same images; the PR
+    curves drawn."""
+    import pyarrow.parquet as pq
+
+    from bbam.data.images import load_rgb
+    from bbam.evaluate import records_with_gt_masks
+    from bbam.report import attribution_heatmaps, pseudo_label_baselines
+    from bbam.segmenters.semantic import load_semantic_model, predict_semantic, render_label_map
+    from flows.common import load_split
+    from tasks.attribution import engine_config, shard_dir
+    from tasks.evaluate import _pseudo_split
+    from tasks.segmenters import SEGMENTERS_DIR, semantic_config
+
+    section = params["attribution"]
+    split = load_split(params, section["split"])
+    by_id = {r.image_id: r for r in split.records}
+    records = [by_id[s["name"]] for s in samples if s["name"] in by_id]
+    attribution = Path("runs/attribution")
+    heat = attribution_heatmaps(
+        records,
+        pq.read_table(attribution / "manifest.parquet").to_pylist(),
+        {s: shard_dir(attribution, s) for s in range(int(section["num_shards"]))},
+        engine_config(params).align_corners,
+    )
+    predictions = {}
+    for supervision in params["segmenters"]["supervisions"]:
+        config = semantic_config(params, supervision)
+        model = load_semantic_model(
+            SEGMENTERS_DIR / f"semantic_{supervision}" / "model.pt", config, len(split.classes) + 1
+        )
+        predictions[supervision] = {
+            r.image_id: label
+            for r, label in predict_semantic(model, records, config.device, scale=config.scale)
+        }
+    with_gt = {r.image_id for r in records_with_gt_masks(records)[0]}
+    for sample in samples:
+        record = by_id.get(sample["name"])
+        if record is not None:
+            sample["bbam_map"] = heat[record.image_id]
+            sample["gt"] = render_label_map(record) if record.image_id in with_gt else None
+            sample["predictions"] = {s: p[record.image_id] for s, p in predictions.items()}
+    pseudo = {r.image_id: r for r in _pseudo_split(params).records}
+    quality, images = pseudo_label_baselines(
+        split.records, pseudo, len(split.classes) + 1, lambda r: load_rgb(r.path)
+    )
+    return {
+        "curves": curves,
+        "class_names": list(split.classes),
+        "pseudo_quality": quality,
+        "pseudo_quality_images": images,
+    }
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def test_write_report(tmp_path):
     assert len(pngs) == 5
     for name in pngs:
         assert f'src="{name}"' in text
-        assert Image.open(tmp_path / "rep" / name).size == (20, 16)
+        # 16x20 is upsampled (nearest, x8 at most) so that a person can see it
+        assert Image.open(tmp_path / "rep" / name).size == (160, 128)
     with pytest.raises(ValueError, match="sample 0"):
         write_report(tmp_path / "bad", {}, [{"image": np.zeros((4, 4))}])
