@@ -16,11 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_params(path: str | Path) -> dict:
+    """The params mapping, or SystemExit naming the file and what is wrong with it."""
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text())
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise SystemExit(f"{path}: params file not found") from exc
+    except IsADirectoryError as exc:
+        raise SystemExit(f"{path}: is a directory, not a params file") from exc
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"{path}: not UTF-8 text ({exc}); save the params file as UTF-8") from exc
+    except OSError as exc:
+        raise SystemExit(f"{path}: cannot read the params file ({exc})") from exc
     except yaml.YAMLError as exc:
         raise SystemExit(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(params, dict):
