@@ -70,7 +70,14 @@ def obtain_archive(
     path, sha = fetch_archive(
         archive, download_dir, archives_dir=archives_dir, lock=lock, config=download
     )
-    return extract_archive(path, target, sha, name=archive.name)
+    try:
+        return extract_archive(path, target, sha, name=archive.name)
+    except DataError as exc:  # unsafe members, not an archive: its checksum is no reference
+        if lock.forget(archive, sha):
+            raise type(exc)(
+                f"{exc} (its sha256 is not kept in {lock.path}: put a good archive in its place)"
+            ) from exc
+        raise
 
 
 def link_path(dest: Path, src: Path) -> None:
