@@ -58,10 +58,12 @@ def split_paths(params: dict, split: str) -> tuple[Path, Path]:
 
 
 def load_split(params: dict, split: str, with_masks: bool = True):
+    """A split without the images prepare_data found unreadable (counted in `skipped`)."""
     from bbam.data.coco import read_coco
+    from bbam.data.verify import drop_unreadable
 
     annotation_json, image_root = split_paths(params, split)
-    return read_coco(annotation_json, image_root, with_masks=with_masks)
+    return drop_unreadable(read_coco(annotation_json, image_root, with_masks=with_masks))
 
 
 def configure_runtime(params: dict) -> None:
