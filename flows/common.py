@@ -57,13 +57,15 @@ def split_paths(params: dict, split: str) -> tuple[Path, Path]:
     return Path(data[f"{split}_json"]), Path(data[f"{split}_images"])
 
 
-def load_split(params: dict, split: str, with_masks: bool = True):
-    """A split without the images prepare_data found unreadable (counted in `skipped`)."""
+def load_split(params: dict, split: str, with_masks: bool = True, drop_unreadable: bool = True):
+    """A split, by default without the images prepare_data found unreadable (counted in
+    `skipped`); attribution keeps them to record their instances as skipped."""
     from bbam.data.coco import read_coco
-    from bbam.data.verify import drop_unreadable
+    from bbam.data.verify import drop_unreadable as drop
 
     annotation_json, image_root = split_paths(params, split)
-    return drop_unreadable(read_coco(annotation_json, image_root, with_masks=with_masks))
+    dataset = read_coco(annotation_json, image_root, with_masks=with_masks)
+    return drop(dataset) if drop_unreadable else dataset
 
 
 def configure_runtime(params: dict) -> None:
