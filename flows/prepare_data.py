@@ -86,16 +86,17 @@ def summarise(params_path: str) -> dict:
 
 @flow(name="prepare-data")
 def prepare_data(params_path: str = "params.yaml") -> dict:
+    """Prepare, summarise and verify; fails when a split has too many unreadable images."""
+    from bbam.data.prepare import summary_line
+    from bbam.data.records import DataError
+    from bbam.data.verify import unreadable_limit_error, unreadable_limits
+
     params = load_params(params_path)
     prepare(params_path)
     if params["data"]["name"] == "voc":
         voc_to_coco(params_path)
     summary = summarise(params_path)
     write_json(METRICS, summary)
-    from bbam.data.prepare import summary_line
-    from bbam.data.records import DataError
-    from bbam.data.verify import unreadable_limit_error, unreadable_limits
-
     print(
         "[bbam] prepare_data: " + "; ".join(f"{s}: {summary_line(v)}" for s, v in summary.items())
     )

@@ -106,7 +106,8 @@ VOC_CASES = {
 
 
 @pytest.mark.parametrize("case", list(VOC_CASES))
-def test_voc_and_sbd_counters_reach_the_stage_summary(tmp_path, case):
+def test_voc_and_sbd_counters_reach_the_stage_summary(tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)  # the image check cache is written under ./data
     damage, split, kind = VOC_CASES[case]
     counter = case.split()[0]
     voc, params_path = voc_tree(tmp_path)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -123,3 +124,12 @@ def test_later_stages_drop_what_the_data_stage_found_and_loaders_do_not_crash(
     assert any("truncated.jpg" in e for e in train.skipped.examples["unreadable_image"])
     for image, target in DetectionDataset(train.records):  # what the training loaders read
         assert image.shape == (3, 30, 40) and len(target["boxes"]) == 1
+
+
+def test_params_schema_checks_the_new_data_keys():
+    from flows.params_schema import ParamsError, check_params
+
+    check_params({"data": {"max_unreadable_train": 0.05, "verify_workers": 2}}, "p.yaml")
+    for bad in ({"max_unreadable_val": 1.5}, {"verify_workers": -1}, {"max_unreadable_train": "x"}):
+        with pytest.raises(ParamsError, match=f"data.{next(iter(bad))}"):
+            check_params({"data": bad}, "p.yaml")
