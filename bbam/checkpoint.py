@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bbam.pretrained import verify_weights
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +27,34 @@ def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = text.split(". ")[0].rstrip(".:")[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_weights(path: str | Path, what: str = "weights") -> Any:
+    """``torch.load(path, weights_only=True)``, or ValueError naming the file and what it is.
+
+    Why: torch's own message for a refused file ends by advising ``weights_only=False``,
+    which runs whatever code the file holds; for a file refused as unsafe that is the wrong
+    advice. A missing file raises FileNotFoundError, an unreadable one OSError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found (no downloads are attempted)")
+    verify_weights(path)  # a file with a record beside it (committed weights) must match it
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: refused as {what}: the file holds pickled Python objects besides tensors "
+            f"(a whole model or optimizer object, or code); loading it could run that code "
+            f"({_short(exc)}). Use a file saved with torch.save(model.state_dict(), path), "
+            "or re-save a trusted one that way"
+        ) from exc
+    except Exception as exc:  # truncated, garbage, not a torch file at all
+        raise ValueError(
+            f"{path}: cannot read {what}: not a torch file or damaged (truncated?) "
+            f"({_short(exc)}); replace it with an intact state_dict file"
+        ) from exc
 
 
 def _backup(obj: Any) -> Any:

@@ -26,7 +26,6 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from bbam.heads import HeadsFn, RoIHeadOutputs
-from bbam.pretrained import verify_weights
 
 RESNET_ARCHS = {
     "resnet18_fpn": resnet.resnet18,
@@ -58,14 +57,9 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A raw state_dict, or the "model" entry of a checkpoint dict; never unpickles code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    verify_weights(path)  # a committed file with a record beside it must match its sha256
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt / not a torch file / contains pickled code
-        raise ValueError(f"{path}: cannot read weights ({exc})") from exc
+    from bbam.checkpoint import load_weights
+
+    state = load_weights(path, "weights")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -9,6 +9,8 @@ Objects written (each by its own script or step, merged into one file):
   photo and on synthetic images, next to the filled box and GrabCut (bench/refine_modes.py);
 - ``segmenters``: weak / full / box supervision for both networks and the ratios;
 - ``scale``: 1 vs 2 workers and merging 10^6 manifest rows (bench/scale.py);
+- ``data_check``: images verified per second by the data stage, demo set and 10k synthetic
+  images (bench/data_check.py);
 - ``demo_quality``: the demo run's headline numbers (percent), read from its metrics files.
 
 Nothing here is a test: numbers are printed and recorded, not asserted.
@@ -149,6 +151,8 @@ def main() -> int:
         merge_results("segmenters", segmenters_object(args.params))
     if "scale" not in args.skip:
         run(sys.executable, "bench/scale.py")
+    if "data_check" not in args.skip:
+        run(sys.executable, "bench/data_check.py")
     results = json.loads(RESULTS.read_text())
     print(f"\nbench finished in {time.perf_counter() - started:.0f} s -> {RESULTS}")
     for key, value in results.items():

@@ -16,11 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_params(path: str | Path) -> dict:
+    """The params mapping, or SystemExit naming the file and what is wrong with it."""
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text())
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise SystemExit(f"{path}: params file not found") from exc
+    except IsADirectoryError as exc:
+        raise SystemExit(f"{path}: is a directory, not a params file") from exc
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"{path}: not UTF-8 text ({exc}); save the params file as UTF-8") from exc
+    except OSError as exc:
+        raise SystemExit(f"{path}: cannot read the params file ({exc})") from exc
     except yaml.YAMLError as exc:
         raise SystemExit(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(params, dict):
@@ -50,11 +57,15 @@ def split_paths(params: dict, split: str) -> tuple[Path, Path]:
     return Path(data[f"{split}_json"]), Path(data[f"{split}_images"])
 
 
-def load_split(params: dict, split: str, with_masks: bool = True):
+def load_split(params: dict, split: str, with_masks: bool = True, drop_unreadable: bool = True):
+    """A split, by default without the images prepare_data found unreadable (counted in
+    `skipped`); attribution keeps them to record their instances as skipped."""
     from bbam.data.coco import read_coco
+    from bbam.data.verify import drop_unreadable as drop
 
     annotation_json, image_root = split_paths(params, split)
-    return read_coco(annotation_json, image_root, with_masks=with_masks)
+    dataset = read_coco(annotation_json, image_root, with_masks=with_masks)
+    return drop(dataset) if drop_unreadable else dataset
 
 
 def configure_runtime(params: dict) -> None:

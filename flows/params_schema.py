@@ -47,6 +47,9 @@ DATA_KEYS: dict[str, Any] = {
     "val_images": str,
     "train_voc_split": str,
     "val_voc_split": str,
+    "max_unreadable_train": float,
+    "max_unreadable_val": float,
+    "verify_workers": int,
 }
 ATTRIBUTION_KEYS: dict[str, Any] = {
     "split": str,
@@ -159,8 +162,17 @@ def _build(where: str, builder: Callable[[], Any]) -> list[str]:
 def _check_data(data: dict) -> list[str]:
     """The dataset name, and the root prepare_data lays it out under (stages that only read
     the split files need neither)."""
-    if "name" not in data:
-        return []
+    errors = [
+        f"data.{key}: must be in [0, 1], got {data[key]}"
+        for key in ("max_unreadable_train", "max_unreadable_val")
+        if key in data and not 0.0 <= data[key] <= 1.0
+    ]
+    if data.get("verify_workers", 0) < 0:
+        errors.append(
+            f"data.verify_workers: must be >= 0 (0 = every core), got {data['verify_workers']}"
+        )
+    if errors or "name" not in data:
+        return errors
     if data["name"] not in DATA_NAMES:
         return [f"data.name: {data['name']!r} is not one of {DATA_NAMES}"]
     if data["name"] != "custom" and not data.get("root"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.common import load_params, load_split, split_paths, stage_cli, write_json
+from flows.common import load_params, split_paths, stage_cli, write_json
 
 METRICS = Path("metrics/data.json")
 
@@ -73,14 +73,24 @@ def voc_to_coco(params_path: str) -> None:
 
 @task(name="summarise-splits")
 def summarise(params_path: str) -> dict:
-    from bbam.data.prepare import summarize_dataset
+    """Counts, skips and repairs per split; every image is decoded once (cached)."""
+    from bbam.data.prepare import summarize_split
 
     params = load_params(params_path)
-    return {s: summarize_dataset(load_split(params, s, with_masks=False)) for s in ("train", "val")}
+    workers = int(params["data"].get("verify_workers", 0))
+    return {
+        s: summarize_split(*split_paths(params, s), workers=workers, progress=True)
+        for s in ("train", "val")
+    }
 
 
 @flow(name="prepare-data")
 def prepare_data(params_path: str = "params.yaml") -> dict:
+    """Prepare, summarise and verify; fails when a split has too many unreadable images."""
+    from bbam.data.prepare import summary_line
+    from bbam.data.records import DataError
+    from bbam.data.verify import unreadable_limit_error, unreadable_limits
+
     params = load_params(params_path)
     prepare(params_path)
     if params["data"]["name"] == "voc":
@@ -88,11 +98,10 @@ def prepare_data(params_path: str = "params.yaml") -> dict:
     summary = summarise(params_path)
     write_json(METRICS, summary)
     print(
-        "[bbam] prepare_data: "
-        + ", ".join(
-            f"{s}: {v['images']} images / {v['instances']} instances" for s, v in summary.items()
-        )
+        "[bbam] prepare_data: " + "; ".join(f"{s}: {summary_line(v)}" for s, v in summary.items())
     )
+    if error := unreadable_limit_error(summary, unreadable_limits(params["data"])):
+        raise DataError(error)
     return summary
 
 

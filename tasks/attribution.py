@@ -63,7 +63,8 @@ def attribute_shard(params_path: str, shard: int, out_dir: str, params_hash: str
     """Attribute the pending instances of one shard; the manifest makes it resumable."""
     params = load_params(params_path)
     section = params["attribution"]
-    dataset = load_split(params, section["split"], with_masks=False)  # boxes are the input
+    # boxes are the input; unreadable images stay: their instances get skipped rows
+    dataset = load_split(params, section["split"], with_masks=False, drop_unreadable=False)
     num_shards = int(section["num_shards"])
     device = torch_device(params.get("device", "auto"))
     config = engine_config(params)

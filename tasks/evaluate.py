@@ -71,10 +71,13 @@ def evaluate_semantic(params_path: str, supervision: str) -> dict:
 
 
 def _pseudo_split(params: dict):
-    """The pseudo GT read back as a dataset: its masks are the pseudo foregrounds."""
+    """The pseudo GT read back as a dataset: its masks are the pseudo foregrounds. It lists
+    every image of the split: those prepare_data found unreadable are dropped as in load_split."""
+    from bbam.data.verify import drop_unreadable
+
     split = params["attribution"]["split"]
     _, image_root = split_paths(params, split)
-    return read_coco(PSEUDO_DIR / f"instances_{split}.json", image_root)
+    return drop_unreadable(read_coco(PSEUDO_DIR / f"instances_{split}.json", image_root))
 
 
 @task(name="pseudo-label-quality")

@@ -247,3 +247,39 @@ def test_mcg_id_mapping_and_refusing_user_data(tmp_path):
                 "voc", root, None, tmp_path / "dl", registry=local_registry(server, VOC_NAMES),
                 download=FAST,
             )  # fmt: skip
+
+
+def _unsafe_tgz() -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../escape.mat")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    return buf.getvalue()
+
+
+def test_refused_archive_leaves_no_checksum_for_the_good_one(tmp_path, monkeypatch):
+    """An archive refused at extraction (unsafe member) must not lock its sha256: the good
+    archive put in its place is then verified afresh, not failed as a mismatch."""
+    from bbam.data.extract import UnsafeArchiveError
+
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    mcg = archives / ARCHIVES["mcg_voc2012"].filename
+    mcg.write_bytes(_unsafe_tgz())
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
+    lock = tmp_path / "downloads.lock.json"
+    run = lambda: prepare_dataset(  # noqa: E731
+        "voc", tmp_path / "voc", archives, tmp_path / "dl", only=["mcg"], lock_path=lock,
+        registry=local_registry(None, VOC_NAMES), download=FAST,
+    )  # fmt: skip
+    with pytest.raises(UnsafeArchiveError, match="put a good archive in its place"):
+        run()
+    assert "mcg_voc2012" not in json.loads(lock.read_text())["archives"]
+    mcg.write_bytes(voc_files()[mcg.name])
+    run()
+    assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(VOC_IMAGES)
+    assert "mcg_voc2012" in json.loads(lock.read_text())["archives"]

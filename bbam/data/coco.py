@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from bbam.data.images import checked_size, path_in_root
+from bbam.data.images import checked_size, clip_box, path_in_root
 from bbam.data.records import (
     CompressedMask,
     DataError,
@@ -29,6 +29,7 @@ from bbam.data.records import (
     Instance,
     SkipReport,
 )
+from bbam.data.writers import SOURCE_REPORTS
 
 
 def load_coco_json(path: str | Path) -> dict:
@@ -169,8 +170,10 @@ def read_coco(
 ) -> Dataset:
     """Read a COCO instances file; `file_name`s are relative to `image_root`.
 
-    Boxes: xywh -> xyxy (x2/y2 exclusive), clipped to the image; empty boxes are skipped and
-    counted ("zero_area_box"), non-finite ones raise. A missing bbox is taken from the
+    Boxes: xywh -> xyxy (x2/y2 exclusive), clipped to the image (counted in
+    `Dataset.repaired`, "clipped_box"); empty boxes are skipped and counted
+    ("zero_area_box"), non-finite ones raise. Counts a converter stored in the file's
+    ``info`` (`writers.SOURCE_REPORTS`: what the VOC reader skipped) are added to both. A missing bbox is taken from the
     segmentation. Polygons of fewer than 3 points are dropped and counted
     ("degenerate_polygon"); an instance left without a polygon keeps its box but has no mask.
     Masks are kept as compressed RLE (`CompressedMask`). Annotations of unknown images are
@@ -186,7 +189,12 @@ def read_coco(
     data = load_coco_json(path)
     cats = _sorted_categories(data, path)
     label_of = {int(c["id"]): i for i, c in enumerate(cats, start=1)}
-    skipped = SkipReport()
+    skipped, repaired = SkipReport(), SkipReport()
+    source = data.get("info") if isinstance(data.get("info"), dict) else {}
+    source = source.get(SOURCE_REPORTS) if isinstance(source.get(SOURCE_REPORTS), dict) else {}
+    for key, report in (("skipped", skipped), ("repaired", repaired)):
+        if isinstance(source.get(key), dict):  # what the VOC reader counted before conversion
+            report.merge(source[key])
 
     records: dict[int, ImageRecord] = {}
     stems: set[str] = set()
@@ -253,18 +261,12 @@ def read_coco(
                 raise ValueError("not finite")
         except (TypeError, ValueError) as exc:
             raise DataError(f"{where}: invalid bbox {bbox!r}") from exc
-        box = np.array(
-            [
-                min(max(x, 0.0), record.width),
-                min(max(y, 0.0), record.height),
-                min(max(x + w, 0.0), record.width),
-                min(max(y + h, 0.0), record.height),
-            ],
-            dtype=np.float32,
-        )
-        if box[2] <= box[0] or box[3] <= box[1]:
+        box = clip_box([x, y, x + w, y + h], record.width, record.height)
+        if box is None:
             skipped.add("zero_area_box", where)
             continue
+        if not np.array_equal(box, np.float32([x, y, x + w, y + h])):
+            repaired.add("clipped_box", f"{where}: bbox {[x, y, w, h]}")
         record.instances.append(
             Instance(
                 instance_id=instance_id,
@@ -276,4 +278,4 @@ def read_coco(
             )
         )
     names = [str(c["name"]) for c in cats]
-    return Dataset(names, list(records.values()), skipped, [int(c["id"]) for c in cats])
+    return Dataset(names, list(records.values()), skipped, [int(c["id"]) for c in cats], repaired)

@@ -224,6 +224,19 @@ class LockFile:
         self.entries = current
         write_json_atomic(self.path, {"archives": current})
 
+    def forget(self, archive: Archive, sha256: str) -> bool:
+        """Drop the entry of `archive` if it locks `sha256` (a file refused after it was
+        verified): a good archive put in its place must not then fail with a sha256
+        mismatch against the refused one. Returns whether an entry was dropped."""
+        current = LockFile.load(self.path).entries
+        entry = current.get(archive.name)
+        if not isinstance(entry, dict) or str(entry.get("sha256", "")).lower() != sha256.lower():
+            return False
+        del current[archive.name]
+        self.entries = current
+        write_json_atomic(self.path, {"archives": current})
+        return True
+
 
 def expected_sha256(archive: Archive, lock: LockFile | None) -> str | None:
     """The registry's sha256, else the locked one, else None (first download)."""

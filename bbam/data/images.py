@@ -93,3 +93,20 @@ def path_in_root(root: Path, name: str, source: str | Path) -> Path:
     if os.path.commonpath([absolute_root, os.path.abspath(path)]) != absolute_root:
         raise DataError(f"{source}: file name {name!r} is outside the image folder {root}")
     return path
+
+
+def clip_box(box: list[float], width: int, height: int) -> np.ndarray | None:
+    """xyxy `box` clipped to a width x height image (float32), or None when no area is left."""
+    x1, y1, x2, y2 = box
+    clipped = np.array(
+        [
+            min(max(x1, 0.0), width),
+            min(max(y1, 0.0), height),
+            min(max(x2, 0.0), width),
+            min(max(y2, 0.0), height),
+        ],
+        dtype=np.float32,
+    )
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        return None
+    return clipped

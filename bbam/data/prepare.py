@@ -41,7 +41,8 @@ _COCO2014 = re.compile(r"^COCO_(?:train|val|test)20\d\d_(\d+)$")
 
 
 def summarize_dataset(dataset: Dataset) -> dict:
-    """Images, instances per class, and skips of one split (the DVC metrics)."""
+    """Images, instances per class, and what the readers skipped or repaired (counts per
+    reason) of one split (the DVC metrics)."""
     per_class = dict.fromkeys(dataset.classes, 0)
     for record in dataset.records:
         for inst in record.instances:
@@ -51,7 +52,31 @@ def summarize_dataset(dataset: Dataset) -> dict:
         "instances": sum(per_class.values()),
         "instances_per_class": per_class,
         "skipped": dict(dataset.skipped.counts),
+        "repaired": dict(dataset.repaired.counts),
     }
+
+
+def summarize_split(
+    annotation_json: Path, image_root: Path, *, workers: int = 0, progress: bool = False
+) -> dict:
+    """`summarize_dataset` of a COCO split plus the verification of all its images
+    (`bbam.data.verify.check_split`: unreadable ones are listed and counted as skipped)."""
+    from bbam.data.coco import read_coco
+    from bbam.data.verify import check_split
+
+    dataset = read_coco(annotation_json, image_root, with_masks=False)
+    split = Path(annotation_json).stem.removeprefix("instances_")
+    checked = check_split(dataset, workers=workers, progress=progress, split=split)
+    return summarize_dataset(dataset) | checked
+
+
+def summary_line(summary: dict) -> str:
+    """One split's summary as the stage prints it: counts, then every skip and repair."""
+    line = f"{summary['images']} images / {summary['instances']} instances"
+    for key in ("skipped", "repaired"):
+        if summary.get(key):
+            line += f", {key} " + " ".join(f"{k}={v}" for k, v in sorted(summary[key].items()))
+    return line
 
 
 def obtain_archive(
@@ -70,7 +95,14 @@ def obtain_archive(
     path, sha = fetch_archive(
         archive, download_dir, archives_dir=archives_dir, lock=lock, config=download
     )
-    return extract_archive(path, target, sha, name=archive.name)
+    try:
+        return extract_archive(path, target, sha, name=archive.name)
+    except DataError as exc:  # unsafe members, not an archive: its checksum is no reference
+        if lock.forget(archive, sha):
+            raise type(exc)(
+                f"{exc} (its sha256 is not kept in {lock.path}: put a good archive in its place)"
+            ) from exc
+        raise
 
 
 def link_path(dest: Path, src: Path) -> None:
@@ -164,6 +196,7 @@ def _coco_json_counts(ann: Path) -> dict:
         "instances": sum(per_class.values()),
         "instances_per_class": per_class,
         "skipped": {},
+        "repaired": {},
     }
 
 

@@ -118,6 +118,21 @@ class SkipReport:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def merge(self, other: SkipReport | dict) -> None:
+        """Add another report's counts and examples (a dict as `as_dict` writes it)."""
+        if isinstance(other, dict):
+            other = SkipReport(dict(other.get("counts", {})), dict(other.get("examples", {})))
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + int(n)
+            room = 10 - len(self.examples.setdefault(reason, []))
+            self.examples[reason].extend(list(other.examples.get(reason, []))[: max(room, 0)])
+
+    def as_dict(self) -> dict:
+        return {
+            "counts": dict(self.counts),
+            "examples": {k: list(v) for k, v in self.examples.items()},
+        }
+
 
 @dataclass
 class Dataset:
@@ -128,6 +143,8 @@ class Dataset:
     skipped: SkipReport = field(default_factory=SkipReport)
     # original category id per label (COCO); empty means "the label itself"
     category_ids: list[int] = field(default_factory=list)
+    # what a reader fixed and kept (such as boxes clipped to the image), counted the same way
+    repaired: SkipReport = field(default_factory=SkipReport)
 
 
 class DataError(ValueError):

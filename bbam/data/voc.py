@@ -16,7 +16,7 @@ import scipy.io
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
-from bbam.data.images import checked_size, path_in_root
+from bbam.data.images import checked_size, clip_box, path_in_root
 from bbam.data.palette import load_index_png
 from bbam.data.records import (
     CompressedMask,
@@ -275,7 +275,8 @@ def read_voc(
     """Read a VOC-style split ("train", "val", "trainval", ..., or "train_aug" with `sbd_root`).
 
     Boxes: VOC 1-based inclusive -> 0-based, x2/y2 exclusive (x1-1, y1-1, x2, y2), then clipped to
-    the image; boxes with no area left are skipped (SkipReport "zero_area_box"). Difficult objects
+    the image (counted in `Dataset.repaired`, "clipped_box"); boxes with no area left are
+    skipped (SkipReport "zero_area_box"). Difficult objects
     are kept (flagged). Masks: SegmentationObject/Class PNGs when present, else SBD inst/cls .mat
     when `sbd_root` has the image, else None. `classes` may be a list, a COCO JSON or a text file;
     the PNG class indices must follow it. Unknown class names: `unknown="error"` raises DataError,
@@ -290,7 +291,7 @@ def read_voc(
     class_names = load_classes(classes)
     index = {name: i for i, name in enumerate(class_names, start=1)}
     sbd = sbd_dir(sbd_root) if sbd_root is not None else None
-    skipped = SkipReport()
+    skipped, repaired = SkipReport(), SkipReport()
     records: list[ImageRecord] = []
     next_instance = 1
     ids = _split_ids(voc, split, sbd, skipped)
@@ -316,20 +317,14 @@ def read_voc(
                 boxes.append(None)
                 continue
             x1, y1, x2, y2 = obj["box"]
-            box = np.array(
-                [
-                    min(max(x1 - 1, 0), width),
-                    min(max(y1 - 1, 0), height),
-                    min(max(x2, 0), width),
-                    min(max(y2, 0), height),
-                ],
-                dtype=np.float32,
-            )
-            if box[2] <= box[0] or box[3] <= box[1]:
+            box = clip_box([x1 - 1, y1 - 1, x2, y2], width, height)
+            if box is None:
                 skipped.add("zero_area_box", f"{xml}: {obj['name']} {obj['box']}")
                 labels.append(None)
                 boxes.append(None)
                 continue
+            if not np.array_equal(box, np.float32([x1 - 1, y1 - 1, x2, y2])):
+                repaired.add("clipped_box", f"{xml}: {obj['name']} {obj['box']}")
             labels.append(label)
             boxes.append(box)
         masks: list[np.ndarray | None] | None = None
@@ -352,4 +347,4 @@ def read_voc(
         raise DataError(
             f"{voc}: none of the {len(ids)} images in split {split!r} has an annotation"
         )
-    return Dataset(list(class_names), records, skipped)
+    return Dataset(list(class_names), records, skipped, repaired=repaired)

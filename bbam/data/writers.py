@@ -12,6 +12,8 @@ from pycocotools import mask as mask_utils
 from bbam.atomic import atomic_write_bytes, atomic_write_json  # also imported from here
 from bbam.data.records import Dataset, ImageRecord
 
+SOURCE_REPORTS = "bbam_source_reports"  # key in a COCO file's "info"
+
 
 def mask_to_rle(mask: np.ndarray) -> dict:
     """Compressed COCO RLE of an HxW bool mask, with `counts` as str so it is JSON-serialisable."""
@@ -102,8 +104,18 @@ def coco_dict(
                 ann["difficult"] = 1
             annotations.append(ann)
             next_ann = max(next_ann, ann["id"]) + 1
+    info: dict = {"description": "written by bbam.data.writers"}
+    # What the source reader skipped or repaired (VOC -> COCO): the COCO reader adds it to its
+    # own counts, so the data summary reports it however often the file is read back.
+    source = {
+        key: report.as_dict()
+        for key, report in (("skipped", dataset.skipped), ("repaired", dataset.repaired))
+        if report.counts
+    }
+    if source:
+        info[SOURCE_REPORTS] = source
     return {
-        "info": {"description": "written by bbam.data.writers"},
+        "info": info,
         "images": images,
         "annotations": annotations,
         "categories": categories,

@@ -586,8 +586,7 @@ def load_instance_model(
 ) -> MaskRCNN:
     """Rebuild a trained model from `model.pt` (weights_only load)."""
     model = build_instance_model(config, num_classes)
-    state = T.load_weights_file(path, "Mask R-CNN")
-    model.load_state_dict(state)
+    T.load_exact(model, T.load_weights_file(path, "Mask R-CNN"), path, "Mask R-CNN")
     return model
 
 

@@ -346,7 +346,7 @@ def load_semantic_model(
     path: str | Path, config: SemanticTrainConfig, num_classes: int
 ) -> SemanticNet:
     model = build_semantic_model(config, num_classes)
-    model.load_state_dict(T.load_weights_file(path, "DeepLabV3"))
+    T.load_exact(model, T.load_weights_file(path, "DeepLabV3"), path, "DeepLabV3")
     return model
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from bbam.atomic import atomic_torch_save
-from bbam.checkpoint import resume_checkpoint
+from bbam.checkpoint import load_weights, resume_checkpoint
 from bbam.data.records import ImageRecord, SkipReport
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -79,18 +79,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """Local weights only (no downloads); a missing file is a clear error."""
+    """Local weights only (no downloads); a missing, damaged or unsafe file is a clear error
+    naming it (`bbam.checkpoint.load_weights`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: {what} weights file not found (no downloads are attempted)"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path, f"{what} weights")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"{path}: {what} weights file does not hold a state dict")
     return state
+
+
+def load_exact(module: torch.nn.Module, state: dict, path: str | Path, what: str) -> None:
+    """Load every key of a trained model's file, or ValueError naming the file (torch's own
+    error lists the keys but not the file: a foreign model.pt would be a puzzle)."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: not a {what} model of this config ({first}); re-run the stage that trains it"
+        ) from exc
 
 
 def load_partial(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> int:
