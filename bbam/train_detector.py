@@ -41,6 +41,7 @@ from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord
 from bbam.data.torch_dataset import DetectionDataset, collate_fn
 from bbam.detector import ARCHS, NORMS, build_detector, freeze
+from bbam.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class DetectorTrainConfig:
     workers: int = 0
     amp: bool = True  # only effective on CUDA
     seed: int = 0
+    device: str = "auto"  # auto = CUDA when present; "cpu" keeps the detector off a GPU
     rpn_batch_size_per_image: int = 256
     rpn_post_nms_top_n_train: int = 300
     rpn_post_nms_top_n_test: int = 300
@@ -330,7 +332,7 @@ def train_detector(
         raise ValueError(f"train classes {train.classes} differ from val classes {val.classes}")
     if not train.records:
         raise ValueError("no training records")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     use_amp = config.amp and device.type == "cuda"
     log_path = out_dir / "train_log.jsonl"
     ckpt_path = out_dir / "checkpoint.pt"

@@ -49,7 +49,8 @@ from bbam.attribution import (
 from bbam.heads import HeadsFn
 from bbam.refine import RefineConfig, refine_instance
 from bbam.toy_detector import ToyDetector, toy_scene
-from flows.common import load_params, refine_config
+from tasks.params import load_params
+from tasks.pseudo_labels import refine_config
 
 
 def log(msg: str) -> None:
@@ -100,7 +101,8 @@ def real_setup(
     from bbam.data.images import load_rgb
     from bbam.detector import freeze, make_heads_fn, prepare_images
     from bbam.train_detector import detector_from_config
-    from flows.common import detector_config, load_params, load_split
+    from tasks.detector import detector_config
+    from tasks.params import load_params, load_split
 
     params = load_params(args.params)
     data = load_split(params, args.split, with_masks=False)

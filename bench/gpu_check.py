@@ -72,14 +72,8 @@ def train_synthetic_detector(params_path: Path) -> dict:
     """The pipeline's first two stages, through the library (what their flows call)."""
     from bbam.data.prepare import prepare_dataset
     from bbam.train_detector import train_detector
-    from flows.common import (
-        DETECTOR_DIR,
-        detector_config,
-        detector_params_hash,
-        load_params,
-        load_split,
-        split_paths,
-    )
+    from tasks.detector import detector_config, detector_params_hash
+    from tasks.params import DETECTOR_DIR, load_params, load_split, split_paths
 
     params = load_params(params_path)
     if params["data"]["name"] != "synthetic":

@@ -39,7 +39,8 @@ def detector_object(params_path: str, proposals: int) -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     from detector import positive_fraction
 
-    from flows.common import load_detector_from_params, load_params, load_split
+    from tasks.detector import load_detector_from_params
+    from tasks.params import load_params, load_split
 
     params = load_params(params_path)
     metrics = json.loads((ROOT / "metrics/detector.json").read_text())
@@ -62,14 +63,16 @@ def detector_object(params_path: str, proposals: int) -> dict:
 def segmenters_object(params_path: str) -> dict:
     """Weak and full come from the pipeline run; the box baseline is trained here."""
     from tasks.evaluate import evaluate_instance, evaluate_semantic
+    from tasks.params import load_params
     from tasks.segmenters import train_instance_task, train_semantic_task
 
     evaluation = json.loads((ROOT / "metrics/evaluation.json").read_text())
     if "box" not in evaluation:
-        train_instance_task.fn(params_path, "box")
-        train_semantic_task.fn(params_path, "box")
-        sem = evaluate_semantic.fn(params_path, "box")
-        ins = evaluate_instance.fn(params_path, "box")["voc"]
+        params = load_params(params_path)
+        train_instance_task.fn(params, "box")
+        train_semantic_task.fn(params, "box")
+        sem = evaluate_semantic.fn(params, "box")
+        ins = evaluate_instance.fn(params, "box")["voc"]
         evaluation["box"] = {"sem_miou": 100 * sem["miou"], "ins_ap50": 100 * ins["ap50"]}
 
     def get(sup: str, key: str) -> float | None:
@@ -95,7 +98,7 @@ def main() -> int:
     os.chdir(ROOT)
     started = time.perf_counter()
     run("dvc", "repro")
-    from flows.common import load_params
+    from tasks.params import load_params
 
     params = load_params(args.params)
     data = params["data"]

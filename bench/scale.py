@@ -38,11 +38,13 @@ import torch
 torch.set_num_threads(1)
 from prefect.logging import disable_run_logger
 from tasks.attribution import attribute_shard
+from tasks.params import load_params
+params = load_params("params.yaml")
 shards = [int(s) for s in sys.argv[1].split(",")]
 start, ran = time.time(), 0
 with disable_run_logger():
     for shard in shards:
-        ran += attribute_shard.fn("params.yaml", shard, sys.argv[2], "bench")["ran"]
+        ran += attribute_shard.fn(params, shard, sys.argv[2], "bench")["ran"]
 print(json.dumps({"start": start, "end": time.time(), "ran": ran}))
 """
 

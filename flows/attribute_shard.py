@@ -15,12 +15,13 @@ import contextlib
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.common import configure_runtime, load_params
-from tasks.attribution import attribute_shard, shard_dir
+from flows.common import configure_runtime, load_checked
+from tasks.attribution import attribute_shard
 from tasks.dispatch import DispatchConfig, write_run_summary
+from tasks.params import ATTRIBUTION_DIR, shard_dir
 from tasks.shard_lock import LockLost, ShardLock
 
-OUT_DIR = "runs/attribution"
+OUT_DIR = str(ATTRIBUTION_DIR)
 
 
 def lock_timing(section: dict) -> tuple[float, float]:
@@ -50,7 +51,7 @@ def attribute_shard_flow(
     out_dir: str = OUT_DIR,
     concurrency_limit: str | None = None,
 ) -> dict:
-    params = load_params(params_path)
+    params = load_checked(params_path)  # a process boundary: the path comes in, not the dict
     configure_runtime(params)
     stale_s, heartbeat_s = lock_timing(params["attribution"])
     directory = shard_dir(out_dir, shard)
@@ -58,7 +59,7 @@ def attribute_shard_flow(
     lock = ShardLock(directory, owner, stale_s, heartbeat_s, wait_s=stale_s + 2 * heartbeat_s)
     with lock:
         with gpu_slot(concurrency_limit, stale_s):
-            summary = attribute_shard.fn(params_path, shard, out_dir, params_hash)
+            summary = attribute_shard.fn(params, shard, out_dir, params_hash)
         lock.check()  # a run presumed dead must not report success
         summary.update(attempt=attempt, flow_run_id=flow_run.get_id())
         write_run_summary(directory, summary)

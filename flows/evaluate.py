@@ -11,15 +11,16 @@ from prefect import flow
 
 from bbam.evaluate import write_metrics, write_pr_curves
 from bbam.report import write_report
-from flows.common import load_params, stage_cli
+from flows.common import stage_cli
 from tasks.evaluate import (
     evaluate_instance,
     evaluate_pseudo_labels,
     evaluate_semantic,
     report_samples,
 )
+from tasks.params import METRICS_DIR
 
-METRICS = Path("metrics/evaluation.json")
+METRICS = METRICS_DIR / "evaluation.json"
 REPORT_DIR = Path("reports")
 PLOTS_DIR = Path("plots")
 
@@ -52,12 +53,11 @@ def _pct(value) -> float | None:
 
 
 @flow(name="evaluate")
-def evaluate_flow(params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
+def evaluate_flow(params: dict) -> dict:
     per_supervision, curves = {}, {}
     for supervision in params["segmenters"]["supervisions"]:
-        semantic = evaluate_semantic(params_path, supervision)
-        instance = evaluate_instance(params_path, supervision)
+        semantic = evaluate_semantic(params, supervision)
+        instance = evaluate_instance(params, supervision)
         voc, coco = instance["voc"], instance["coco"]
         curves[supervision] = voc.pop("pr_curves_ap50", {})
         per_supervision[supervision] = {
@@ -72,7 +72,7 @@ def evaluate_flow(params_path: str = "params.yaml") -> dict:
             "val_images": instance["images"],
             "val_images_without_gt_mask": instance["images_without_gt_mask"],
         }
-    pseudo = evaluate_pseudo_labels(params_path)
+    pseudo = evaluate_pseudo_labels(params)
     pseudo_pct = {k: _pct(v) for k, v in pseudo.items() if isinstance(v, float)}
     counts = {k: v for k, v in pseudo.items() if isinstance(v, int)}  # what was scored
     metrics = {

@@ -18,6 +18,19 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bbam.attribution import AttributionConfig
+from bbam.data.synthetic import SyntheticConfig
+from bbam.mcg import MCGConfig
+from bbam.refine import RefineConfig
+from bbam.segmenters.instance import InstanceTrainConfig
+from bbam.segmenters.semantic import SemanticTrainConfig
+from bbam.train_detector import DetectorTrainConfig
+from tasks.attribution import engine_config
+from tasks.detector import detector_config
+from tasks.dispatch import DispatchConfig
+from tasks.pseudo_labels import proposal_config, refine_config
+from tasks.segmenters import instance_config, semantic_config
+
 DATA_NAMES = ("synthetic", "voc", "coco", "custom")
 SUPERVISIONS = ("full", "bbam", "box")
 EXECUTORS = ("local", "deployments")
@@ -169,10 +182,6 @@ def _check_data(data: dict) -> list[str]:
 
 
 def _check_attribution(params: dict) -> list[str]:
-    from bbam.attribution import AttributionConfig
-    from tasks.attribution import engine_config
-    from tasks.dispatch import DispatchConfig
-
     section = params["attribution"]
     errors = _check_keys(section, "attribution", ATTRIBUTION_KEYS)
     if errors:
@@ -199,10 +208,6 @@ def _check_attribution(params: dict) -> list[str]:
 
 
 def _check_segmenters(params: dict) -> list[str]:
-    from bbam.segmenters.instance import InstanceTrainConfig
-    from bbam.segmenters.semantic import SemanticTrainConfig
-    from tasks.segmenters import instance_config, semantic_config
-
     section = params["segmenters"]
     errors = _check_keys(section, "segmenters", SEGMENTER_KEYS)
     if errors:
@@ -224,19 +229,13 @@ def _check_segmenters(params: dict) -> list[str]:
 
 def _check_simple_configs(params: dict) -> list[str]:
     """Sections that map one to one onto a dataclass."""
-    from bbam.data.synthetic import SyntheticConfig
-    from bbam.mcg import MCGConfig
-    from bbam.refine import RefineConfig
-    from bbam.train_detector import DetectorTrainConfig
-    from flows.common import detector_config, proposal_config, refine_config
-
     checks = {
         "synthetic": (
             _dataclass_hints(SyntheticConfig),
             lambda: SyntheticConfig(**params["synthetic"]),
         ),
         "detector": (
-            _dataclass_hints(DetectorTrainConfig, exclude=("seed",)),
+            _dataclass_hints(DetectorTrainConfig),
             lambda: detector_config(params),
         ),
         "refine": (_dataclass_hints(RefineConfig), lambda: refine_config(params)),

@@ -14,9 +14,11 @@ from tqdm import tqdm
 
 from bbam.atomic import atomic_write
 from bbam.attribution import AttributionConfig, profile_config
+from bbam.device import resolve_device
 from bbam.manifest import merge_manifests, status_counts
-from bbam.shards import detector_chunk_fn, plan_shard, run_shard, torch_device
-from flows.common import load_detector_from_params, load_params, load_split
+from bbam.shards import detector_chunk_fn, plan_shard, run_shard
+from tasks.detector import load_detector_from_params
+from tasks.params import load_split, shard_dir, top_level
 
 # Set on SIGTERM (flows.attribute): shard tasks stop at their next chunk boundary.
 STOP = threading.Event()
@@ -49,23 +51,20 @@ def stop_shards_on_sigterm() -> Iterator[None]:
 
 
 def engine_config(params: dict) -> AttributionConfig:
-    """The engine settings every attribution step uses: the params' profile plus overrides."""
+    """The engine settings every attribution step uses: the params' profile plus overrides
+    (the top-level ``seed`` unless ``overrides.seed`` sets the engine's own)."""
     section = params["attribution"]
-    return profile_config(section.get("profile", "fast"), **(section.get("overrides") or {}))
-
-
-def shard_dir(out_dir: str | Path, shard: int) -> Path:
-    return Path(out_dir) / "shards" / f"shard-{shard:04d}"
+    overrides = {"seed": top_level(params)["seed"], **(section.get("overrides") or {})}
+    return profile_config(section.get("profile", "fast"), **overrides)
 
 
 @task(name="attribute-shard", retries=1, retry_delay_seconds=5, tags=["gpu"])
-def attribute_shard(params_path: str, shard: int, out_dir: str, params_hash: str) -> dict:
+def attribute_shard(params: dict, shard: int, out_dir: str, params_hash: str) -> dict:
     """Attribute the pending instances of one shard; the manifest makes it resumable."""
-    params = load_params(params_path)
     section = params["attribution"]
     dataset = load_split(params, section["split"], with_masks=False)  # boxes are the input
     num_shards = int(section["num_shards"])
-    device = torch_device(params.get("device", "auto"))
+    device = resolve_device(top_level(params)["device"])
     config = engine_config(params)
     engine: dict = {}
 

@@ -33,7 +33,7 @@ from uuid import UUID
 from bbam.atomic import atomic_write_bytes
 from bbam.manifest import read_shard
 from bbam.shards import instance_key, plan_shard
-from tasks.attribution import shard_dir
+from tasks.params import load_split, shard_dir
 from tasks.shard_lock import read_lock
 
 ACTIVE = ("PENDING", "RUNNING", "CANCELLING")  # a worker holds them: must heartbeat
@@ -263,8 +263,6 @@ def run_on_deployments(
 
     Returns per-shard summaries shaped like the local executor's (``ran``, ``skipped_done``).
     """
-    from flows.common import load_split
-
     section = params["attribution"]
     config = DispatchConfig.from_section(section)
     results = dispatch_shards(params_path, shards, params_hash, str(out_dir), config)

@@ -21,8 +21,8 @@ from bbam.evaluate import (
 )
 from bbam.segmenters.instance import load_instance_model, predict_instances
 from bbam.segmenters.semantic import load_semantic_model, predict_semantic, render_label_map
-from flows.common import load_params, load_split, split_paths
-from tasks.segmenters import PSEUDO_DIR, SEGMENTERS_DIR, instance_config, semantic_config
+from tasks.params import PSEUDO_DIR, SEGMENTERS_DIR, load_split, split_paths
+from tasks.segmenters import instance_config, semantic_config
 
 
 def masked_val_records(params: dict, records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
@@ -37,8 +37,7 @@ def masked_val_records(params: dict, records: list[ImageRecord]) -> tuple[list[I
 
 
 @task(name="evaluate-instance-segmenter")
-def evaluate_instance(params_path: str, supervision: str) -> dict:
-    params = load_params(params_path)
+def evaluate_instance(params: dict, supervision: str) -> dict:
     val = load_split(params, "val")
     records, left_out = masked_val_records(params, val.records)
     config = instance_config(params, supervision)
@@ -52,8 +51,7 @@ def evaluate_instance(params_path: str, supervision: str) -> dict:
 
 
 @task(name="evaluate-semantic-segmenter")
-def evaluate_semantic(params_path: str, supervision: str) -> dict:
-    params = load_params(params_path)
+def evaluate_semantic(params: dict, supervision: str) -> dict:
     val = load_split(params, "val")
     records, left_out = masked_val_records(params, val.records)
     config = semantic_config(params, supervision)
@@ -78,9 +76,8 @@ def _pseudo_split(params: dict):
 
 
 @task(name="pseudo-label-quality")
-def evaluate_pseudo_labels(params_path: str) -> dict:
+def evaluate_pseudo_labels(params: dict) -> dict:
     """Pseudo GT vs GT on the split that was labelled (where GT masks exist)."""
-    params = load_params(params_path)
     train = load_split(params, params["attribution"]["split"])
     if not any(i.has_mask for r in train.records for i in r.instances):
         return {}

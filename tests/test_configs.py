@@ -8,8 +8,9 @@ import yaml
 
 from bbam.attribution import profile_config
 from bbam.refine import RefineConfig
-from flows.common import detector_config, proposal_config
+from tasks.detector import detector_config
 from tasks.dispatch import DispatchConfig
+from tasks.pseudo_labels import proposal_config
 from tasks.segmenters import instance_config, semantic_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from bbam.data.images import load_rgb
 from bbam.data.records import DataError, ImageRecord, SkipReport
+from bbam.device import resolve_device
 from bbam.segmenters import training as T
 
 FG, IGNORE = 1, 2
@@ -526,7 +527,7 @@ def train_instance(
     """Train Mask R-CNN (torchvision-references style) and write model.pt + checkpoints + log."""
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
-    device = T.resolve_device(config.device)
+    device = resolve_device(config.device)
     pseudo = load_pseudo_gt(pseudo_json, classes) if config.supervision == "bbam" else None
     skipped = SkipReport()
     dataset = InstanceTrainDataset(records, config.supervision, pseudo, config.hflip, skipped)
@@ -600,7 +601,7 @@ def predict_instances(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """COCO-style results (image_id = record.image_id, RLE segmentation, score, bbox xywh)."""
-    dev = T.resolve_device(device)
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     results: list[dict[str, Any]] = []
     for record in tqdm(records, desc="mask-rcnn predict", disable=not progress):

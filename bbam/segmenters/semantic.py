@@ -34,6 +34,7 @@ from tqdm import tqdm
 from bbam.data.images import load_rgb
 from bbam.data.palette import load_index_png
 from bbam.data.records import DataError, ImageRecord, SkipReport
+from bbam.device import resolve_device
 from bbam.pseudo_labels import mark_crowd_ignore
 from bbam.segmenters import training as T
 
@@ -273,7 +274,7 @@ def train_semantic(
     """Train DeepLabV3 (CE, ignore 255) and write model.pt + per-epoch checkpoints + JSONL log."""
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
-    device = T.resolve_device(config.device)
+    device = resolve_device(config.device)
     pdir = Path(pseudo_dir) if pseudo_dir is not None else None
     gdir = Path(gt_dir) if gt_dir is not None else None
     skipped = SkipReport()
@@ -362,7 +363,7 @@ def predict_semantic(
 
     `scale` must be the training config's: the image is resized by it, logits go back bilinearly.
     """
-    dev = T.resolve_device(device)
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     for record in tqdm(records, desc="deeplab predict", disable=not progress):
         image = torch.from_numpy(np.array(load_rgb(record.path))).permute(2, 0, 1).float() / 255.0

@@ -72,12 +72,6 @@ def data_digest(records: list[ImageRecord], files: Iterable[str | Path | None] =
     return digest.hexdigest()[:16]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """Local weights only (no downloads); a missing file is a clear error."""
     path = Path(path)
