@@ -25,6 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from bbam.data.images import rgb_to_tensor
 from bbam.heads import HeadsFn, RoIHeadOutputs
 
 RESNET_ARCHS = {
@@ -177,7 +178,7 @@ def _to_float_chw(image: np.ndarray | torch.Tensor, device: torch.device) -> tor
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
-        return torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1).float() / 255
+        return rgb_to_tensor(image, device)
     if not image.is_floating_point() or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(
             f"expected a 3xHxW float tensor in [0, 1], got {image.dtype} {image.shape}"

@@ -13,10 +13,10 @@ from PIL import Image
 
 from bbam.atomic import atomic_write_bytes
 from bbam.data.palette import voc_colormap
+from bbam.segmenters.targets import SUPERVISIONS
 
 # The paper's weak/full ratios (BBAM vs fully supervised), for reference in the page.
 PAPER_RATIOS = {"semantic mIoU": 0.967, "instance AP50": 0.922}
-SUPERVISIONS = ("bbam", "full", "box")
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> None:

@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 from bbam.atomic import atomic_torch_save, atomic_write_text
 from bbam.checkpoint import resume_checkpoint
-from bbam.data.images import load_rgb
+from bbam.data.images import load_tensor
 from bbam.data.records import Dataset, ImageRecord
 from bbam.data.torch_dataset import DetectionDataset, collate_fn
-from bbam.detector import ARCHS, NORMS, build_detector, freeze
+from bbam.detector import ARCHS, NORMS, build_detector
 from bbam.device import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -114,36 +114,6 @@ def detector_from_config(
         rpn_post_nms_top_n_test=config.rpn_post_nms_top_n_test,
         box_batch_size_per_image=config.box_batch_size_per_image,
     )
-
-
-def load_detector(
-    model_path: str | Path,
-    arch: str,
-    num_classes: int,
-    min_size: int,
-    max_size: int,
-    anchor_sizes: tuple[int, ...] | None = None,
-    norm: str = "batchnorm",
-    device: str | torch.device = "cpu",
-    **rcnn_kwargs: Any,
-) -> torch.nn.Module:
-    """A trained detector (model.pt), frozen and in eval mode, for the attribution stages.
-
-    Extra keyword arguments go to `build_detector` (fpn_channels, representation_size, ...);
-    with a DetectorTrainConfig, `freeze(detector_from_config(config, n, weights=path))` is
-    the same thing without repeating the architecture keys.
-    """
-    model = build_detector(
-        arch,
-        num_classes,
-        min_size,
-        max_size,
-        anchor_sizes=anchor_sizes,
-        weights=model_path,
-        norm=norm,
-        **rcnn_kwargs,
-    )
-    return freeze(model.to(device))
 
 
 def _append_log(path: Path | None, entry: dict) -> None:
@@ -274,14 +244,7 @@ def evaluate_box_ap(
     try:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            images = [
-                torch.from_numpy(load_rgb(r.path).copy())
-                .permute(2, 0, 1)
-                .float()
-                .div(255)
-                .to(device)
-                for r in chunk
-            ]
+            images = [load_tensor(r.path, device) for r in chunk]
             for offset, output in enumerate(model(images)):
                 boxes = output["boxes"].cpu().numpy()
                 for box, score, label in zip(

@@ -10,7 +10,7 @@
 The GPU image lacks pycocotools, defusedxml and pydensecrf: `make gpu-wheels` puts them in
 .whl/ here (see README, "Checking on a GPU"); this script installs them there first.
 
-    python3 bench/gpu_check.py --out "$OUT"
+    python3 -m bench.gpu_check --out "$OUT"
 
 Writes gpu.json, pytest.txt, detector.json and results.json (the `attribution` object).
 """
@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     os.chdir(ROOT)
-    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     install_carried_wheels()
 
     import torch
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     detector = train_synthetic_detector(args.params)
     (args.out / "detector.json").write_text(json.dumps(detector, indent=2))
     log(f"detector: {detector}")
-    import attribution
+    from bench import attribution
 
     log("attribution bench")
     status["bench_rc"] = attribution.main(

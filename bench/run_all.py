@@ -3,10 +3,10 @@
 Objects written (each by its own script or step, merged into one file):
 - ``detector``: box AP of the pipeline's detector and the fraction of instances with at
   least one positive proposal (train and val);
-- ``attribution``: ``reference`` vs ``fast`` on the same instances (bench/attribution.py);
-- ``pseudo_labels``: pseudo-mask mIoU of BBAM variants and baselines (bench/pseudo_labels.py);
+- ``attribution``: ``reference`` vs ``fast`` on the same instances (bench.attribution);
+- ``pseudo_labels``: pseudo-mask mIoU of BBAM variants and baselines (bench.pseudo_labels);
 - ``segmenters``: weak / full / box supervision for both networks and the ratios;
-- ``scale``: 1 vs 2 workers and merging 10^6 manifest rows (bench/scale.py).
+- ``scale``: 1 vs 2 workers and merging 10^6 manifest rows (bench.scale).
 
 Nothing here is a test: numbers are printed and recorded, not asserted.
 """
@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.results import RESULTS, merge_results
 
-from results import RESULTS, merge_results  # noqa: E402  (bench/ is sys.path[0])
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str) -> None:
@@ -36,9 +35,7 @@ def run(*args: str) -> None:
 def detector_object(params_path: str, proposals: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from detector import positive_fraction
-
+    from bench.detector import positive_fraction
     from tasks.detector import load_detector_from_params
     from tasks.params import load_params, load_split
 
@@ -106,21 +103,21 @@ def main() -> int:
         merge_results("detector", detector_object(args.params, 200))
     if "attribution" not in args.skip:
         run(
-            sys.executable, "bench/attribution.py", "--detector", "runs/detector/model.pt",
+            sys.executable, "-m", "bench.attribution", "--detector", "runs/detector/model.pt",
             "--params", args.params, "--split", "train",
             "--instances", str(args.fast_instances),
             "--reference-instances", str(args.reference_instances),
         )  # fmt: skip
     if "pseudo_labels" not in args.skip:
         run(
-            sys.executable, "bench/pseudo_labels.py",
+            sys.executable, "-m", "bench.pseudo_labels",
             "--annotations", data["train_json"], "--image-root", data["train_images"],
             "--maps", "runs/attribution", "--results", str(RESULTS), "--params", args.params,
         )  # fmt: skip
     if "segmenters" not in args.skip:
         merge_results("segmenters", segmenters_object(args.params))
     if "scale" not in args.skip:
-        run(sys.executable, "bench/scale.py")
+        run(sys.executable, "-m", "bench.scale")
     results = json.loads(RESULTS.read_text())
     print(f"\nbench finished in {time.perf_counter() - started:.0f} s -> {RESULTS}")
     for key, value in results.items():

@@ -4,7 +4,7 @@ Deployed by ``prefect.yaml`` and fanned out by ``tasks.dispatch`` (executor
 ``deployments``). Paths (``params_path``, ``out_dir``, ``runs/detector``) are
 relative to the working directory, which the deployment's pull step sets to the
 checkout on shared storage. The shard holds ``<shard_dir>/.lock`` while it works
-(see ``tasks.shard_lock``) so a re-dispatched attempt never writes alongside a
+(see ``bbam.shard_lock``) so a re-dispatched attempt never writes alongside a
 run that is still alive.
 """
 
@@ -15,11 +15,11 @@ import contextlib
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from bbam.shard_lock import LockLost, ShardLock
 from flows.common import configure_runtime, load_checked
 from tasks.attribution import attribute_shard
 from tasks.dispatch import DispatchConfig, write_run_summary
 from tasks.params import ATTRIBUTION_DIR, shard_dir
-from tasks.shard_lock import LockLost, ShardLock
 
 OUT_DIR = str(ATTRIBUTION_DIR)
 

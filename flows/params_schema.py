@@ -24,6 +24,7 @@ from bbam.mcg import MCGConfig
 from bbam.refine import RefineConfig
 from bbam.segmenters.instance import InstanceTrainConfig
 from bbam.segmenters.semantic import SemanticTrainConfig
+from bbam.segmenters.targets import SUPERVISIONS
 from bbam.train_detector import DetectorTrainConfig
 from tasks.attribution import engine_config
 from tasks.detector import detector_config
@@ -32,7 +33,6 @@ from tasks.pseudo_labels import proposal_config, refine_config
 from tasks.segmenters import instance_config, semantic_config
 
 DATA_NAMES = ("synthetic", "voc", "coco", "custom")
-SUPERVISIONS = ("full", "bbam", "box")
 EXECUTORS = ("local", "deployments")
 
 TOP_LEVEL: dict[str, type] = {  # each mapping is checked by its own section check

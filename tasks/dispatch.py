@@ -10,7 +10,7 @@ this module only fans out, watches and re-dispatches:
   is still scheduled or running is adopted, not duplicated.
 - A run that ends Failed / Crashed / Cancelled is re-dispatched with attempt + 1,
   up to ``max_dispatch_attempts`` dispatches per shard.
-- A run that is Pending or Running but whose shard lock (``tasks.shard_lock``) has
+- A run that is Pending or Running but whose shard lock (``bbam.shard_lock``) has
   not had a heartbeat from that run for ``lost_after_s`` is *lost* (its worker or
   host died: a SIGKILLed worker leaves the run Running forever). The dispatcher
   sets it Crashed and re-dispatches. The stale lock is broken by the new attempt;
@@ -32,9 +32,9 @@ from uuid import UUID
 
 from bbam.atomic import atomic_write_bytes
 from bbam.manifest import read_shard
+from bbam.shard_lock import read_lock
 from bbam.shards import instance_key, plan_shard
 from tasks.params import load_split, shard_dir
-from tasks.shard_lock import read_lock
 
 ACTIVE = ("PENDING", "RUNNING", "CANCELLING")  # a worker holds them: must heartbeat
 FAILED = ("FAILED", "CRASHED", "CANCELLED")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
-
 import numpy as np
 from PIL import Image
 from prefect import task
@@ -13,6 +10,7 @@ from bbam.data.coco import coco_image_ids, decode_segmentation, load_coco_json, 
 from bbam.data.images import load_rgb
 from bbam.data.records import DataError, ImageRecord
 from bbam.evaluate import (
+    PerImage,
     coco_metrics_from_records,
     pseudo_label_quality,
     records_with_gt_masks,
@@ -20,7 +18,8 @@ from bbam.evaluate import (
     voc_instance_metrics,
 )
 from bbam.segmenters.instance import load_instance_model, predict_instances
-from bbam.segmenters.semantic import load_semantic_model, predict_semantic, render_label_map
+from bbam.segmenters.semantic import load_semantic_model, predict_semantic
+from bbam.segmenters.targets import render_label_map
 from tasks.params import PSEUDO_DIR, SEGMENTERS_DIR, load_split, split_paths
 from tasks.segmenters import instance_config, semantic_config
 
@@ -93,22 +92,6 @@ def evaluate_pseudo_labels(params: dict) -> dict:
         {key: lambda p=p: np.asarray(Image.open(p)) for key, p in pngs.items() if p.is_file()}
     )
     return pseudo_label_quality(train.records, instances, len(train.classes) + 1, semantic)
-
-
-class PerImage(Mapping):
-    """image_id -> value loaded when asked for: a split's masks never sit in memory at once."""
-
-    def __init__(self, loaders: dict[str, Callable[[], Any]]) -> None:
-        self._loaders = loaders
-
-    def __getitem__(self, key: str) -> Any:
-        return self._loaders[key]()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._loaders)
-
-    def __len__(self) -> int:
-        return len(self._loaders)
 
 
 def report_samples(params: dict, count: int) -> list[dict]:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from project_env import custom_data_params, project_env
+from helpers.project_env import custom_data_params, project_env
 
 from bbam.data.records import Dataset
 from bbam.data.synthetic import SyntheticConfig, generate_synthetic

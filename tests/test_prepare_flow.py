@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from archive_server import (
+from helpers.archive_server import (
     COCO_CATEGORIES,
     COCO_IMAGES,
     TRAIN_AUG,

@@ -31,14 +31,13 @@ from torchvision.models.segmentation import (
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from tqdm import tqdm
 
-from bbam.data.images import load_rgb
-from bbam.data.palette import load_index_png
+from bbam.data.images import load_tensor
+from bbam.data.palette import IGNORE_LABEL
 from bbam.data.records import DataError, ImageRecord, SkipReport
 from bbam.device import resolve_device
-from bbam.pseudo_labels import mark_crowd_ignore
 from bbam.segmenters import training as T
+from bbam.segmenters.targets import SUPERVISIONS, semantic_target
 
-IGNORE_INDEX = 255
 ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50", "resnet101")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -75,7 +74,7 @@ class SemanticTrainConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"SemanticTrainConfig.arch: {self.arch!r} not in {ARCHS}")
-        if self.supervision not in ("full", "bbam", "box"):
+        if self.supervision not in SUPERVISIONS:
             raise ValueError(f"SemanticTrainConfig.supervision: {self.supervision!r}")
 
 
@@ -133,57 +132,6 @@ def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> Seman
 # ----------------------------------------------------------------------------- targets
 
 
-def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
-    """HxW uint8 class map from a record's instances: GT masks, or boxes (largest drawn first).
-
-    Crowd regions are 255 (ignored by the loss and by the evaluation)."""
-    out = np.zeros((record.height, record.width), dtype=np.uint8)
-    instances = [i for i in record.instances if not i.iscrowd]
-    if source == "box":
-        areas = [float((i.box[2] - i.box[0]) * (i.box[3] - i.box[1])) for i in instances]
-        for k in np.argsort(areas, kind="stable")[::-1]:
-            inst = instances[k]
-            x1, y1 = max(0, math.floor(inst.box[0])), max(0, math.floor(inst.box[1]))
-            x2 = min(record.width, math.ceil(inst.box[2]))
-            y2 = min(record.height, math.ceil(inst.box[3]))
-            out[y1:y2, x1:x2] = inst.label
-        return mark_crowd_ignore(out, record.instances)
-    for inst in instances:
-        mask = inst.mask
-        if mask is None:
-            raise DataError(f"{record.path}: instance {inst.instance_id} has no GT mask")
-        out[mask] = inst.label
-    return mark_crowd_ignore(out, record.instances)
-
-
-def semantic_target(
-    record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
-) -> np.ndarray | str:
-    """The training label map for one record, or a skip reason."""
-    if supervision == "bbam":
-        if pseudo_dir is None:
-            raise ValueError("supervision 'bbam' needs the pseudo label directory")
-        path = Path(pseudo_dir) / f"{record.image_id}.png"
-        if not path.is_file():
-            return "no pseudo label PNG"
-        label = load_index_png(path)
-    elif (
-        supervision == "full"
-        and gt_dir is not None
-        and (Path(gt_dir) / f"{record.image_id}.png").is_file()
-    ):
-        label = load_index_png(Path(gt_dir) / f"{record.image_id}.png")
-    elif supervision == "full":
-        if any(not i.has_mask for i in record.instances if not i.iscrowd):
-            return "instance without GT mask (full supervision)"
-        label = render_label_map(record, "mask")
-    else:
-        label = render_label_map(record, "box")
-    if label.shape != (record.height, record.width):
-        return "label map size differs from image size"
-    return label
-
-
 def _scaled_size(hw: tuple[int, ...], scale: float) -> tuple[int, int]:
     return max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
 
@@ -227,7 +175,7 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
         label = semantic_target(record, *self.args)
         if isinstance(label, str):
             raise DataError(f"{record.path}: {label}")
-        image = torch.from_numpy(np.array(load_rgb(record.path))).permute(2, 0, 1).float() / 255.0
+        image = load_tensor(record.path)
         target = torch.from_numpy(label.astype(np.int64))
         if self.scale != 1.0:
             size = _scaled_size(target.shape, self.scale)
@@ -239,7 +187,7 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
         ph, pw = max(0, self.crop - h), max(0, self.crop - w)
         if ph or pw:
             image = F.pad(image, (0, pw, 0, ph), value=0.0)
-            target = F.pad(target, (0, pw, 0, ph), value=IGNORE_INDEX)
+            target = F.pad(target, (0, pw, 0, ph), value=IGNORE_LABEL)
         h, w = target.shape
         y = int(torch.randint(0, h - self.crop + 1, ()))
         x = int(torch.randint(0, w - self.crop + 1, ()))
@@ -300,7 +248,7 @@ def train_semantic(
     optimizer, scheduler, scaler = setup.optimizer, setup.scheduler, setup.scaler
     iters, use_amp, log = setup.iters, setup.use_amp, setup.log
     result = SemanticTrainResult(model, out_dir, [], setup.start_epoch, skipped)
-    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL)
     for epoch in range(setup.start_epoch, config.epochs):
         model.train()
         gen = T.seed_epoch(config.seed, epoch)
@@ -322,7 +270,7 @@ def train_semantic(
                 logits = model(images)
             loss = criterion(logits.float(), targets)
             if not math.isfinite(loss.item()):
-                if (targets == IGNORE_INDEX).all():
+                if (targets == IGNORE_LABEL).all():
                     continue  # an all-ignore crop carries no signal (CE returns nan)
                 raise FloatingPointError(f"non-finite loss at epoch {epoch} iter {it}")
             T.optimizer_step(model, optimizer, scheduler, scaler, loss, config.clip_grad_norm)
@@ -366,7 +314,7 @@ def predict_semantic(
     dev = resolve_device(device)
     model = model.to(dev).eval()
     for record in tqdm(records, desc="deeplab predict", disable=not progress):
-        image = torch.from_numpy(np.array(load_rgb(record.path))).permute(2, 0, 1).float() / 255.0
+        image = load_tensor(record.path)
         image = image[None].to(dev)
         size = image.shape[-2:]
         if scale != 1.0:

@@ -23,19 +23,6 @@ LOG_NAME = "train_log.jsonl"
 NOT_HASHED = frozenset({"device", "num_workers", "log_every"})
 
 
-def build_config(cls: type, params: dict[str, Any] | None) -> Any:
-    """`cls(**params)` with a clear error naming unknown keys (dataclass would say less)."""
-    params = dict(params or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known: {sorted(known)}")
-    for f in dataclasses.fields(cls):
-        if f.name in params and isinstance(params[f.name], list):
-            params[f.name] = tuple(params[f.name])
-    return cls(**params)
-
-
 def params_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
     """Stable hash of the config (and data identity) deciding whether a checkpoint may resume."""
     config_dict = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED}
