@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from bbam.atomic import atomic_write_text
+from bbam.data.coco import cocoeval_stats
 from bbam.data.masks import box_iou, mask_to_rle
 from bbam.data.palette import IGNORE_LABEL
 from bbam.data.records import ImageRecord
@@ -274,15 +274,8 @@ def coco_segm_metrics(gt: dict[str, Any] | COCO, results: list[dict[str, Any]]) 
             coco_gt.createIndex()
     if not results:
         return {k: 0.0 for k in COCO_STAT_NAMES}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {
-        k: (None if v < 0 else float(v)) for k, v in zip(COCO_STAT_NAMES, ev.stats[:6], strict=True)
-    }
+    stats = cocoeval_stats(coco_gt, results, "segm")
+    return {k: (None if v < 0 else float(v)) for k, v in zip(COCO_STAT_NAMES, stats, strict=True)}
 
 
 def coco_metrics_from_records(

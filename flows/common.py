@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 from bbam.device import set_torch_threads
-from flows.params_schema import check_params
 from tasks.params import load_params
 
 
@@ -20,6 +19,10 @@ def configure_runtime(params: dict) -> None:
 
 def load_checked(path: str) -> dict:
     """The params file, loaded and checked: once per process, then passed down as values."""
+    # Imported here, not at the top: the schema imports every stage's code, and a shard
+    # worker (flows.attribute_shard) must take its lock before paying for that.
+    from flows.params_schema import check_params
+
     params = load_params(path)
     check_params(params, path)
     return params

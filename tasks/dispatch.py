@@ -100,6 +100,19 @@ def read_run_summary(directory: Path, run_id: UUID) -> dict | None:
     return summary if summary.get("flow_run_id") == str(run_id) else None
 
 
+def _shard_result(current: _Attempt, state: str, summary: dict) -> dict:
+    """What `dispatch_shards` reports for a shard it is done with (completed or given up)."""
+    return {
+        "shard": current.shard,
+        "state": state,
+        "attempt": current.attempt,
+        "dispatches": current.dispatches,
+        "flow_run_id": str(current.run_id),
+        "history": current.history,
+        "summary": summary,
+    }
+
+
 def _require_server() -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise RuntimeError(
@@ -163,16 +176,8 @@ def dispatch_shards(
                 kind = run.state.type.value if run.state else "SCHEDULED"
                 reason = None
                 if kind == "COMPLETED":
-                    directory = shard_dir(out_dir, shard)
-                    done[shard] = {
-                        "shard": shard,
-                        "state": kind,
-                        "attempt": current.attempt,
-                        "dispatches": current.dispatches,
-                        "flow_run_id": str(current.run_id),
-                        "history": current.history,
-                        "summary": read_run_summary(directory, current.run_id) or {},
-                    }
+                    summary = read_run_summary(shard_dir(out_dir, shard), current.run_id)
+                    done[shard] = _shard_result(current, kind, summary or {})
                     del pending[shard]
                     continue
                 if kind in FAILED:
@@ -204,15 +209,7 @@ def dispatch_shards(
                 )
                 print(f"[bbam] shard {shard} attempt {current.attempt}: {reason}")
                 if current.dispatches >= config.max_dispatch_attempts:
-                    done[shard] = {
-                        "shard": shard,
-                        "state": kind,
-                        "attempt": current.attempt,
-                        "dispatches": current.dispatches,
-                        "flow_run_id": str(current.run_id),
-                        "history": current.history,
-                        "summary": {},
-                    }
+                    done[shard] = _shard_result(current, kind, {})
                     del pending[shard]
                     continue
                 attempt, run_id = submit(shard, current.attempt + 1)

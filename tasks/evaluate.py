@@ -35,13 +35,20 @@ def masked_val_records(params: dict, records: list[ImageRecord]) -> tuple[list[I
     return kept, len(left_out)
 
 
-@task(name="evaluate-instance-segmenter")
-def evaluate_instance(params: dict, supervision: str) -> dict:
+def _val_and_model(params: dict, kind: str, supervision: str, config_fn, load_fn):
+    """(val dataset, its records with GT masks, how many were left out, config, trained model)
+    for the `kind` ("instance" | "semantic") segmenter trained under `supervision`."""
     val = load_split(params, "val")
     records, left_out = masked_val_records(params, val.records)
-    config = instance_config(params, supervision)
-    model = load_instance_model(
-        SEGMENTERS_DIR / f"instance_{supervision}" / "model.pt", config, len(val.classes) + 1
+    config = config_fn(params, supervision)
+    model_path = SEGMENTERS_DIR / f"{kind}_{supervision}" / "model.pt"
+    return val, records, left_out, config, load_fn(model_path, config, len(val.classes) + 1)
+
+
+@task(name="evaluate-instance-segmenter")
+def evaluate_instance(params: dict, supervision: str) -> dict:
+    val, records, left_out, config, model = _val_and_model(
+        params, "instance", supervision, instance_config, load_instance_model
     )
     predictions = predict_instances(model, records, device=config.device)
     voc = voc_instance_metrics(records, predictions, len(val.classes) + 1)
@@ -51,11 +58,8 @@ def evaluate_instance(params: dict, supervision: str) -> dict:
 
 @task(name="evaluate-semantic-segmenter")
 def evaluate_semantic(params: dict, supervision: str) -> dict:
-    val = load_split(params, "val")
-    records, left_out = masked_val_records(params, val.records)
-    config = semantic_config(params, supervision)
-    model = load_semantic_model(
-        SEGMENTERS_DIR / f"semantic_{supervision}" / "model.pt", config, len(val.classes) + 1
+    val, records, left_out, config, model = _val_and_model(
+        params, "semantic", supervision, semantic_config, load_semantic_model
     )
     pairs = (
         (prediction, render_label_map(record))

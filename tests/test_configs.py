@@ -66,9 +66,9 @@ def test_real_data_configs_follow_the_paper():
     for params, dataset in ((voc, "voc"), (coco, "coco")):
         assert params["data"]["name"] == dataset and params["device"] == "auto"
         det = detector_config(params)
-        assert (det.norm, det.min_size, det.max_size) == ("frozen_bn", 800, 1333)
+        assert (det.norm, det.min_size, det.max_size) == ("frozen", 800, 1333)
         assert det.anchor_sizes == (32, 64, 128, 256, 512)
-        assert det.backbone_weights and det.backbone_weights.startswith("weights/")
+        assert det.weights_backbone and det.weights_backbone.startswith("weights/")
         assert params["proposals"]["source"] == "mcg"
         assert Path(params["proposals"]["mcg_dir"]) == Path(params["data"]["root"]) / "MCG"
         assert set(params["segmenters"]["supervisions"]) == {"bbam", "full", "box"}

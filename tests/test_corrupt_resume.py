@@ -18,6 +18,7 @@ import torch
 from helpers.builders import make_segmenter_data, tiny_detector_config
 from PIL import Image
 
+from bbam import training as T
 from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.manifest import (
     ManifestError,
@@ -27,7 +28,6 @@ from bbam.manifest import (
     read_shard,
     write_part,
 )
-from bbam.segmenters import training as T
 from bbam.segmenters.instance import InstanceTrainConfig, train_instance
 from bbam.segmenters.semantic import SemanticTrainConfig, train_semantic
 from bbam.segmenters.targets import render_label_map
@@ -167,7 +167,7 @@ def test_detector_restarts_from_a_garbage_checkpoint(tmp_path, caplog):
     assert f"{out / 'checkpoint.pt'}: not a readable weights-only torch file" in caplog.text
     assert metrics["epochs"] == 1 and (out / "model.pt").is_file()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["params_hash"] == "h1"
+    assert ckpt["epoch"] == 0 and ckpt["params_hash"] == "h1"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[0] == {"event": "restart", "reason": "unreadable checkpoint"}
     assert any(entry.get("event") == "epoch_end" for entry in log)

@@ -94,13 +94,13 @@ def test_cpu_checkpoint_resumes_on_cuda_with_amp(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: False)
         td.train_detector(train, val, out, tiny_detector_config(epochs=1), "h", progress=False)
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
     metrics = td.train_detector(
         train, val, out, tiny_detector_config(epochs=2), "h", progress=False
     )
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {"event": "resume", "epoch": 1} in log
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert 0.0 <= metrics["box_ap50"] <= 1.0
 
 

@@ -32,13 +32,13 @@ def records(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_build_each_arch(arch):
-    model = build_detector(arch, 4, 64, 96, trainable_layers=2)
+    model = build_detector(arch, 4, 64, 96, trainable_backbone_layers=2)
     assert model.roi_heads.box_predictor.cls_score.out_features == 4
     assert model.roi_heads.box_predictor.bbox_pred.out_features == 16
     assert model.transform.min_size == (64,) and model.transform.max_size == 96
     flags = [p.requires_grad for p in model.backbone.body.parameters()]
     trainable, frozen = any(flags), not all(flags)
-    assert trainable and frozen  # trainable_layers=2 freezes the early stages
+    assert trainable and frozen  # trainable_backbone_layers=2 freezes the early stages
 
 
 @pytest.mark.parametrize("arch", ["resnet18_fpn", "mobilenet_v3_large_fpn"])
@@ -154,7 +154,7 @@ def test_training_lowers_loss(records):
     device = torch.device("cpu")
     history = [
         td.train_one_epoch(
-            model, optimizer, loader, device, epoch, grad_clip_norm=10.0, progress=False
+            model, optimizer, loader, device, epoch, clip_grad_norm=10.0, progress=False
         )["loss"]
         for epoch in range(6)
     ]
@@ -180,7 +180,7 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_detector(train, val, tmp_path, config, params_hash="h1", progress=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["params_hash"] == "h1"
+    assert ckpt["epoch"] == 0 and ckpt["params_hash"] == "h1"  # the last finished epoch
     assert not (tmp_path / "model.pt").exists()
     saved_momentum = [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
     assert saved_momentum
@@ -198,7 +198,7 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
     restored = seen[0][1]
     assert len(restored) == len(saved_momentum)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, saved_momentum, strict=True))
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == metrics and set(metrics) >= {
         "box_ap",
@@ -209,7 +209,9 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert {"event": "resume", "epoch": 1} in log
     assert any(entry.get("iter") == 0 and "loss_classifier" in entry for entry in log)
-    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved["meta"]["classes"] == CLASSES and saved["meta"]["config"]["epochs"] == 2
+    state = saved["model"]
     model = freeze(td.detector_from_config(config, 3, weights=tmp_path / "model.pt"))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     for key, value in state.items():
@@ -272,7 +274,7 @@ def test_missing_weights_file_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(missing)):
         tiny_detector(weights=missing)
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        tiny_detector(backbone_weights=missing)
+        tiny_detector(weights_backbone=missing)
 
 
 def test_weights_roundtrip_and_incompatible_shapes(tmp_path):
@@ -298,7 +300,7 @@ def test_backbone_weights_from_classifier(tmp_path):
     classifier = resnet18(weights=None)
     path = tmp_path / "resnet18.pt"
     torch.save(classifier.state_dict(), path)
-    model = tiny_detector(backbone_weights=path, norm="frozen_bn")
+    model = tiny_detector(weights_backbone=path, norm="frozen")
     assert torch.equal(model.backbone.body.conv1.weight, classifier.conv1.weight)
     assert torch.equal(
         model.backbone.body.layer1[0].bn1.running_var, classifier.layer1[0].bn1.running_var

@@ -7,9 +7,9 @@ from helpers.builders import make_segmenter_data, pseudo_json, pseudo_pngs, smal
 from PIL import Image
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
+from bbam import training as T
 from bbam.data.palette import save_palette_png
 from bbam.data.records import ImageRecord, Instance
-from bbam.segmenters import training as T
 from bbam.segmenters.instance import (
     InstanceTrainConfig,
     build_instance_model,

@@ -19,14 +19,7 @@ from defusedxml import ElementTree as SafeET
 from bbam.data.images import checked_size, path_in_root
 from bbam.data.masks import box_iou
 from bbam.data.palette import load_index_png
-from bbam.data.records import (
-    CompressedMask,
-    DataError,
-    Dataset,
-    ImageRecord,
-    Instance,
-    SkipReport,
-)
+from bbam.data.records import CompressedMask, DataError, Dataset, ImageRecord, Instance, SkipReport
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

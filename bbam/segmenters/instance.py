@@ -8,15 +8,13 @@ its RoIHeads are in `bbam.segmenters.mask_loss`; what each supervision trains on
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -27,12 +25,12 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
+from bbam import training as T
 from bbam.data.images import load_tensor
 from bbam.data.masks import mask_to_rle
 from bbam.data.records import DataError, ImageRecord, SkipReport
 from bbam.data.torch_dataset import collate_fn
 from bbam.device import resolve_device
-from bbam.segmenters import training as T
 from bbam.segmenters.mask_loss import IgnoreAwareRoIHeads
 from bbam.segmenters.targets import SUPERVISIONS, PseudoGT, instance_targets, load_pseudo_gt
 
@@ -40,7 +38,7 @@ ARCHS = {"resnet18_fpn": "resnet18", "resnet50_fpn": "resnet50", "resnet101_fpn"
 
 
 @dataclass(frozen=True)
-class InstanceTrainConfig:
+class InstanceTrainConfig(T.TrainSchedule):
     """Mask R-CNN training knobs; defaults are the small CPU setting (params.yaml overrides)."""
 
     arch: str = "resnet18_fpn"
@@ -67,33 +65,22 @@ class InstanceTrainConfig:
     mask_loss: str = "balanced"  # balanced (reference) | bce (torchvision)
     seed_hi: float = 0.9
     seed_lo: float = 0.1
+    # schedule (the rest: T.TrainSchedule)
     epochs: int = 3
     batch_size: int = 4
     lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
     lr_steps: tuple[int, ...] = (2,)
-    lr_gamma: float = 0.1
-    clip_grad_norm: float | None = 10.0
     warmup_iters: int = 50
     warmup_factor: float = 0.001
-    hflip: bool = True
-    amp: bool = True
-    device: str = "auto"
-    num_workers: int = 0
-    seed: int = 0
-    max_iters_per_epoch: int | None = None
-    log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"InstanceTrainConfig.arch: {self.arch!r} not in {sorted(ARCHS)}")
-        if self.supervision not in SUPERVISIONS:
-            raise ValueError(f"InstanceTrainConfig.supervision: {self.supervision!r}")
-        if self.norm not in ("group", "batch", "frozen"):
-            raise ValueError(f"InstanceTrainConfig.norm: {self.norm!r}")
-        if self.mask_loss not in ("balanced", "bce"):
-            raise ValueError(f"InstanceTrainConfig.mask_loss: {self.mask_loss!r}")
+        T.check_choices(
+            self,
+            arch=sorted(ARCHS),
+            supervision=SUPERVISIONS,
+            norm=("group", "batch", "frozen"),
+            mask_loss=("balanced", "bce"),
+        )
 
 
 # ----------------------------------------------------------------------------- model
@@ -223,15 +210,6 @@ class InstanceTrainDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- train / infer
 
 
-@dataclass
-class InstanceTrainResult:
-    model: MaskRCNN
-    out_dir: Path
-    losses: list[float] = field(default_factory=list)
-    start_epoch: int = 0
-    skipped: SkipReport = field(default_factory=SkipReport)
-
-
 def train_instance(
     records: list[ImageRecord],
     classes: list[str],
@@ -239,7 +217,7 @@ def train_instance(
     config: InstanceTrainConfig,
     pseudo_json: str | Path | None = None,
     progress: bool = True,
-) -> InstanceTrainResult:
+) -> T.TrainResult:
     """Train Mask R-CNN (torchvision-references style) and write model.pt + checkpoints + log."""
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -254,48 +232,30 @@ def train_instance(
     files = [pseudo_json if config.supervision == "bbam" else None]
     extra["data"] = T.data_digest(records, files + [config.weights, config.weights_backbone])
     setup = T.setup_training(model, config, len(dataset), out_dir, device, extra, skipped)
-    optimizer, scheduler, scaler = setup.optimizer, setup.scheduler, setup.scaler
-    iters, use_amp, log = setup.iters, setup.use_amp, setup.log
-    result = InstanceTrainResult(model, out_dir, [], setup.start_epoch, skipped)
-    for epoch in range(setup.start_epoch, config.epochs):
-        model.train()
-        gen = T.seed_epoch(config.seed, epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=gen,
-            num_workers=config.num_workers,
-            collate_fn=collate_fn,
-        )
-        bar = tqdm(loader, total=iters, desc=f"mask-rcnn epoch {epoch}", disable=not progress)
-        t0 = time.time()
-        for it, (images, targets) in enumerate(bar):
-            if it >= iters:
-                break
-            images = [im.to(device) for im in images]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss_dict = model(images, targets)
-                loss = sum(loss_dict.values())
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"non-finite loss {loss_dict} at epoch {epoch} iter {it}")
-            T.optimizer_step(model, optimizer, scheduler, scaler, loss, config.clip_grad_norm)
-            result.losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if it % config.log_every == 0 or it == iters - 1:
-                rec = {k: round(v.item(), 5) for k, v in loss_dict.items()}
-                rec.update(
-                    epoch=epoch,
-                    iter=it,
-                    loss=round(loss.item(), 5),
-                    lr=optimizer.param_groups[0]["lr"],
-                    elapsed_s=round(time.time() - t0, 2),
-                )
-                log.write(rec)
-        T.save_checkpoint(out_dir, setup.params_hash, epoch, model, optimizer, scheduler, scaler)
-    T.save_model(out_dir, model, classes, config)
-    return result
+
+    def step_loss(batch, epoch: int, it: int):
+        images = [im.to(device) for im in batch[0]]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in batch[1]]
+        with torch.autocast(device_type=device.type, enabled=setup.use_amp):
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"non-finite loss {loss_dict} at epoch {epoch} iter {it}")
+        return loss, {k: round(v.item(), 5) for k, v in loss_dict.items()}
+
+    losses = T.run_epochs(
+        model,
+        dataset,
+        config,
+        setup,
+        out_dir,
+        classes,
+        step_loss,
+        "mask-rcnn",
+        progress,
+        collate_fn=collate_fn,
+    )
+    return T.TrainResult(model, out_dir, losses, setup.start_epoch, skipped)
 
 
 def load_instance_model(

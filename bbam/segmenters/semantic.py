@@ -11,16 +11,14 @@ Supervision:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.models import resnet18
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation import (
@@ -31,11 +29,11 @@ from torchvision.models.segmentation import (
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from tqdm import tqdm
 
+from bbam import training as T
 from bbam.data.images import load_tensor
 from bbam.data.palette import IGNORE_LABEL
 from bbam.data.records import DataError, ImageRecord, SkipReport
 from bbam.device import resolve_device
-from bbam.segmenters import training as T
 from bbam.segmenters.targets import SUPERVISIONS, semantic_target
 
 ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50", "resnet101")
@@ -44,7 +42,7 @@ STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class SemanticTrainConfig:
+class SemanticTrainConfig(T.TrainSchedule):
     """DeepLabV3 training knobs; defaults are the small CPU setting (params.yaml overrides)."""
 
     arch: str = "resnet18"  # resnet18 (dilated, OS16, assembled here) | mobilenet_v3_large | ...
@@ -53,29 +51,16 @@ class SemanticTrainConfig:
     weights_backbone: str | None = None
     scale: float = 0.5  # images (and labels, nearest) are resized by this for training + inference
     crop_size: int = 96  # random crop after scaling, padded with ignore where the image is smaller
+    # schedule (the rest: T.TrainSchedule)
     epochs: int = 5
     batch_size: int = 8
     lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
     lr_steps: tuple[int, ...] = (4,)
-    lr_gamma: float = 0.1
-    clip_grad_norm: float | None = 10.0
     warmup_iters: int = 20
     warmup_factor: float = 0.01
-    hflip: bool = True
-    amp: bool = True
-    device: str = "auto"
-    num_workers: int = 0
-    seed: int = 0
-    max_iters_per_epoch: int | None = None
-    log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"SemanticTrainConfig.arch: {self.arch!r} not in {ARCHS}")
-        if self.supervision not in SUPERVISIONS:
-            raise ValueError(f"SemanticTrainConfig.supervision: {self.supervision!r}")
+        T.check_choices(self, arch=ARCHS, supervision=SUPERVISIONS)
 
 
 class SemanticNet(nn.Module):
@@ -201,15 +186,6 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- train / infer
 
 
-@dataclass
-class SemanticTrainResult:
-    model: SemanticNet
-    out_dir: Path
-    losses: list[float] = field(default_factory=list)
-    start_epoch: int = 0
-    skipped: SkipReport = field(default_factory=SkipReport)
-
-
 def train_semantic(
     records: list[ImageRecord],
     classes: list[str],
@@ -218,7 +194,7 @@ def train_semantic(
     pseudo_dir: str | Path | None = None,
     gt_dir: str | Path | None = None,
     progress: bool = True,
-) -> SemanticTrainResult:
+) -> T.TrainResult:
     """Train DeepLabV3 (CE, ignore 255) and write model.pt + per-epoch checkpoints + JSONL log."""
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -245,50 +221,32 @@ def train_semantic(
     files = [p for p in pngs if p.is_file()] + [config.weights, config.weights_backbone]
     extra["data"] = T.data_digest(records, files)
     setup = T.setup_training(model, config, len(dataset), out_dir, device, extra, skipped)
-    optimizer, scheduler, scaler = setup.optimizer, setup.scheduler, setup.scaler
-    iters, use_amp, log = setup.iters, setup.use_amp, setup.log
-    result = SemanticTrainResult(model, out_dir, [], setup.start_epoch, skipped)
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL)
-    for epoch in range(setup.start_epoch, config.epochs):
-        model.train()
-        gen = T.seed_epoch(config.seed, epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=gen,
-            num_workers=config.num_workers,
-            drop_last=len(dataset) % config.batch_size == 1,  # BN in ASPP pooling needs 2+
-        )
-        bar = tqdm(loader, total=iters, desc=f"deeplab epoch {epoch}", disable=not progress)
-        t0 = time.time()
-        for it, (images, targets) in enumerate(bar):
-            if it >= iters:
-                break
-            images, targets = images.to(device), targets.to(device)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                logits = model(images)
-            loss = criterion(logits.float(), targets)
-            if not math.isfinite(loss.item()):
-                if (targets == IGNORE_LABEL).all():
-                    continue  # an all-ignore crop carries no signal (CE returns nan)
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} iter {it}")
-            T.optimizer_step(model, optimizer, scheduler, scaler, loss, config.clip_grad_norm)
-            result.losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if it % config.log_every == 0 or it == iters - 1:
-                log.write(
-                    {
-                        "epoch": epoch,
-                        "iter": it,
-                        "loss": round(loss.item(), 5),
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "elapsed_s": round(time.time() - t0, 2),
-                    }
-                )
-        T.save_checkpoint(out_dir, setup.params_hash, epoch, model, optimizer, scheduler, scaler)
-    T.save_model(out_dir, model, classes, config)
-    return result
+
+    def step_loss(batch, epoch: int, it: int):
+        images, targets = batch[0].to(device), batch[1].to(device)
+        with torch.autocast(device_type=device.type, enabled=setup.use_amp):
+            logits = model(images)
+        loss = criterion(logits.float(), targets)
+        if not math.isfinite(loss.item()):
+            if (targets == IGNORE_LABEL).all():
+                return None, {}  # an all-ignore crop carries no signal (CE returns nan)
+            raise FloatingPointError(f"non-finite loss at epoch {epoch} iter {it}")
+        return loss, {}
+
+    losses = T.run_epochs(
+        model,
+        dataset,
+        config,
+        setup,
+        out_dir,
+        classes,
+        step_loss,
+        "deeplab",
+        progress,
+        drop_last=len(dataset) % config.batch_size == 1,  # BN in ASPP pooling needs 2+
+    )
+    return T.TrainResult(model, out_dir, losses, setup.start_epoch, skipped)
 
 
 def load_semantic_model(
