@@ -49,6 +49,14 @@ def attribution_hash(params: dict) -> str:
     )
 
 
+def _this_run(state, summary: dict) -> dict:
+    """A shard's counts for this run: a Cached shard (tasks.caching) ran nothing now, and every
+    instance it had finished was reused."""
+    if state.name != "Cached":
+        return summary
+    return {**summary, "ran": 0, "skipped_done": summary["planned"] - summary["failed"]}
+
+
 @flow(name="attribute")
 def attribute_flow(
     params: dict,
@@ -66,17 +74,18 @@ def attribute_flow(
         STOP.clear()
         with stop_shards_on_sigterm():  # chained in front of Prefect's own SIGTERM handler
             futures = [attribute_shard.submit(params, s, str(OUT_DIR), digest) for s in wanted]
-            shard_summaries = [f.result() for f in futures]  # raises if any shard task failed
-        if any(s.get("interrupted") for s in shard_summaries):  # never report a partial run
-            raise RuntimeError("attribution stopped on request; run it again to resume")
+            shard_summaries = [f.result() for f in futures]  # raises if any shard failed or
+            # stopped on request (ShardInterrupted): a partial run is never reported
+            now = [_this_run(f.state, s) for f, s in zip(futures, shard_summaries, strict=True)]
     elif executor == "deployments":
         shard_summaries = run_on_deployments(params_path, params, list(wanted), digest, OUT_DIR)
+        now = shard_summaries
     else:
         raise ValueError(f"{params_path}: attribution.executor {executor!r}: local | deployments")
-    summary = merge_shards(str(OUT_DIR), num_shards)
+    summary = merge_shards(params, str(OUT_DIR), num_shards, shard_summaries)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    summary["ran_now"] = sum(s["ran"] for s in shard_summaries)
-    summary["skipped_done"] = sum(s["skipped_done"] for s in shard_summaries)
+    summary["ran_now"] = sum(s["ran"] for s in now)
+    summary["skipped_done"] = sum(s["skipped_done"] for s in now)
     summary["params_hash"] = digest
     atomic_write_json(METRICS, summary)
     failed_fraction = summary["failed"] / max(1, summary["instances"])

@@ -18,10 +18,10 @@ from tasks.evaluate import (
     evaluate_semantic,
     report_samples,
 )
-from tasks.params import METRICS_DIR
+from tasks.params import METRICS_DIR, REPORTS_DIR
 
 METRICS = METRICS_DIR / "evaluation.json"
-REPORT_DIR = Path("reports")
+REPORT_DIR = REPORTS_DIR
 PLOTS_DIR = Path("plots")
 
 

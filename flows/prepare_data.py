@@ -16,17 +16,18 @@ from prefect import flow
 from bbam.atomic import atomic_write_json
 from flows.common import stage_cli
 from tasks.params import METRICS_DIR
-from tasks.prepare_data import prepare, summarise, voc_to_coco
+from tasks.prepare_data import cached_in_data_root, prepare, summarise, voc_to_coco
 
 METRICS = METRICS_DIR / "data.json"
 
 
 @flow(name="prepare-data")
 def prepare_data(params: dict) -> dict:
-    prepare(params)
+    cached = cached_in_data_root(params)
+    prepare.with_options(**cached)(params)
     if params["data"]["name"] == "voc":
-        voc_to_coco(params)
-    summary = summarise(params)
+        voc_to_coco.with_options(**cached)(params)
+    summary = summarise.with_options(**cached)(params)
     atomic_write_json(METRICS, summary)
     print(
         "[bbam] prepare_data: "

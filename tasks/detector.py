@@ -9,6 +9,7 @@ from prefect import task
 
 from bbam.detector import freeze
 from bbam.train_detector import DetectorTrainConfig, detector_from_config, train_detector
+from tasks.caching import stage_cache
 from tasks.params import (
     DETECTOR_DIR,
     file_sha256,
@@ -38,7 +39,13 @@ def load_detector_from_params(params: dict, num_classes: int, device: torch.devi
     return freeze(model.to(device))
 
 
-@task(name="train-detector", retries=1, retry_delay_seconds=5, tags=["gpu"])
+@task(
+    name="train-detector",
+    retries=1,
+    retry_delay_seconds=5,
+    tags=["gpu"],
+    **stage_cache("train_detector", DETECTOR_DIR),
+)
 def train(params: dict) -> dict:
     config = detector_config(params)
     # Boxes only: decoding every GT mask would cost memory at COCO scale for nothing.

@@ -20,7 +20,8 @@ from bbam.evaluate import (
 from bbam.segmenters.instance import load_instance_model, predict_instances
 from bbam.segmenters.semantic import load_semantic_model, predict_semantic
 from bbam.segmenters.targets import render_label_map
-from tasks.params import PSEUDO_DIR, SEGMENTERS_DIR, load_split, split_paths
+from tasks.caching import stage_cache
+from tasks.params import PSEUDO_DIR, REPORTS_DIR, SEGMENTERS_DIR, load_split, split_paths
 from tasks.segmenters import instance_config, semantic_config
 
 
@@ -45,7 +46,7 @@ def _val_and_model(params: dict, kind: str, supervision: str, config_fn, load_fn
     return val, records, left_out, config, load_fn(model_path, config, len(val.classes) + 1)
 
 
-@task(name="evaluate-instance-segmenter")
+@task(name="evaluate-instance-segmenter", **stage_cache("evaluate", REPORTS_DIR))
 def evaluate_instance(params: dict, supervision: str) -> dict:
     val, records, left_out, config, model = _val_and_model(
         params, "instance", supervision, instance_config, load_instance_model
@@ -56,7 +57,7 @@ def evaluate_instance(params: dict, supervision: str) -> dict:
     return {"voc": voc, "coco": coco, "images": len(records), "images_without_gt_mask": left_out}
 
 
-@task(name="evaluate-semantic-segmenter")
+@task(name="evaluate-semantic-segmenter", **stage_cache("evaluate", REPORTS_DIR))
 def evaluate_semantic(params: dict, supervision: str) -> dict:
     val, records, left_out, config, model = _val_and_model(
         params, "semantic", supervision, semantic_config, load_semantic_model
@@ -78,7 +79,7 @@ def _pseudo_split(params: dict):
     return read_coco(PSEUDO_DIR / f"instances_{split}.json", image_root)
 
 
-@task(name="pseudo-label-quality")
+@task(name="pseudo-label-quality", **stage_cache("evaluate", REPORTS_DIR))
 def evaluate_pseudo_labels(params: dict) -> dict:
     """Pseudo GT vs GT on the split that was labelled (where GT masks exist)."""
     train = load_split(params, params["attribution"]["split"])

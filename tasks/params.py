@@ -20,6 +20,7 @@ DETECTOR_DIR = Path("runs/detector")
 ATTRIBUTION_DIR = Path("runs/attribution")
 PSEUDO_DIR = Path("runs/pseudo_labels")
 SEGMENTERS_DIR = Path("runs/segmenters")
+REPORTS_DIR = Path("reports")
 METRICS_DIR = Path("metrics")
 
 

@@ -11,7 +11,15 @@ from bbam.data.prepare import prepare_dataset, summarize_dataset
 from bbam.data.records import DataError
 from bbam.data.voc import read_voc
 from bbam.data.writers import write_coco_json
-from tasks.params import load_split, split_paths
+from tasks.caching import stage_cache
+from tasks.params import METRICS_DIR, load_split, split_paths
+
+
+def cached_in_data_root(params: dict) -> dict:
+    """``with_options`` for this stage's tasks: cache them (``tasks.caching``) with results in
+    the dataset's own folder, so that deleting the data also drops the cache."""
+    root = Path(params["data"].get("root") or METRICS_DIR)
+    return stage_cache("prepare_data", root)
 
 
 @task(name="prepare-dataset", retries=2, retry_delay_seconds=10)

@@ -18,7 +18,8 @@ from bbam.mcg import MCGConfig, make_source
 from bbam.pseudo_labels import write_coco_pseudo_gt
 from bbam.refine import RefineConfig
 from tasks.attribution import engine_config
-from tasks.params import load_split, shard_dir, split_paths
+from tasks.caching import stage_cache
+from tasks.params import PSEUDO_DIR, load_split, shard_dir, split_paths
 
 
 def refine_config(params: dict) -> RefineConfig:
@@ -39,7 +40,12 @@ def pseudo_label_workers(params: dict) -> int:
     return workers if workers > 0 else os.cpu_count() or 1
 
 
-@task(name="make-pseudo-labels", retries=1, retry_delay_seconds=5)
+@task(
+    name="make-pseudo-labels",
+    retries=1,
+    retry_delay_seconds=5,
+    **stage_cache("pseudo_labels", PSEUDO_DIR),
+)
 def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict:
     """Refine every instance's map, write COCO pseudo GT, semantic PNGs and a manifest."""
     split = params["attribution"]["split"]

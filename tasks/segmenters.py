@@ -6,6 +6,7 @@ from prefect import task
 
 from bbam.segmenters.instance import InstanceTrainConfig, train_instance
 from bbam.segmenters.semantic import SemanticTrainConfig, train_semantic
+from tasks.caching import stage_cache
 from tasks.params import PSEUDO_DIR, SEGMENTERS_DIR, load_split, top_level
 
 
@@ -22,7 +23,13 @@ def semantic_config(params: dict, supervision: str) -> SemanticTrainConfig:
     return SemanticTrainConfig(**_section(params, "semantic"), supervision=supervision)
 
 
-@task(name="train-instance-segmenter", retries=1, retry_delay_seconds=5, tags=["gpu"])
+@task(
+    name="train-instance-segmenter",
+    retries=1,
+    retry_delay_seconds=5,
+    tags=["gpu"],
+    **stage_cache("train_segmenters", SEGMENTERS_DIR),
+)
 def train_instance_task(params: dict, supervision: str) -> str:
     split = params["attribution"]["split"]
     dataset = load_split(params, split, with_masks=supervision == "full")
@@ -34,7 +41,13 @@ def train_instance_task(params: dict, supervision: str) -> str:
     return str(out_dir / "model.pt")
 
 
-@task(name="train-semantic-segmenter", retries=1, retry_delay_seconds=5, tags=["gpu"])
+@task(
+    name="train-semantic-segmenter",
+    retries=1,
+    retry_delay_seconds=5,
+    tags=["gpu"],
+    **stage_cache("train_segmenters", SEGMENTERS_DIR),
+)
 def train_semantic_task(params: dict, supervision: str) -> str:
     split = params["attribution"]["split"]
     dataset = load_split(params, split, with_masks=supervision == "full")

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from bbam.attribution import profile_config
+from bbam.device import resolve_device
 from bbam.refine import RefineConfig
 from tasks.detector import detector_config
 from tasks.dispatch import DispatchConfig
@@ -42,7 +43,8 @@ def test_params_file_builds_every_stage_config(name):
     for key in dvc_templated_keys():
         assert isinstance(lookup(params, key), str) and lookup(params, key)
     detector = detector_config(params)
-    assert detector.seed == params["seed"]
+    # the top-level seed and device reach every trainer the same way
+    assert (detector.seed, detector.device) == (params["seed"], params["device"])
     section = params["attribution"]
     attribution = profile_config(section["profile"], **(section.get("overrides") or {}))
     assert attribution.iterations >= 1
@@ -56,8 +58,9 @@ def test_params_file_builds_every_stage_config(name):
     supervisions = params["segmenters"]["supervisions"]
     assert set(supervisions) <= {"full", "bbam", "box"} and supervisions
     for supervision in supervisions:
-        assert instance_config(params, supervision).supervision == supervision
-        assert semantic_config(params, supervision).supervision == supervision
+        for config in (instance_config(params, supervision), semantic_config(params, supervision)):
+            assert config.supervision == supervision
+            assert (config.seed, config.device) == (params["seed"], params["device"])
     assert int(params["evaluate"]["report_samples"]) >= 0
 
 
@@ -88,3 +91,9 @@ def test_unknown_key_in_a_config_section_raises():
     params["detector"]["min_szie"] = 800
     with pytest.raises(TypeError, match="min_szie"):
         detector_config(params)
+
+
+def test_device_cpu_keeps_the_detector_off_a_gpu():
+    params = {**load("params.yaml"), "device": "cpu"}
+    assert detector_config(params).device == "cpu"
+    assert resolve_device(detector_config(params).device).type == "cpu"

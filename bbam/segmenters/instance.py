@@ -244,17 +244,9 @@ def train_instance(
         return loss, {k: round(v.item(), 5) for k, v in loss_dict.items()}
 
     losses = T.run_epochs(
-        model,
-        dataset,
-        config,
-        setup,
-        out_dir,
-        classes,
-        step_loss,
-        "mask-rcnn",
-        progress,
+        model, dataset, config, setup, out_dir, classes, step_loss, "mask-rcnn", progress,
         collate_fn=collate_fn,
-    )
+    )  # fmt: skip
     return T.TrainResult(model, out_dir, losses, setup.start_epoch, skipped)
 
 

@@ -235,17 +235,9 @@ def train_semantic(
         return loss, {}
 
     losses = T.run_epochs(
-        model,
-        dataset,
-        config,
-        setup,
-        out_dir,
-        classes,
-        step_loss,
-        "deeplab",
-        progress,
+        model, dataset, config, setup, out_dir, classes, step_loss, "deeplab", progress,
         drop_last=len(dataset) % config.batch_size == 1,  # BN in ASPP pooling needs 2+
-    )
+    )  # fmt: skip
     return T.TrainResult(model, out_dir, losses, setup.start_epoch, skipped)
 
 
