@@ -28,9 +28,9 @@ pretrain: $(STAMP)
 	$(RUN) python -m flows.pretrain_detector --params configs/pretrain_synthetic.yaml
 
 bench: $(STAMP)
-	$(RUN) python bench/run_all.py
+	$(RUN) python -m bench.run_all
 
-# What bench/gpu_check.py needs on a lent GPU machine that its image (Python 3.12, torch) lacks.
+# What bench.gpu_check needs on a lent GPU machine that its image (Python 3.12, torch) lacks.
 gpu-wheels: $(STAMP)
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

@@ -16,7 +16,6 @@ would pass the predicted box (as the paper and V do).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -646,8 +645,3 @@ def attribute_instances(
             on_result,
         )
     return [results[k] for k in keys]
-
-
-def config_fields() -> dict[str, Any]:
-    """Field names and defaults (for documentation / params.yaml)."""
-    return {f.name: f.default for f in dataclasses.fields(AttributionConfig)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from bbam.refine import box_region, box_slices
+from bbam.data.masks import box_region, box_slices
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -25,6 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from bbam.data.images import rgb_to_tensor
 from bbam.heads import HeadsFn, RoIHeadOutputs
 
 RESNET_ARCHS = {
@@ -34,7 +35,7 @@ RESNET_ARCHS = {
     "resnet101_fpn": resnet.resnet101,
 }
 ARCHS = (*RESNET_ARCHS, "mobilenet_v3_large_fpn")
-NORMS = ("batchnorm", "groupnorm", "frozen_bn")
+NORMS = ("batch", "group", "frozen")  # as InstanceTrainConfig.norm
 # torchvision's defaults: one anchor size per FPN level (P2..P6) for ResNet-FPN;
 # all sizes on each of the 3 levels for MobileNet-FPN.
 DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
@@ -46,11 +47,11 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
 
     FrozenBatchNorm2d with random init is an identity with fixed statistics: useless from scratch.
     """
-    if norm == "batchnorm":
+    if norm == "batch":
         return nn.BatchNorm2d
-    if norm == "groupnorm":
+    if norm == "group":
         return partial(nn.GroupNorm, 32)
-    if norm == "frozen_bn":
+    if norm == "frozen":
         return misc_nn_ops.FrozenBatchNorm2d
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
 
@@ -102,9 +103,9 @@ def build_detector(
     max_size: int,
     anchor_sizes: tuple[int, ...] | None = None,
     weights: str | Path | None = None,
-    backbone_weights: str | Path | None = None,
-    trainable_layers: int = 3,
-    norm: str = "batchnorm",
+    weights_backbone: str | Path | None = None,
+    trainable_backbone_layers: int = 3,
+    norm: str = "batch",
     fpn_channels: int = 256,
     representation_size: int = 1024,
     **rcnn_kwargs,
@@ -114,8 +115,8 @@ def build_detector(
     `num_classes` includes background. `anchor_sizes`: one size per FPN level for the
     ResNet archs (5 levels, P2..P6); for mobilenet_v3_large_fpn the same sizes are used on
     each of its 3 levels (torchvision's layout). `weights` is a whole-detector state_dict,
-    `backbone_weights` a classification-network state_dict (its head is ignored).
-    `trainable_layers` counts backbone stages left trainable (5 = all for ResNet, 6 for
+    `weights_backbone` a classification-network state_dict (its head is ignored).
+    `trainable_backbone_layers` counts backbone stages left trainable (5 = all for ResNet, 6 for
     MobileNet). `fpn_channels` / `representation_size` (box-head MLP width) default to
     torchvision's 256 / 1024; smaller values make CPU training affordable. Extra keyword
     arguments go to `FasterRCNN` (sampling sizes, thresholds).
@@ -130,16 +131,16 @@ def build_detector(
         if len(sizes) != 5:
             raise ValueError(f"{arch}: need 5 anchor sizes (P2..P6), got {sizes}")
         body = RESNET_ARCHS[arch](weights=None, norm_layer=norm_layer)
-        if backbone_weights is not None:
-            _load_into(body, backbone_weights, ignore_prefixes=("fc.",))
-        backbone = _resnet_fpn_extractor(body, trainable_layers)
+        if weights_backbone is not None:
+            _load_into(body, weights_backbone, ignore_prefixes=("fc.",))
+        backbone = _resnet_fpn_extractor(body, trainable_backbone_layers)
         per_level = tuple((s,) for s in sizes)
     else:
         sizes = tuple(anchor_sizes) if anchor_sizes is not None else DEFAULT_ANCHOR_SIZES
         body = mobilenet_v3_large(weights=None, norm_layer=norm_layer)
-        if backbone_weights is not None:
-            _load_into(body, backbone_weights, ignore_prefixes=("classifier.",))
-        backbone = _mobilenet_extractor(body, True, trainable_layers)
+        if weights_backbone is not None:
+            _load_into(body, weights_backbone, ignore_prefixes=("classifier.",))
+        backbone = _mobilenet_extractor(body, True, trainable_backbone_layers)
         per_level = (sizes,) * 3
     if fpn_channels != backbone.out_channels:
         in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
@@ -173,7 +174,7 @@ def _to_float_chw(image: np.ndarray | torch.Tensor, device: torch.device) -> tor
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
-        return torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1).float() / 255
+        return rgb_to_tensor(image, device)
     if not image.is_floating_point() or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(
             f"expected a 3xHxW float tensor in [0, 1], got {image.dtype} {image.shape}"

@@ -11,21 +11,21 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from bbam.atomic import atomic_write_text
+from bbam.data.coco import cocoeval_stats
+from bbam.data.masks import box_iou, mask_to_rle
+from bbam.data.palette import IGNORE_LABEL
 from bbam.data.records import ImageRecord
-from bbam.data.writers import mask_to_rle
 from bbam.pseudo_labels import crowd_region
 
-IGNORE_INDEX = 255
 VOC_IOU_THRESHOLDS = (0.25, 0.5, 0.7, 0.75)
 
 
@@ -33,7 +33,7 @@ VOC_IOU_THRESHOLDS = (0.25, 0.5, 0.7, 0.75)
 
 
 def confusion_matrix(
-    pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX
+    pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = IGNORE_LABEL
 ) -> np.ndarray:
     """(C, C) int64 counts, rows = GT class, cols = predicted class; GT ignore pixels skipped.
 
@@ -274,15 +274,8 @@ def coco_segm_metrics(gt: dict[str, Any] | COCO, results: list[dict[str, Any]]) 
             coco_gt.createIndex()
     if not results:
         return {k: 0.0 for k in COCO_STAT_NAMES}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {
-        k: (None if v < 0 else float(v)) for k, v in zip(COCO_STAT_NAMES, ev.stats[:6], strict=True)
-    }
+    stats = cocoeval_stats(coco_gt, results, "segm")
+    return {k: (None if v < 0 else float(v)) for k, v in zip(COCO_STAT_NAMES, stats, strict=True)}
 
 
 def coco_metrics_from_records(
@@ -303,6 +296,22 @@ def coco_metrics_from_records(
 
 
 # ----------------------------------------------------------------------------- pseudo labels
+
+
+class PerImage(Mapping):
+    """image_id -> value loaded when asked for: a split's masks never sit in memory at once."""
+
+    def __init__(self, loaders: dict[str, Callable[[], Any]]) -> None:
+        self._loaders = loaders
+
+    def __getitem__(self, key: str) -> Any:
+        return self._loaders[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
 
 
 def pseudo_label_quality(
@@ -328,7 +337,7 @@ def pseudo_label_quality(
             for label, box, fg in cand:
                 if label != inst.label:
                     continue
-                overlap = _box_iou(np.asarray(box, float), np.asarray(inst.box, float))
+                overlap = box_iou(np.asarray(box, float), np.asarray(inst.box, float))
                 if overlap > best:
                     best, mask = overlap, fg
             ious.append(
@@ -339,7 +348,7 @@ def pseudo_label_quality(
         "pseudo_instances": len(ious),
     }
     if pseudo_semantic is not None:
-        from bbam.segmenters.semantic import render_label_map
+        from bbam.segmenters.targets import render_label_map
 
         labelled = [r for r in records if r.image_id in pseudo_semantic]
         scored, left_out = records_with_gt_masks(labelled)  # no GT label map without them
@@ -348,14 +357,6 @@ def pseudo_label_quality(
         out["pseudo_sem_images"] = len(scored)
         out["pseudo_sem_images_without_gt_mask"] = len(left_out)
     return out
-
-
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------- writers

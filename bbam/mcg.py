@@ -27,8 +27,9 @@ from typing import Protocol
 
 import numpy as np
 
+from bbam.data.masks import box_slices
 from bbam.data.records import DataError
-from bbam.refine import InstanceMasks, box_slices
+from bbam.refine import InstanceMasks
 
 Proposals = tuple[np.ndarray, list[np.ndarray]]
 

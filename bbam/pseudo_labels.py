@@ -20,13 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from bbam.atomic import atomic_write_json
-from bbam.data.palette import save_palette_png
+from bbam.data.masks import box_region, mask_to_rle
+from bbam.data.palette import IGNORE_LABEL, save_palette_png
 from bbam.data.records import ImageRecord, Instance
-from bbam.data.writers import mask_to_rle
 from bbam.mcg import MCGConfig, ProposalSource, apply_proposals
-from bbam.refine import InstanceMasks, RefineConfig, box_region, refine_instance
-
-IGNORE = 255
+from bbam.refine import InstanceMasks, RefineConfig, refine_instance
 
 
 def refine_record(
@@ -181,7 +179,7 @@ def semantic_label(
                 union |= fg
         claims += union
         label[union] = c
-    label[claims >= 2] = IGNORE
+    label[claims >= 2] = IGNORE_LABEL
     boxes = [np.asarray(b, dtype=np.float64) for _, b, _, _ in instances]
     nested = [
         i
@@ -193,7 +191,7 @@ def semantic_label(
         lab, _, fg, _ = instances[i]
         label[fg] = int(lab)
     for _, _, _, ignore in instances:
-        label[ignore] = IGNORE
+        label[ignore] = IGNORE_LABEL
     return label
 
 
@@ -203,7 +201,7 @@ def mark_crowd_ignore(label: np.ndarray, instances: Sequence[Instance]) -> np.nd
     A crowd region is its mask, or its box when it has none."""
     for inst in instances:
         if inst.iscrowd:
-            label[crowd_region(inst, *label.shape)] = IGNORE
+            label[crowd_region(inst, *label.shape)] = IGNORE_LABEL
     return label
 
 

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
+from bbam.data.masks import box_slices
+
 MODES = ("reference", "absolute", "object")
 OBJECT_CUTS = ("grabcut", "crf")
 FALLBACKS = ("none", "small_mask", "empty_map")
@@ -135,22 +137,6 @@ class InstanceMasks:
     not_bg: np.ndarray
     ignore: np.ndarray
     stats: dict = field(default_factory=dict)
-
-
-def box_slices(box: np.ndarray, height: int, width: int) -> tuple[slice, slice]:
-    """Integer pixel slices covering a float xyxy box (x2/y2 exclusive), clipped to the image."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    xa = min(max(int(math.floor(x1)), 0), width)
-    ya = min(max(int(math.floor(y1)), 0), height)
-    xb = min(max(int(math.ceil(x2)), xa), width)
-    yb = min(max(int(math.ceil(y2)), ya), height)
-    return slice(ya, yb), slice(xa, xb)
-
-
-def box_region(box: np.ndarray, height: int, width: int) -> np.ndarray:
-    region = np.zeros((height, width), dtype=bool)
-    region[box_slices(box, height, width)] = True
-    return region
 
 
 def normalise_in_box(heatmap: np.ndarray, sl: tuple[slice, slice]) -> np.ndarray:

@@ -30,10 +30,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from bbam.atomic import atomic_write_bytes
 from bbam.data.palette import voc_colormap
+from bbam.segmenters.targets import SUPERVISIONS
 
 # The paper's weak/full ratios (BBAM vs fully supervised), for reference in the page.
 PAPER_RATIOS = {"semantic mIoU": 0.967, "instance AP50": 0.922}
-SUPERVISIONS = ("bbam", "full", "box")
 # Pseudo-label methods compared on the same images (bbam.baselines); see pseudo_label_baselines.
 PSEUDO_METHODS = {"bbam": "BBAM", "box": "filled box", "grabcut": "GrabCut"}
 PSEUDO_METRICS = {

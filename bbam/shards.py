@@ -285,13 +285,6 @@ def run_shard(
     }
 
 
-def torch_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def detector_chunk_fn(model: torch.nn.Module, config, device: torch.device) -> ChunkFn:
     """The production ``attribute_chunk``: resize with the detector's own transform,
     then run the BBAM engine on every instance of the chunk together."""

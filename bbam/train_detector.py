@@ -3,12 +3,12 @@
 Defaults are for training from scratch on CPU on small images (no pretrained weights can be
 downloaded here): ResNet-18-FPN with ordinary BatchNorm (FrozenBatchNorm with random init
 would freeze random statistics), all backbone stages trainable, short side 160 / long side
-224 (the synthetic images' own size, no upscaling), anchors 16..256 (objects of 10-150 px),
+224 (params.yaml sets 128 / 176, the synthetic images' own size: no upscaling), anchors 16..256 (objects of 10-150 px),
 FPN with 128 channels and a 512-wide box head (torchvision: 256 / 1024), fewer RPN/RoI
 samples than torchvision's defaults to keep a CPU epoch short, and gradient clipping for
 stability without pretraining. For the paper's setup use arch="resnet101_fpn",
 fpn_channels=256, representation_size=1024 and, with pretrained local weights,
-norm="frozen_bn", trainable_layers=3 like torchvision.
+norm="frozen", trainable_backbone_layers=3 like torchvision.
 
 Resumable: each epoch ends with an atomic out_dir/checkpoint.pt; a rerun with the same
 params_hash continues after the last finished epoch, with a different one it starts over,
@@ -19,7 +19,6 @@ one of ours (see ``bbam.checkpoint.resume_checkpoint``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -27,20 +26,22 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bbam.atomic import atomic_torch_save, atomic_write_text
+from bbam import training as T
+from bbam.atomic import atomic_write_text
 from bbam.checkpoint import resume_checkpoint
-from bbam.data.images import load_rgb
+from bbam.data.coco import cocoeval_stats
+from bbam.data.images import load_tensor
 from bbam.data.records import Dataset, ImageRecord
 from bbam.data.torch_dataset import DetectionDataset, collate_fn
-from bbam.detector import ARCHS, NORMS, build_detector, freeze
+from bbam.detector import ARCHS, NORMS, build_detector
+from bbam.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DetectorTrainConfig:
     arch: str = "resnet18_fpn"
-    norm: str = "batchnorm"
-    trainable_layers: int = 5
+    norm: Literal["batch", "group", "frozen"] = "batch"  # as segmenters.instance.norm
+    trainable_backbone_layers: int = 5
     min_size: int = 160
     max_size: int = 224
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -64,23 +65,24 @@ class DetectorTrainConfig:
     warmup_factor: float = 0.001
     lr_steps: tuple[int, ...] = (6,)
     lr_gamma: float = 0.1
-    grad_clip_norm: float = 10.0  # 0 disables
+    clip_grad_norm: float | None = 10.0  # None (or 0) disables
     hflip: bool = True
-    workers: int = 0
+    num_workers: int = 0
     amp: bool = True  # only effective on CUDA
     seed: int = 0
+    device: str = "auto"  # auto = CUDA when present; "cpu" keeps the detector off a GPU
     rpn_batch_size_per_image: int = 256
     rpn_post_nms_top_n_train: int = 300
     rpn_post_nms_top_n_test: int = 300
     box_batch_size_per_image: int = 64
     log_every: int = 10
     weights: str | None = None
-    backbone_weights: str | None = None
+    weights_backbone: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("anchor_sizes", "lr_steps"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        for name in ("weights", "backbone_weights"):
+        for name in ("weights", "weights_backbone"):
             value = getattr(self, name)
             object.__setattr__(self, name, None if value is None else str(value))
         if self.arch not in ARCHS:
@@ -102,8 +104,8 @@ def detector_from_config(
         config.max_size,
         anchor_sizes=config.anchor_sizes,
         weights=weights if weights is not None else config.weights,
-        backbone_weights=config.backbone_weights,
-        trainable_layers=config.trainable_layers,
+        weights_backbone=config.weights_backbone,
+        trainable_backbone_layers=config.trainable_backbone_layers,
         norm=config.norm,
         fpn_channels=config.fpn_channels,
         representation_size=config.representation_size,
@@ -114,40 +116,9 @@ def detector_from_config(
     )
 
 
-def load_detector(
-    model_path: str | Path,
-    arch: str,
-    num_classes: int,
-    min_size: int,
-    max_size: int,
-    anchor_sizes: tuple[int, ...] | None = None,
-    norm: str = "batchnorm",
-    device: str | torch.device = "cpu",
-    **rcnn_kwargs: Any,
-) -> torch.nn.Module:
-    """A trained detector (model.pt), frozen and in eval mode, for the attribution stages.
-
-    Extra keyword arguments go to `build_detector` (fpn_channels, representation_size, ...);
-    with a DetectorTrainConfig, `freeze(detector_from_config(config, n, weights=path))` is
-    the same thing without repeating the architecture keys.
-    """
-    model = build_detector(
-        arch,
-        num_classes,
-        min_size,
-        max_size,
-        anchor_sizes=anchor_sizes,
-        weights=model_path,
-        norm=norm,
-        **rcnn_kwargs,
-    )
-    return freeze(model.to(device))
-
-
 def _append_log(path: Path | None, entry: dict) -> None:
     if path is not None:
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        T.JsonlLog(path).write(entry)
 
 
 def _training_target(target: dict[str, torch.Tensor], device: torch.device) -> dict:
@@ -165,7 +136,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     warmup_iters: int = 0,
     warmup_factor: float = 0.001,
-    grad_clip_norm: float = 0.0,
+    clip_grad_norm: float | None = None,
     log_path: Path | None = None,
     log_every: int = 10,
     progress: bool = True,
@@ -176,7 +147,8 @@ def train_one_epoch(
     references); non-finite losses stop training with FloatingPointError.
     """
     model.train()
-    use_amp = scaler is not None and scaler.is_enabled()
+    scaler = scaler if scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
+    use_amp = scaler.is_enabled()
     warmup = None
     warmup_iters = min(warmup_iters, len(loader) - 1)
     if epoch == 0 and warmup_iters > 0:
@@ -197,21 +169,7 @@ def train_one_epoch(
         total = float(loss.detach())
         if not math.isfinite(total):
             raise FloatingPointError(f"epoch {epoch} iter {it}: non-finite loss {values}")
-        optimizer.zero_grad(set_to_none=True)
-        if use_amp:
-            scaler.scale(loss).backward()
-            if grad_clip_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            optimizer.step()
-        if warmup is not None:
-            warmup.step()
+        T.optimizer_step(model, optimizer, warmup, scaler, loss, clip_grad_norm)
         count += 1
         for k, v in {**values, "loss": total}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -226,7 +184,7 @@ def train_one_epoch(
                     "loss": total,
                     **values,
                     "lr": lr,
-                    "seconds": round(time.perf_counter() - start, 3),
+                    "elapsed_s": round(time.perf_counter() - start, 3),
                 },
             )
     return {k: v / max(count, 1) for k, v in sums.items()}
@@ -272,14 +230,7 @@ def evaluate_box_ap(
     try:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            images = [
-                torch.from_numpy(load_rgb(r.path).copy())
-                .permute(2, 0, 1)
-                .float()
-                .div(255)
-                .to(device)
-                for r in chunk
-            ]
+            images = [load_tensor(r.path, device) for r in chunk]
             for offset, output in enumerate(model(images)):
                 boxes = output["boxes"].cpu().numpy()
                 for box, score, label in zip(
@@ -302,13 +253,7 @@ def evaluate_box_ap(
     gt = _coco_ground_truth(records, classes)
     if not results or not gt.getAnnIds():
         return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(results)
-        coco_eval = COCOeval(gt, dt, iouType="bbox")
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    stats = [max(float(s), 0.0) for s in coco_eval.stats[:3]]  # -1 means "no GT": report 0
+    stats = [max(s, 0.0) for s in cocoeval_stats(gt, results, "bbox")[:3]]  # -1 = no GT: 0
     return {"ap": stats[0], "ap50": stats[1], "ap75": stats[2]}
 
 
@@ -330,18 +275,15 @@ def train_detector(
         raise ValueError(f"train classes {train.classes} differ from val classes {val.classes}")
     if not train.records:
         raise ValueError("no training records")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     use_amp = config.amp and device.type == "cuda"
-    log_path = out_dir / "train_log.jsonl"
-    ckpt_path = out_dir / "checkpoint.pt"
+    log_path = out_dir / T.LOG_NAME
+    ckpt_path = out_dir / T.CHECKPOINT_NAME
 
     torch.manual_seed(config.seed)
     num_classes = len(train.classes) + 1
     model = detector_from_config(config, num_classes).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = T.make_optimizer(model, config.lr, config.momentum, config.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(config.lr_steps), gamma=config.lr_gamma
     )
@@ -351,15 +293,15 @@ def train_detector(
     states = {
         "model": model,
         "optimizer": optimizer,
-        "lr_scheduler": lr_scheduler,
+        "scheduler": lr_scheduler,
         "scaler": scaler,
     }
     ckpt, why = resume_checkpoint(
         ckpt_path, params_hash, states, numbers=("epoch", "train_seconds")
     )
-    if ckpt is not None:
-        start_epoch, train_seconds = int(ckpt["epoch"]), float(ckpt["train_seconds"])
-        logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
+    if ckpt is not None:  # the checkpoint holds the last finished epoch
+        start_epoch, train_seconds = int(ckpt["epoch"]) + 1, float(ckpt["train_seconds"])
+        logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch - 1)
         _append_log(log_path, {"event": "resume", "epoch": start_epoch})
     elif why:
         _append_log(log_path, {"event": "restart", "reason": why})
@@ -373,7 +315,7 @@ def train_detector(
             dataset,
             batch_size=config.batch_size,
             shuffle=True,
-            num_workers=config.workers,
+            num_workers=config.num_workers,
             collate_fn=collate_fn,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(config.seed + epoch),
@@ -388,7 +330,7 @@ def train_detector(
             scaler=scaler,
             warmup_iters=config.warmup_iters,
             warmup_factor=config.warmup_factor,
-            grad_clip_norm=config.grad_clip_norm,
+            clip_grad_norm=config.clip_grad_norm,
             log_path=log_path,
             log_every=config.log_every,
             progress=progress,
@@ -396,21 +338,18 @@ def train_detector(
         lr_scheduler.step()
         train_seconds += time.perf_counter() - tic
         _append_log(log_path, {"event": "epoch_end", "epoch": epoch, **losses})
-        atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "train_seconds": train_seconds,
-                "params_hash": params_hash,
-                "config": dataclasses.asdict(config),
-            },
-            ckpt_path,
+        T.save_checkpoint(
+            out_dir,
+            params_hash,
+            epoch,
+            model,
+            optimizer,
+            lr_scheduler,
+            scaler,
+            train_seconds=train_seconds,
         )
 
-    atomic_torch_save(model.state_dict(), out_dir / "model.pt")
+    T.save_model(out_dir, model, train.classes, config)
     ap = evaluate_box_ap(model, val.records, val.classes, device)
     metrics = {
         "box_ap": ap["ap"],

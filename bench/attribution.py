@@ -16,8 +16,8 @@ fg masks both maps become after the pipeline's refinement (rank rule, blur, CRF:
 --params; the reference defaults for the toy setup), with the reference's own seed-to-seed
 figure beside it (`reference_self_refined_agreement_iou`).
 
-    python bench/attribution.py                                  # toy detector, synthetic
-    python bench/attribution.py --detector runs/detector/model.pt --params params.yaml
+    python -m bench.attribution                                  # toy detector, synthetic
+    python -m bench.attribution --detector runs/detector/model.pt --params params.yaml
 
 With a trained torchvision detector the `detector` section of --params gives its
 architecture. `--reference-instances` bounds the slow side (the first N instances; the
@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results import RESULTS, merge_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from bbam.attribution import (
@@ -49,7 +48,9 @@ from bbam.attribution import (
 from bbam.heads import HeadsFn
 from bbam.refine import RefineConfig, refine_instance
 from bbam.toy_detector import ToyDetector, toy_scene
-from flows.common import load_params, refine_config
+from bench.results import RESULTS, merge_results
+from tasks.params import load_params
+from tasks.pseudo_labels import refine_config
 
 
 def log(msg: str) -> None:
@@ -100,7 +101,8 @@ def real_setup(
     from bbam.data.images import load_rgb
     from bbam.detector import freeze, make_heads_fn, prepare_images
     from bbam.train_detector import detector_from_config
-    from flows.common import detector_config, load_params, load_split
+    from tasks.detector import detector_config
+    from tasks.params import load_params, load_split
 
     params = load_params(args.params)
     data = load_split(params, args.split, with_masks=False)

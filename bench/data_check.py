@@ -21,17 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's bbam, before results.py imports it
+from bench.results import merge_results
 
-from results import merge_results  # noqa: E402  (bench/ is on sys.path)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def demo_images(params_path: Path, scratch: Path) -> list[Path]:
     """Image paths of the params' train and val splits (the demo data), generated if absent."""
     from bbam.data.coco import read_coco
     from bbam.data.synthetic import SyntheticConfig, generate_synthetic
-    from flows.common import load_params, split_paths
+    from tasks.params import load_params, split_paths
 
     params = load_params(params_path)
     splits = [split_paths(params, s) for s in ("train", "val")]

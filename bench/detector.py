@@ -6,7 +6,7 @@ besides box AP50 this reports the fraction of val instances with >= 1 positive a
 the argmax over all logits incl. background is the GT label and IoU(decoded box of that
 class, GT box) > 0.8), measured in the resized image as the attribution stage sees it.
 
-    python bench/detector.py --data-root data/synthetic --out runs/bench_detector
+    python -m bench.detector --data-root data/synthetic --out runs/bench_detector
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results import merge_results
 from torchvision.ops import box_iou
 
 from bbam.data.coco import read_coco
 from bbam.data.images import load_rgb
 from bbam.detector import freeze, prepare_images, roi_head_forward
 from bbam.train_detector import DetectorTrainConfig, detector_from_config, train_detector
+from bench.results import merge_results
 
 
 def jitter_boxes(

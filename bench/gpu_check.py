@@ -10,7 +10,7 @@
 The GPU image lacks pycocotools, defusedxml and pydensecrf: `make gpu-wheels` puts them in
 .whl/ here (see README, "Checking on a GPU"); this script installs them there first.
 
-    python3 bench/gpu_check.py --out "$OUT"
+    python3 -m bench.gpu_check --out "$OUT"
 
 Writes gpu.json, pytest.txt, detector.json and results.json (the `attribution` object).
 """
@@ -72,14 +72,8 @@ def train_synthetic_detector(params_path: Path) -> dict:
     """The pipeline's first two stages, through the library (what their flows call)."""
     from bbam.data.prepare import prepare_dataset
     from bbam.train_detector import train_detector
-    from flows.common import (
-        DETECTOR_DIR,
-        detector_config,
-        detector_params_hash,
-        load_params,
-        load_split,
-        split_paths,
-    )
+    from tasks.detector import detector_config, detector_params_hash
+    from tasks.params import DETECTOR_DIR, load_params, load_split, split_paths
 
     params = load_params(params_path)
     if params["data"]["name"] != "synthetic":
@@ -109,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     os.chdir(ROOT)
-    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     install_carried_wheels()
 
     import torch
@@ -127,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     detector = train_synthetic_detector(args.params)
     (args.out / "detector.json").write_text(json.dumps(detector, indent=2))
     log(f"detector: {detector}")
-    import attribution
+    from bench import attribution
 
     log("attribution bench")
     status["bench_rc"] = attribution.main(

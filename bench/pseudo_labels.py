@@ -15,7 +15,7 @@ It also reports the class-wise semantic mIoU (background included; pixels the ps
 255 count as wrong; crowd regions are not scored) and merges `pseudo_labels` into
 bench/results.json.
 
-    python bench/pseudo_labels.py --annotations data/synthetic/annotations/instances_val.json \\
+    python -m bench.pseudo_labels --annotations data/synthetic/annotations/instances_val.json \\
         --image-root data/synthetic/VOC2012/JPEGImages --maps runs/attribution/val
 
 --maps is the attribution stage output: a directory holding shard directories (or one shard)
@@ -32,14 +32,15 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
-from results import RESULTS, merge_results
 
 from bbam.baselines import box_mask, grabcut_mask
 from bbam.data.images import load_rgb
+from bbam.data.palette import IGNORE_LABEL
 from bbam.data.records import ImageRecord
 from bbam.mcg import MCGConfig, MCGMatSource, ProposalSource, SuperpixelSource, apply_proposals
-from bbam.pseudo_labels import IGNORE, mark_crowd_ignore, semantic_label
+from bbam.pseudo_labels import mark_crowd_ignore, semantic_label
 from bbam.refine import RefineConfig, refine_instance
+from bench.results import RESULTS, merge_results
 
 VARIANTS = ("bbam_raw", "bbam_crf", "bbam_crf_proposals", "box", "grabcut", "gt_map_crf")
 
@@ -107,7 +108,8 @@ def default_configs() -> dict:
 
 def params_configs(params_path: Path) -> dict:
     """The pipeline's own `refine` and `proposals` settings (the raw variant stays raw)."""
-    from flows.common import load_params, proposal_config, refine_config
+    from tasks.params import load_params
+    from tasks.pseudo_labels import proposal_config, refine_config
 
     params = load_params(params_path)
     return {
@@ -123,8 +125,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def _confusion(gt: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
     """(n, n+1) counts over pixels with GT != 255; the last column is predicted 255."""
-    valid = gt != IGNORE
-    p = np.where(pred[valid] == IGNORE, n, np.minimum(pred[valid], n))
+    valid = gt != IGNORE_LABEL
+    p = np.where(pred[valid] == IGNORE_LABEL, n, np.minimum(pred[valid], n))
     return np.bincount(gt[valid].astype(np.int64) * (n + 1) + p, minlength=n * (n + 1)).reshape(
         n, n + 1
     )

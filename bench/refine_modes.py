@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,14 +29,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bbam.baselines import box_mask, grabcut_mask
+from bbam.mcg import MCGConfig, SuperpixelSource, apply_proposals
+from bbam.refine import RefineConfig, refine_instance
+from bench.results import RESULTS, merge_results
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from results import RESULTS, merge_results  # noqa: E402  (bench/ is sys.path[0])
-
-from bbam.baselines import box_mask, grabcut_mask  # noqa: E402
-from bbam.mcg import MCGConfig, SuperpixelSource, apply_proposals  # noqa: E402
-from bbam.refine import RefineConfig, refine_instance  # noqa: E402
 
 # (image HxWx3 uint8, [(box xyxy float, gt mask HxW bool), ...])
 Image = tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]

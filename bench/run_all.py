@@ -3,14 +3,14 @@
 Objects written (each by its own script or step, merged into one file):
 - ``detector``: box AP of the pipeline's detector and the fraction of instances with at
   least one positive proposal (train and val);
-- ``attribution``: ``reference`` vs ``fast`` on the same instances (bench/attribution.py);
-- ``pseudo_labels``: pseudo-mask mIoU of BBAM variants and baselines (bench/pseudo_labels.py);
+- ``attribution``: ``reference`` vs ``fast`` on the same instances (bench.attribution);
+- ``pseudo_labels``: pseudo-mask mIoU of BBAM variants and baselines (bench.pseudo_labels);
 - ``refine_modes``: what each refinement mode keeps of GT and degraded GT-derived maps on a real
-  photo and on synthetic images, next to the filled box and GrabCut (bench/refine_modes.py);
+  photo and on synthetic images, next to the filled box and GrabCut (bench.refine_modes);
 - ``segmenters``: weak / full / box supervision for both networks and the ratios;
-- ``scale``: 1 vs 2 workers and merging 10^6 manifest rows (bench/scale.py);
+- ``scale``: 1 vs 2 workers and merging 10^6 manifest rows (bench.scale);
 - ``data_check``: images verified per second by the data stage, demo set and 10k synthetic
-  images (bench/data_check.py);
+  images (bench.data_check);
 - ``demo_quality``: the demo run's headline numbers (percent), read from its metrics files.
 
 Nothing here is a test: numbers are printed and recorded, not asserted.
@@ -26,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.results import RESULTS, merge_results
 
-from results import RESULTS, merge_results  # noqa: E402  (bench/ is sys.path[0])
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str) -> None:
@@ -41,10 +40,9 @@ def run(*args: str) -> None:
 def detector_object(params_path: str, proposals: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from detector import positive_fraction
-
-    from flows.common import load_detector_from_params, load_params, load_split
+    from bench.detector import positive_fraction
+    from tasks.detector import load_detector_from_params
+    from tasks.params import load_params, load_split
 
     params = load_params(params_path)
     metrics = json.loads((ROOT / "metrics/detector.json").read_text())
@@ -67,14 +65,16 @@ def detector_object(params_path: str, proposals: int) -> dict:
 def segmenters_object(params_path: str) -> dict:
     """Weak and full come from the pipeline run; the box baseline is trained here."""
     from tasks.evaluate import evaluate_instance, evaluate_semantic
+    from tasks.params import load_params
     from tasks.segmenters import train_instance_task, train_semantic_task
 
     evaluation = json.loads((ROOT / "metrics/evaluation.json").read_text())
     if "box" not in evaluation:
-        train_instance_task.fn(params_path, "box")
-        train_semantic_task.fn(params_path, "box")
-        sem = evaluate_semantic.fn(params_path, "box")
-        ins = evaluate_instance.fn(params_path, "box")["voc"]
+        params = load_params(params_path)
+        train_instance_task.fn(params, "box")
+        train_semantic_task.fn(params, "box")
+        sem = evaluate_semantic.fn(params, "box")
+        ins = evaluate_instance.fn(params, "box")["voc"]
         evaluation["box"] = {"sem_miou": 100 * sem["miou"], "ins_ap50": 100 * ins["ap50"]}
 
     def get(sup: str, key: str) -> float | None:
@@ -125,7 +125,7 @@ def main() -> int:
     os.chdir(ROOT)
     started = time.perf_counter()
     run("dvc", "repro")
-    from flows.common import load_params
+    from tasks.params import load_params
 
     params = load_params(args.params)
     data = params["data"]
@@ -134,25 +134,25 @@ def main() -> int:
         merge_results("detector", detector_object(args.params, 200))
     if "attribution" not in args.skip:
         run(
-            sys.executable, "bench/attribution.py", "--detector", "runs/detector/model.pt",
+            sys.executable, "-m", "bench.attribution", "--detector", "runs/detector/model.pt",
             "--params", args.params, "--split", "train",
             "--instances", str(args.fast_instances),
             "--reference-instances", str(args.reference_instances),
         )  # fmt: skip
     if "pseudo_labels" not in args.skip:
         run(
-            sys.executable, "bench/pseudo_labels.py",
+            sys.executable, "-m", "bench.pseudo_labels",
             "--annotations", data["train_json"], "--image-root", data["train_images"],
             "--maps", "runs/attribution", "--results", str(RESULTS), "--params", args.params,
         )  # fmt: skip
     if "refine_modes" not in args.skip:
-        run(sys.executable, "bench/refine_modes.py", "--results", str(RESULTS))
+        run(sys.executable, "-m", "bench.refine_modes", "--results", str(RESULTS))
     if "segmenters" not in args.skip:
         merge_results("segmenters", segmenters_object(args.params))
     if "scale" not in args.skip:
-        run(sys.executable, "bench/scale.py")
+        run(sys.executable, "-m", "bench.scale")
     if "data_check" not in args.skip:
-        run(sys.executable, "bench/data_check.py")
+        run(sys.executable, "-m", "bench.data_check")
     results = json.loads(RESULTS.read_text())
     print(f"\nbench finished in {time.perf_counter() - started:.0f} s -> {RESULTS}")
     for key, value in results.items():

@@ -1,6 +1,6 @@
 """Benchmark: attribution throughput with 1 vs 2 workers, and merging 10^6 manifest rows.
 
-    python bench/scale.py [--images 24] [--iterations 20] [--rows 1000000]
+    python -m bench.scale [--images 24] [--iterations 20] [--rows 1000000]
 
 Workers here are OS processes (one torch thread each) that each run a share of the
 shards with ``tasks.attribution.attribute_shard`` directly, not Prefect workers: a
@@ -25,11 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import merge_results
-from workspace import make_attribution_workspace
+from bench.results import merge_results
+from bench.workspace import make_attribution_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 WORKER = """
@@ -38,11 +37,13 @@ import torch
 torch.set_num_threads(1)
 from prefect.logging import disable_run_logger
 from tasks.attribution import attribute_shard
+from tasks.params import load_params
+params = load_params("params.yaml")
 shards = [int(s) for s in sys.argv[1].split(",")]
 start, ran = time.time(), 0
 with disable_run_logger():
     for shard in shards:
-        ran += attribute_shard.fn("params.yaml", shard, sys.argv[2], "bench")["ran"]
+        ran += attribute_shard.fn(params, shard, sys.argv[2], "bench")["ran"]
 print(json.dumps({"start": start, "end": time.time(), "ran": ran}))
 """
 

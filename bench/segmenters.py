@@ -4,7 +4,7 @@ Trains the CPU default Mask R-CNN (resnet18_fpn) and DeepLabV3 (resnet18) once p
 evaluates semantic mIoU and instance AP50 (VOC protocol) on the val split, prints a table and
 merges `segmenters` into bench/results.json (read-modify-write, atomic).
 
-    python bench/segmenters.py --data-root data/synthetic --pseudo runs/pseudo_labels
+    python -m bench.segmenters --data-root data/synthetic --pseudo runs/pseudo_labels
 
 --pseudo holds the pseudo-label stage output: `instances_train.json` (COCO, fg RLE + `ignore`)
 and `semantic/<image_id>.png`. Without them the bbam rows are skipped (reported as null).
@@ -19,19 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from results import merge_results
 
 from bbam.data.coco import read_coco
 from bbam.evaluate import semantic_miou, voc_instance_metrics, write_metrics
 from bbam.segmenters.instance import InstanceTrainConfig, predict_instances, train_instance
-from bbam.segmenters.semantic import (
-    SemanticTrainConfig,
-    predict_semantic,
-    render_label_map,
-    train_semantic,
-)
-
-SUPERVISIONS = ("full", "bbam", "box")
+from bbam.segmenters.semantic import SemanticTrainConfig, predict_semantic, train_semantic
+from bbam.segmenters.targets import SUPERVISIONS, render_label_map
+from bench.results import merge_results
 
 
 def _ratio(weak: float | None, full: float | None) -> float | None:

@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import (
-    DETECTOR_DIR,
-    file_sha256,
-    load_params,
-    params_hash,
-    split_paths,
-    stage_cli,
-    write_json,
-)
+from bbam.atomic import atomic_write_json
+from flows.common import stage_cli
 from tasks.attribution import (
     STOP,
     attribute_shard,
@@ -28,9 +20,18 @@ from tasks.attribution import (
     merge_shards,
     stop_shards_on_sigterm,
 )
+from tasks.dispatch import run_on_deployments
+from tasks.params import (
+    ATTRIBUTION_DIR,
+    DETECTOR_DIR,
+    METRICS_DIR,
+    file_sha256,
+    params_digest,
+    split_paths,
+)
 
-OUT_DIR = Path("runs/attribution")
-METRICS = Path("metrics/attribution.json")
+OUT_DIR = ATTRIBUTION_DIR
+METRICS = METRICS_DIR / "attribution.json"
 
 
 def attribution_hash(params: dict) -> str:
@@ -39,7 +40,7 @@ def attribution_hash(params: dict) -> str:
     weights and the annotations."""
     section = params["attribution"]
     annotation_json, _ = split_paths(params, section["split"])
-    return params_hash(
+    return params_digest(
         dataclasses.asdict(engine_config(params)),
         section["split"],
         params.get("seed", 0),
@@ -48,11 +49,21 @@ def attribution_hash(params: dict) -> str:
     )
 
 
+def _this_run(state, summary: dict) -> dict:
+    """A shard's counts for this run: a Cached shard (tasks.caching) ran nothing now, and every
+    instance it had finished was reused."""
+    if state.name != "Cached":
+        return summary
+    return {**summary, "ran": 0, "skipped_done": summary["planned"] - summary["failed"]}
+
+
 @flow(name="attribute")
 def attribute_flow(
-    params_path: str = "params.yaml", shards: str | None = None, executor: str | None = None
+    params: dict,
+    params_path: str = "params.yaml",
+    shards: str | None = None,
+    executor: str | None = None,
 ) -> dict:
-    params = load_params(params_path)
     section = params["attribution"]
     num_shards = int(section["num_shards"])
     wanted = range(num_shards) if not shards else [int(s) for s in shards.split(",")]
@@ -62,22 +73,21 @@ def attribute_flow(
     if executor == "local":
         STOP.clear()
         with stop_shards_on_sigterm():  # chained in front of Prefect's own SIGTERM handler
-            futures = [attribute_shard.submit(params_path, s, str(OUT_DIR), digest) for s in wanted]
-            shard_summaries = [f.result() for f in futures]  # raises if any shard task failed
-        if any(s.get("interrupted") for s in shard_summaries):  # never report a partial run
-            raise RuntimeError("attribution stopped on request; run it again to resume")
+            futures = [attribute_shard.submit(params, s, str(OUT_DIR), digest) for s in wanted]
+            shard_summaries = [f.result() for f in futures]  # raises if any shard failed or
+            # stopped on request (ShardInterrupted): a partial run is never reported
+            now = [_this_run(f.state, s) for f, s in zip(futures, shard_summaries, strict=True)]
     elif executor == "deployments":
-        from tasks.dispatch import run_on_deployments
-
         shard_summaries = run_on_deployments(params_path, params, list(wanted), digest, OUT_DIR)
+        now = shard_summaries
     else:
         raise ValueError(f"{params_path}: attribution.executor {executor!r}: local | deployments")
-    summary = merge_shards(str(OUT_DIR), num_shards)
+    summary = merge_shards(params, str(OUT_DIR), num_shards, shard_summaries)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    summary["ran_now"] = sum(s["ran"] for s in shard_summaries)
-    summary["skipped_done"] = sum(s["skipped_done"] for s in shard_summaries)
+    summary["ran_now"] = sum(s["ran"] for s in now)
+    summary["skipped_done"] = sum(s["skipped_done"] for s in now)
     summary["params_hash"] = digest
-    write_json(METRICS, summary)
+    atomic_write_json(METRICS, summary)
     failed_fraction = summary["failed"] / max(1, summary["instances"])
     print(
         f"[bbam] attribute: {summary['instances']} instances, ok {summary['ok']}, "
@@ -94,17 +104,20 @@ def attribute_flow(
 
 
 def attribute(
-    params_path: str = "params.yaml", shards: str | None = None, executor: str | None = None
+    params: dict,
+    params_path: str = "params.yaml",
+    shards: str | None = None,
+    executor: str | None = None,
 ) -> dict:
     """Run the flow with a task runner bounded by ``attribution.concurrent_shards``.
 
     On SIGTERM the process exits 143 once the shard threads have put down their chunk
     (the hook here is the one Prefect's handler hands the signal on to)."""
-    width = max(1, int(load_params(params_path)["attribution"].get("concurrent_shards", 1)))
+    width = max(1, int(params["attribution"].get("concurrent_shards", 1)))
     runner = ThreadPoolTaskRunner(max_workers=width)
     with stop_shards_on_sigterm():
         return attribute_flow.with_options(task_runner=runner)(
-            params_path=params_path, shards=shards, executor=executor
+            params=params, params_path=params_path, shards=shards, executor=executor
         )
 
 

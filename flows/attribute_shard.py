@@ -4,7 +4,7 @@ Deployed by ``prefect.yaml`` and fanned out by ``tasks.dispatch`` (executor
 ``deployments``). Paths (``params_path``, ``out_dir``, ``runs/detector``) are
 relative to the working directory, which the deployment's pull step sets to the
 checkout on shared storage. The shard holds ``<shard_dir>/.lock`` while it works
-(see ``tasks.shard_lock``) so a re-dispatched attempt never writes alongside a
+(see ``bbam.shard_lock``) so a re-dispatched attempt never writes alongside a
 run that is still alive.
 """
 
@@ -15,12 +15,13 @@ import contextlib
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.common import configure_runtime, load_params
-from tasks.attribution import attribute_shard, shard_dir
+from bbam.shard_lock import LockLost, ShardLock
+from flows.common import configure_runtime
+from tasks.attribution import attribute_shard
 from tasks.dispatch import DispatchConfig, write_run_summary
-from tasks.shard_lock import LockLost, ShardLock
+from tasks.params import ATTRIBUTION_DIR, load_params, shard_dir
 
-OUT_DIR = "runs/attribution"
+OUT_DIR = str(ATTRIBUTION_DIR)
 
 
 def lock_timing(section: dict) -> tuple[float, float]:
@@ -50,15 +51,20 @@ def attribute_shard_flow(
     out_dir: str = OUT_DIR,
     concurrency_limit: str | None = None,
 ) -> dict:
-    params = load_params(params_path)
+    params = load_params(params_path)  # a process boundary: the path comes in, not the dict
     configure_runtime(params)
     stale_s, heartbeat_s = lock_timing(params["attribution"])
     directory = shard_dir(out_dir, shard)
     owner = f"flow-run {flow_run.get_id()} attempt {attempt}"
     lock = ShardLock(directory, owner, stale_s, heartbeat_s, wait_s=stale_s + 2 * heartbeat_s)
     with lock:
+        # Checked once the lock heartbeats: the schema imports every stage's code, which on a
+        # busy host can take longer than the dispatcher waits for a new run to show life.
+        from flows.params_schema import check_params
+
+        check_params(params, params_path)
         with gpu_slot(concurrency_limit, stale_s):
-            summary = attribute_shard.fn(params_path, shard, out_dir, params_hash)
+            summary = attribute_shard.fn(params, shard, out_dir, params_hash)
         lock.check()  # a run presumed dead must not report success
         summary.update(attempt=attempt, flow_run_id=flow_run.get_id())
         write_run_summary(directory, summary)

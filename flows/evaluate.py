@@ -11,16 +11,17 @@ from prefect import flow
 
 from bbam.evaluate import write_metrics, write_pr_curves
 from bbam.report import write_report
-from flows.common import load_params, stage_cli
+from flows.common import stage_cli
 from tasks.evaluate import (
     evaluate_instance,
     evaluate_pseudo_labels,
     evaluate_semantic,
     report_samples,
 )
+from tasks.params import METRICS_DIR, REPORTS_DIR
 
-METRICS = Path("metrics/evaluation.json")
-REPORT_DIR = Path("reports")
+METRICS = METRICS_DIR / "evaluation.json"
+REPORT_DIR = REPORTS_DIR
 PLOTS_DIR = Path("plots")
 
 
@@ -73,12 +74,11 @@ def _pct(value) -> float | None:
 
 
 @flow(name="evaluate")
-def evaluate_flow(params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
+def evaluate_flow(params: dict) -> dict:
     per_supervision, curves = {}, {}
     for supervision in params["segmenters"]["supervisions"]:
-        semantic = evaluate_semantic(params_path, supervision)
-        instance = evaluate_instance(params_path, supervision)
+        semantic = evaluate_semantic(params, supervision)
+        instance = evaluate_instance(params, supervision)
         voc, coco = instance["voc"], instance["coco"]
         curves[supervision] = voc.pop("pr_curves_ap50", {})
         per_supervision[supervision] = {
@@ -93,7 +93,7 @@ def evaluate_flow(params_path: str = "params.yaml") -> dict:
             "val_images": instance["images"],
             "val_images_without_gt_mask": instance["images_without_gt_mask"],
         }
-    pseudo = evaluate_pseudo_labels(params_path)
+    pseudo = evaluate_pseudo_labels(params)
     pseudo_pct = {k: _pct(v) for k, v in pseudo.items() if isinstance(v, float)}
     counts = {k: v for k, v in pseudo.items() if isinstance(v, int)}  # what was scored
     metrics = {
@@ -122,9 +122,9 @@ def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
     from bbam.evaluate import records_with_gt_masks
     from bbam.report import attribution_heatmaps, pseudo_label_baselines
     from bbam.segmenters.semantic import load_semantic_model, predict_semantic, render_label_map
-    from flows.common import load_split
     from tasks.attribution import engine_config, shard_dir
     from tasks.evaluate import _pseudo_split
+    from tasks.params import load_split
     from tasks.segmenters import SEGMENTERS_DIR, semantic_config
 
     section = params["attribution"]

@@ -18,8 +18,21 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bbam.attribution import AttributionConfig
+from bbam.data.synthetic import SyntheticConfig
+from bbam.mcg import MCGConfig
+from bbam.refine import RefineConfig
+from bbam.segmenters.instance import InstanceTrainConfig
+from bbam.segmenters.semantic import SemanticTrainConfig
+from bbam.segmenters.targets import SUPERVISIONS
+from bbam.train_detector import DetectorTrainConfig
+from tasks.attribution import engine_config
+from tasks.detector import detector_config
+from tasks.dispatch import DispatchConfig
+from tasks.pseudo_labels import proposal_config, refine_config
+from tasks.segmenters import instance_config, semantic_config
+
 DATA_NAMES = ("synthetic", "voc", "coco", "custom")
-SUPERVISIONS = ("full", "bbam", "box")
 EXECUTORS = ("local", "deployments")
 
 TOP_LEVEL: dict[str, type] = {  # each mapping is checked by its own section check
@@ -114,10 +127,22 @@ def _describe(hint: Any) -> str:
     return name if name and typing.get_origin(hint) is None else str(hint).replace("typing.", "")
 
 
+def _literal_choices(hint: Any) -> tuple[Any, ...]:
+    """The values a ``Literal`` hint (possibly inside a union) allows."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(c for arg in typing.get_args(hint) for c in _literal_choices(arg))
+    return ()
+
+
 def _value_problem(value: Any, hint: Any) -> str | None:
     if _matches(value, hint):
         return None
     problem = f"expected {_describe(hint)}, got {type(value).__name__} {value!r}"
+    choices = [c for c in _literal_choices(hint) if isinstance(c, str)]
+    if isinstance(value, str) and (close := difflib.get_close_matches(value, choices, n=1)):
+        return f"{problem}; did you mean {close[0]!r}?"
     if isinstance(value, str) and _matches(1.0, hint):
         try:
             float(value)
@@ -125,6 +150,18 @@ def _value_problem(value: Any, hint: Any) -> str | None:
             return problem
         problem += " (YAML reads a number like 1e-4 as text: write 1.0e-4)"
     return problem
+
+
+def _closest(key: str, known: list[str]) -> str | None:
+    """The known key a misspelt one most likely means: one with the same words in another
+    order or with words added (``backbone_weights`` -> ``weights_backbone``,
+    ``trainable_layers`` -> ``trainable_backbone_layers``), else the closest spelling."""
+    words = set(key.split("_"))
+    same_words = [k for k in known if words <= set(k.split("_"))]
+    if same_words:
+        return min(same_words, key=lambda k: len(k.split("_")))
+    close = difflib.get_close_matches(key, known, n=1)
+    return close[0] if close else None
 
 
 def _check_keys(section: Any, where: str, hints: dict[str, Any]) -> list[str]:
@@ -136,8 +173,8 @@ def _check_keys(section: Any, where: str, hints: dict[str, Any]) -> list[str]:
     for key, value in section.items():
         name = f"{where}.{key}" if where else str(key)
         if key not in hints:
-            close = difflib.get_close_matches(str(key), list(hints), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(hints)}"
+            close = _closest(str(key), list(hints))
+            hint = f"; did you mean {close!r}?" if close else f"; known: {', '.join(hints)}"
             errors.append(f"{name}: unknown key{hint}")
         elif (problem := _value_problem(value, hints[key])) is not None:
             errors.append(f"{name}: {problem}")
@@ -181,10 +218,6 @@ def _check_data(data: dict) -> list[str]:
 
 
 def _check_attribution(params: dict) -> list[str]:
-    from bbam.attribution import AttributionConfig
-    from tasks.attribution import engine_config
-    from tasks.dispatch import DispatchConfig
-
     section = params["attribution"]
     errors = _check_keys(section, "attribution", ATTRIBUTION_KEYS)
     if errors:
@@ -211,10 +244,6 @@ def _check_attribution(params: dict) -> list[str]:
 
 
 def _check_segmenters(params: dict) -> list[str]:
-    from bbam.segmenters.instance import InstanceTrainConfig
-    from bbam.segmenters.semantic import SemanticTrainConfig
-    from tasks.segmenters import instance_config, semantic_config
-
     section = params["segmenters"]
     errors = _check_keys(section, "segmenters", SEGMENTER_KEYS)
     if errors:
@@ -236,19 +265,13 @@ def _check_segmenters(params: dict) -> list[str]:
 
 def _check_simple_configs(params: dict) -> list[str]:
     """Sections that map one to one onto a dataclass."""
-    from bbam.data.synthetic import SyntheticConfig
-    from bbam.mcg import MCGConfig
-    from bbam.refine import RefineConfig
-    from bbam.train_detector import DetectorTrainConfig
-    from flows.common import detector_config, proposal_config, refine_config
-
     checks = {
         "synthetic": (
             _dataclass_hints(SyntheticConfig),
             lambda: SyntheticConfig(**params["synthetic"]),
         ),
         "detector": (
-            _dataclass_hints(DetectorTrainConfig, exclude=("seed",)),
+            _dataclass_hints(DetectorTrainConfig),
             lambda: detector_config(params),
         ),
         "refine": (_dataclass_hints(RefineConfig), lambda: refine_config(params)),

@@ -22,13 +22,13 @@ from flows.train_segmenters import train_segmenters_flow
 
 
 @flow(name="bbam-pipeline")
-def pipeline(params_path: str = "params.yaml") -> dict:
-    prepare_data(params_path)
-    train_detector_flow(params_path)
-    attribute(params_path)
-    pseudo_labels_flow(params_path)
-    train_segmenters_flow(params_path)
-    metrics = evaluate_flow(params_path)
+def pipeline(params: dict, params_path: str = "params.yaml") -> dict:
+    prepare_data(params)
+    train_detector_flow(params)
+    attribute(params, params_path)
+    pseudo_labels_flow(params)
+    train_segmenters_flow(params)
+    metrics = evaluate_flow(params)
     show_metrics()
     return metrics
 

@@ -22,14 +22,10 @@ import torch
 from bbam.data.prepare import prepare_dataset
 from bbam.pretrained import export_fp16
 from bbam.train_detector import train_detector
-from flows.common import (
-    configure_runtime,
-    detector_config,
-    detector_params_hash,
-    load_params,
-    load_split,
-    params_hash,
-)
+from bbam.training import MODEL_NAME
+from flows.common import configure_runtime, load_checked
+from tasks.detector import detector_config, detector_params_hash
+from tasks.params import load_split, params_digest
 
 DEFAULT_OUT = Path("pretrained/detector_synthetic.pt")
 RUN_DIR = Path("runs/pretrain_detector")
@@ -52,10 +48,11 @@ def pretrain(params: dict, out: Path = DEFAULT_OUT, run_dir: Path = RUN_DIR) -> 
     val = load_split(params, "val", with_masks=False)
     digest = detector_params_hash(params, config)
     metrics = train_detector(train, val, run_dir, config, digest)
-    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    saved = torch.load(run_dir / MODEL_NAME, map_location="cpu", weights_only=True)
+    state = saved["model"] if "model" in saved else saved  # {"model", "meta"} or a state_dict
     record = {
         "recipe": "configs/pretrain_synthetic.yaml",
-        "recipe_params_hash": params_hash(params["synthetic"], dataclasses.asdict(config)),
+        "recipe_params_hash": params_digest(params["synthetic"], dataclasses.asdict(config)),
         "detector": {k: v for k, v in dataclasses.asdict(config).items() if k != "seed"},
         "classes": list(train.classes),
         "data_seed": int(params["synthetic"]["seed"]),
@@ -77,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
     args = parser.parse_args(argv)
-    from flows.params_schema import check_params
-
-    params = load_params(args.params)
-    check_params(params, args.params)
+    params = load_checked(args.params)
     configure_runtime(params)
     record = pretrain(params, args.out, args.run_dir)
     print(json.dumps(record, indent=2))

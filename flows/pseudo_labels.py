@@ -9,23 +9,20 @@ ignore) and a per-instance ``manifest.parquet``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
-from flows.common import load_params, stage_cli, write_json
+from bbam.atomic import atomic_write_json
+from flows.common import stage_cli
+from tasks.params import ATTRIBUTION_DIR, METRICS_DIR, PSEUDO_DIR
 from tasks.pseudo_labels import make_pseudo_labels
 
-ATTRIBUTION_DIR = Path("runs/attribution")
-OUT_DIR = Path("runs/pseudo_labels")
-METRICS = Path("metrics/pseudo_labels.json")
+METRICS = METRICS_DIR / "pseudo_labels.json"
 
 
 @flow(name="pseudo-labels")
-def pseudo_labels_flow(params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
-    summary = make_pseudo_labels(params_path, str(ATTRIBUTION_DIR), str(OUT_DIR))
-    write_json(METRICS, summary)
+def pseudo_labels_flow(params: dict) -> dict:
+    summary = make_pseudo_labels(params, str(ATTRIBUTION_DIR), str(PSEUDO_DIR))
+    atomic_write_json(METRICS, summary)
     print(
         f"[bbam] pseudo_labels: {summary['instances']} instances, "
         f"mean IoU vs GT {summary['mean_instance_iou_vs_gt']}, fallbacks {summary['fallbacks']}, "

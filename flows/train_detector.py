@@ -5,40 +5,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from prefect import flow
 
-from prefect import flow, task
+from bbam.atomic import atomic_write_json
+from flows.common import stage_cli
+from tasks.detector import train
+from tasks.params import METRICS_DIR
 
-from flows.common import (
-    DETECTOR_DIR,
-    detector_config,
-    detector_params_hash,
-    load_params,
-    load_split,
-    stage_cli,
-    write_json,
-)
-
-METRICS = Path("metrics/detector.json")
-
-
-@task(name="train-detector", retries=1, retry_delay_seconds=5, tags=["gpu"])
-def train(params_path: str) -> dict:
-    from bbam.train_detector import train_detector
-
-    params = load_params(params_path)
-    config = detector_config(params)
-    # Boxes only: decoding every GT mask would cost memory at COCO scale for nothing.
-    train_split = load_split(params, "train", with_masks=False)
-    val_split = load_split(params, "val", with_masks=False)
-    digest = detector_params_hash(params, config)
-    return train_detector(train_split, val_split, DETECTOR_DIR, config, digest)
+METRICS = METRICS_DIR / "detector.json"
 
 
 @flow(name="train-detector")
-def train_detector_flow(params_path: str = "params.yaml") -> dict:
-    metrics = train(params_path)
-    write_json(METRICS, metrics)
+def train_detector_flow(params: dict) -> dict:
+    metrics = train(params)
+    atomic_write_json(METRICS, metrics)
     print(f"[bbam] train_detector: {metrics}")
     return metrics
 

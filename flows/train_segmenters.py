@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import load_params, stage_cli
+from flows.common import stage_cli
 from tasks.segmenters import train_instance_task, train_semantic_task
 
 
 @flow(name="train-segmenters")
-def train_segmenters_flow(params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
+def train_segmenters_flow(params: dict) -> dict:
     models = {}
     for supervision in params["segmenters"]["supervisions"]:
-        models[f"instance_{supervision}"] = train_instance_task(params_path, supervision)
-        models[f"semantic_{supervision}"] = train_semantic_task(params_path, supervision)
+        models[f"instance_{supervision}"] = train_instance_task(params, supervision)
+        models[f"semantic_{supervision}"] = train_semantic_task(params, supervision)
     print(f"[bbam] train_segmenters: {len(models)} models: {', '.join(models)}")
     return models
 

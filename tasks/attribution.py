@@ -14,9 +14,12 @@ from tqdm import tqdm
 
 from bbam.atomic import atomic_write
 from bbam.attribution import AttributionConfig, profile_config
+from bbam.device import resolve_device
 from bbam.manifest import merge_manifests, status_counts
-from bbam.shards import detector_chunk_fn, plan_shard, run_shard, torch_device
-from flows.common import load_detector_from_params, load_params, load_split
+from bbam.shards import detector_chunk_fn, plan_shard, run_shard
+from tasks.caching import stage_cache
+from tasks.detector import load_detector_from_params
+from tasks.params import ATTRIBUTION_DIR, load_split, shard_dir, top_level
 
 # Set on SIGTERM (flows.attribute): shard tasks stop at their next chunk boundary.
 STOP = threading.Event()
@@ -49,24 +52,32 @@ def stop_shards_on_sigterm() -> Iterator[None]:
 
 
 def engine_config(params: dict) -> AttributionConfig:
-    """The engine settings every attribution step uses: the params' profile plus overrides."""
+    """The engine settings every attribution step uses: the params' profile plus overrides
+    (the top-level ``seed`` unless ``overrides.seed`` sets the engine's own)."""
     section = params["attribution"]
-    return profile_config(section.get("profile", "fast"), **(section.get("overrides") or {}))
+    overrides = {"seed": top_level(params)["seed"], **(section.get("overrides") or {})}
+    return profile_config(section.get("profile", "fast"), **overrides)
 
 
-def shard_dir(out_dir: str | Path, shard: int) -> Path:
-    return Path(out_dir) / "shards" / f"shard-{shard:04d}"
+class ShardInterrupted(RuntimeError):
+    """A shard stopped on request (SIGTERM): its finished chunks are on disk; never cached."""
 
 
-@task(name="attribute-shard", retries=1, retry_delay_seconds=5, tags=["gpu"])
-def attribute_shard(params_path: str, shard: int, out_dir: str, params_hash: str) -> dict:
+@task(
+    name="attribute-shard",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=lambda *_: not STOP.is_set(),
+    tags=["gpu"],
+    **stage_cache("attribute", ATTRIBUTION_DIR),
+)
+def attribute_shard(params: dict, shard: int, out_dir: str, params_hash: str) -> dict:
     """Attribute the pending instances of one shard; the manifest makes it resumable."""
-    params = load_params(params_path)
     section = params["attribution"]
     # boxes are the input; unreadable images stay: their instances get skipped rows
     dataset = load_split(params, section["split"], with_masks=False, drop_unreadable=False)
     num_shards = int(section["num_shards"])
-    device = torch_device(params.get("device", "auto"))
+    device = resolve_device(top_level(params)["device"])
     config = engine_config(params)
     engine: dict = {}
 
@@ -91,12 +102,15 @@ def attribute_shard(params_path: str, shard: int, out_dir: str, params_hash: str
             should_stop=STOP.is_set,
         )
     get_run_logger().info("shard %d: %s", shard, summary)
+    if summary.get("interrupted"):  # raised, not returned: a result would be cached
+        raise ShardInterrupted("attribution stopped on request; run it again to resume")
     return summary
 
 
-@task(name="merge-manifests")
-def merge_shards(out_dir: str, num_shards: int) -> dict:
-    """One manifest over all shards (each key exactly once) plus counts per status."""
+@task(name="merge-manifests", **stage_cache("attribute", ATTRIBUTION_DIR))
+def merge_shards(params: dict, out_dir: str, num_shards: int, shard_summaries: list) -> dict:
+    """One manifest over all shards (each key exactly once) plus counts per status.
+    ``shard_summaries`` only joins the cache key: shards that ran again make a new merge."""
     dirs = [shard_dir(out_dir, s) for s in range(num_shards)]
     table = merge_manifests(d for d in dirs if d.exists())
     path = Path(out_dir) / "manifest.parquet"

@@ -10,7 +10,7 @@ this module only fans out, watches and re-dispatches:
   is still scheduled or running is adopted, not duplicated.
 - A run that ends Failed / Crashed / Cancelled is re-dispatched with attempt + 1,
   up to ``max_dispatch_attempts`` dispatches per shard.
-- A run that is Pending or Running but whose shard lock (``tasks.shard_lock``) has
+- A run that is Pending or Running but whose shard lock (``bbam.shard_lock``) has
   not had a heartbeat from that run for ``lost_after_s`` is *lost* (its worker or
   host died: a SIGKILLed worker leaves the run Running forever). The dispatcher
   sets it Crashed and re-dispatches. The stale lock is broken by the new attempt;
@@ -32,9 +32,9 @@ from uuid import UUID
 
 from bbam.atomic import atomic_write_bytes
 from bbam.manifest import read_shard
+from bbam.shard_lock import read_lock
 from bbam.shards import instance_key, plan_shard
-from tasks.attribution import shard_dir
-from tasks.shard_lock import read_lock
+from tasks.params import load_split, shard_dir
 
 ACTIVE = ("PENDING", "RUNNING", "CANCELLING")  # a worker holds them: must heartbeat
 FAILED = ("FAILED", "CRASHED", "CANCELLED")
@@ -100,6 +100,19 @@ def read_run_summary(directory: Path, run_id: UUID) -> dict | None:
     return summary if summary.get("flow_run_id") == str(run_id) else None
 
 
+def _shard_result(current: _Attempt, state: str, summary: dict) -> dict:
+    """What `dispatch_shards` reports for a shard it is done with (completed or given up)."""
+    return {
+        "shard": current.shard,
+        "state": state,
+        "attempt": current.attempt,
+        "dispatches": current.dispatches,
+        "flow_run_id": str(current.run_id),
+        "history": current.history,
+        "summary": summary,
+    }
+
+
 def _require_server() -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise RuntimeError(
@@ -163,16 +176,8 @@ def dispatch_shards(
                 kind = run.state.type.value if run.state else "SCHEDULED"
                 reason = None
                 if kind == "COMPLETED":
-                    directory = shard_dir(out_dir, shard)
-                    done[shard] = {
-                        "shard": shard,
-                        "state": kind,
-                        "attempt": current.attempt,
-                        "dispatches": current.dispatches,
-                        "flow_run_id": str(current.run_id),
-                        "history": current.history,
-                        "summary": read_run_summary(directory, current.run_id) or {},
-                    }
+                    summary = read_run_summary(shard_dir(out_dir, shard), current.run_id)
+                    done[shard] = _shard_result(current, kind, summary or {})
                     del pending[shard]
                     continue
                 if kind in FAILED:
@@ -204,15 +209,7 @@ def dispatch_shards(
                 )
                 print(f"[bbam] shard {shard} attempt {current.attempt}: {reason}")
                 if current.dispatches >= config.max_dispatch_attempts:
-                    done[shard] = {
-                        "shard": shard,
-                        "state": kind,
-                        "attempt": current.attempt,
-                        "dispatches": current.dispatches,
-                        "flow_run_id": str(current.run_id),
-                        "history": current.history,
-                        "summary": {},
-                    }
+                    done[shard] = _shard_result(current, kind, {})
                     del pending[shard]
                     continue
                 attempt, run_id = submit(shard, current.attempt + 1)
@@ -263,8 +260,6 @@ def run_on_deployments(
 
     Returns per-shard summaries shaped like the local executor's (``ran``, ``skipped_done``).
     """
-    from flows.common import load_split
-
     section = params["attribution"]
     config = DispatchConfig.from_section(section)
     results = dispatch_shards(params_path, shards, params_hash, str(out_dir), config)

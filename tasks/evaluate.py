@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
-
 import numpy as np
 from PIL import Image
 from prefect import task
@@ -13,6 +10,7 @@ from bbam.data.coco import coco_image_ids, decode_segmentation, load_coco_json, 
 from bbam.data.images import load_rgb
 from bbam.data.records import DataError, ImageRecord
 from bbam.evaluate import (
+    PerImage,
     coco_metrics_from_records,
     pseudo_label_quality,
     records_with_gt_masks,
@@ -20,9 +18,11 @@ from bbam.evaluate import (
     voc_instance_metrics,
 )
 from bbam.segmenters.instance import load_instance_model, predict_instances
-from bbam.segmenters.semantic import load_semantic_model, predict_semantic, render_label_map
-from flows.common import load_params, load_split, split_paths
-from tasks.segmenters import PSEUDO_DIR, SEGMENTERS_DIR, instance_config, semantic_config
+from bbam.segmenters.semantic import load_semantic_model, predict_semantic
+from bbam.segmenters.targets import render_label_map
+from tasks.caching import stage_cache
+from tasks.params import PSEUDO_DIR, REPORTS_DIR, SEGMENTERS_DIR, load_split, split_paths
+from tasks.segmenters import instance_config, semantic_config
 
 
 def masked_val_records(params: dict, records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
@@ -36,14 +36,20 @@ def masked_val_records(params: dict, records: list[ImageRecord]) -> tuple[list[I
     return kept, len(left_out)
 
 
-@task(name="evaluate-instance-segmenter")
-def evaluate_instance(params_path: str, supervision: str) -> dict:
-    params = load_params(params_path)
+def _val_and_model(params: dict, kind: str, supervision: str, config_fn, load_fn):
+    """(val dataset, its records with GT masks, how many were left out, config, trained model)
+    for the `kind` ("instance" | "semantic") segmenter trained under `supervision`."""
     val = load_split(params, "val")
     records, left_out = masked_val_records(params, val.records)
-    config = instance_config(params, supervision)
-    model = load_instance_model(
-        SEGMENTERS_DIR / f"instance_{supervision}" / "model.pt", config, len(val.classes) + 1
+    config = config_fn(params, supervision)
+    model_path = SEGMENTERS_DIR / f"{kind}_{supervision}" / "model.pt"
+    return val, records, left_out, config, load_fn(model_path, config, len(val.classes) + 1)
+
+
+@task(name="evaluate-instance-segmenter", **stage_cache("evaluate", REPORTS_DIR))
+def evaluate_instance(params: dict, supervision: str) -> dict:
+    val, records, left_out, config, model = _val_and_model(
+        params, "instance", supervision, instance_config, load_instance_model
     )
     predictions = predict_instances(model, records, device=config.device)
     voc = voc_instance_metrics(records, predictions, len(val.classes) + 1)
@@ -51,14 +57,10 @@ def evaluate_instance(params_path: str, supervision: str) -> dict:
     return {"voc": voc, "coco": coco, "images": len(records), "images_without_gt_mask": left_out}
 
 
-@task(name="evaluate-semantic-segmenter")
-def evaluate_semantic(params_path: str, supervision: str) -> dict:
-    params = load_params(params_path)
-    val = load_split(params, "val")
-    records, left_out = masked_val_records(params, val.records)
-    config = semantic_config(params, supervision)
-    model = load_semantic_model(
-        SEGMENTERS_DIR / f"semantic_{supervision}" / "model.pt", config, len(val.classes) + 1
+@task(name="evaluate-semantic-segmenter", **stage_cache("evaluate", REPORTS_DIR))
+def evaluate_semantic(params: dict, supervision: str) -> dict:
+    val, records, left_out, config, model = _val_and_model(
+        params, "semantic", supervision, semantic_config, load_semantic_model
     )
     pairs = (
         (prediction, render_label_map(record))
@@ -80,10 +82,9 @@ def _pseudo_split(params: dict):
     return drop_unreadable(read_coco(PSEUDO_DIR / f"instances_{split}.json", image_root))
 
 
-@task(name="pseudo-label-quality")
-def evaluate_pseudo_labels(params_path: str) -> dict:
+@task(name="pseudo-label-quality", **stage_cache("evaluate", REPORTS_DIR))
+def evaluate_pseudo_labels(params: dict) -> dict:
     """Pseudo GT vs GT on the split that was labelled (where GT masks exist)."""
-    params = load_params(params_path)
     train = load_split(params, params["attribution"]["split"])
     if not any(i.has_mask for r in train.records for i in r.instances):
         return {}
@@ -99,22 +100,6 @@ def evaluate_pseudo_labels(params_path: str) -> dict:
         {key: lambda p=p: np.asarray(Image.open(p)) for key, p in pngs.items() if p.is_file()}
     )
     return pseudo_label_quality(train.records, instances, len(train.classes) + 1, semantic)
-
-
-class PerImage(Mapping):
-    """image_id -> value loaded when asked for: a split's masks never sit in memory at once."""
-
-    def __init__(self, loaders: dict[str, Callable[[], Any]]) -> None:
-        self._loaders = loaders
-
-    def __getitem__(self, key: str) -> Any:
-        return self._loaders[key]()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._loaders)
-
-    def __len__(self) -> int:
-        return len(self._loaders)
 
 
 def report_samples(params: dict, count: int) -> list[dict]:

@@ -14,10 +14,24 @@ from tqdm import tqdm
 from bbam.atomic import atomic_write
 from bbam.data.coco import coco_image_ids, load_coco_json
 from bbam.labeling import label_dataset
-from bbam.mcg import make_source
+from bbam.mcg import MCGConfig, make_source
 from bbam.pseudo_labels import write_coco_pseudo_gt
-from flows.common import load_params, load_split, proposal_config, refine_config, split_paths
-from tasks.attribution import engine_config, shard_dir
+from bbam.refine import RefineConfig
+from tasks.attribution import engine_config
+from tasks.caching import stage_cache
+from tasks.params import PSEUDO_DIR, load_split, shard_dir, split_paths
+
+
+def refine_config(params: dict) -> RefineConfig:
+    """The pseudo-label stage's refinement settings (also what the benches measure)."""
+    return RefineConfig(**(params.get("refine") or {}))
+
+
+def proposal_config(params: dict) -> tuple[MCGConfig, str | None]:
+    """(MCGConfig, directory of MCG .mat files or None) of the ``proposals`` section."""
+    section = dict(params.get("proposals") or {})
+    mcg_dir = section.pop("mcg_dir", None)
+    return MCGConfig(**section), mcg_dir
 
 
 def pseudo_label_workers(params: dict) -> int:
@@ -26,10 +40,14 @@ def pseudo_label_workers(params: dict) -> int:
     return workers if workers > 0 else os.cpu_count() or 1
 
 
-@task(name="make-pseudo-labels", retries=1, retry_delay_seconds=5)
-def make_pseudo_labels(params_path: str, attribution_dir: str, out_dir: str) -> dict:
+@task(
+    name="make-pseudo-labels",
+    retries=1,
+    retry_delay_seconds=5,
+    **stage_cache("pseudo_labels", PSEUDO_DIR),
+)
+def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict:
     """Refine every instance's map, write COCO pseudo GT, semantic PNGs and a manifest."""
-    params = load_params(params_path)
     split = params["attribution"]["split"]
     dataset = load_split(params, split)
     annotation_json, _ = split_paths(params, split)

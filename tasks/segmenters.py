@@ -2,35 +2,35 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 
 from bbam.segmenters.instance import InstanceTrainConfig, train_instance
 from bbam.segmenters.semantic import SemanticTrainConfig, train_semantic
-from flows.common import load_params, load_split
+from tasks.caching import stage_cache
+from tasks.params import PSEUDO_DIR, SEGMENTERS_DIR, load_split, top_level
 
-PSEUDO_DIR = Path("runs/pseudo_labels")
-SEGMENTERS_DIR = Path("runs/segmenters")
+
+def _section(params: dict, name: str) -> dict:
+    """``segmenters.<name>`` plus the top-level ``seed``/``device`` (the section's own wins)."""
+    return {**top_level(params), **(params["segmenters"].get(name) or {})}
 
 
 def instance_config(params: dict, supervision: str) -> InstanceTrainConfig:
-    section = dict(params["segmenters"].get("instance") or {})
-    section.setdefault("device", params.get("device", "auto"))
-    section.setdefault("seed", int(params.get("seed", 0)))
-    return InstanceTrainConfig(**section, supervision=supervision)
+    return InstanceTrainConfig(**_section(params, "instance"), supervision=supervision)
 
 
 def semantic_config(params: dict, supervision: str) -> SemanticTrainConfig:
-    section = dict(params["segmenters"].get("semantic") or {})
-    section.setdefault("device", params.get("device", "auto"))
-    section.setdefault("seed", int(params.get("seed", 0)))
-    return SemanticTrainConfig(**section, supervision=supervision)
+    return SemanticTrainConfig(**_section(params, "semantic"), supervision=supervision)
 
 
-@task(name="train-instance-segmenter", retries=1, retry_delay_seconds=5, tags=["gpu"])
-def train_instance_task(params_path: str, supervision: str) -> str:
-    params = load_params(params_path)
+@task(
+    name="train-instance-segmenter",
+    retries=1,
+    retry_delay_seconds=5,
+    tags=["gpu"],
+    **stage_cache("train_segmenters", SEGMENTERS_DIR),
+)
+def train_instance_task(params: dict, supervision: str) -> str:
     split = params["attribution"]["split"]
     dataset = load_split(params, split, with_masks=supervision == "full")
     out_dir = SEGMENTERS_DIR / f"instance_{supervision}"
@@ -41,9 +41,14 @@ def train_instance_task(params_path: str, supervision: str) -> str:
     return str(out_dir / "model.pt")
 
 
-@task(name="train-semantic-segmenter", retries=1, retry_delay_seconds=5, tags=["gpu"])
-def train_semantic_task(params_path: str, supervision: str) -> str:
-    params = load_params(params_path)
+@task(
+    name="train-semantic-segmenter",
+    retries=1,
+    retry_delay_seconds=5,
+    tags=["gpu"],
+    **stage_cache("train_segmenters", SEGMENTERS_DIR),
+)
+def train_semantic_task(params: dict, supervision: str) -> str:
     split = params["attribution"]["split"]
     dataset = load_split(params, split, with_masks=supervision == "full")
     out_dir = SEGMENTERS_DIR / f"semantic_{supervision}"

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers.builders import SIZE, SMALL, four_items
 
 from bbam.attribution import (
     AttributionConfig,
@@ -24,9 +25,7 @@ from bbam.toy_detector import ToyDetector, toy_scene
 
 torch.set_num_threads(1)
 
-SIZE = (96, 96)
 # Small images need small strides; fewer iterations keep the tests fast.
-SMALL = {"stride_coefs": (2.0, 6.0), "iterations": 150, "num_jitters": 200}
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +89,6 @@ def test_seeded_runs_are_deterministic(detector, scene):
     assert np.array_equal(a.grid, b.grid)
     c = attribute_instances(detector, items, dataclasses.replace(cfg, seed=1), "cpu")[0]
     assert a.stats["positives"] != c.stats["positives"] or not np.array_equal(a.grid, c.grid)
-
-
-def four_items() -> list[AttributionItem]:
-    """Two toy images with two instances each (instances of one image share its tensor)."""
-    img1, boxes1, _ = toy_scene(SIZE, [(30, 32, 14, 1), (68, 64, 16, 2)])
-    img2, boxes2, _ = toy_scene(SIZE, [(50, 46, 20, 2), (20, 78, 10, 1)])
-    return [
-        AttributionItem("i1a", img1, boxes1[0], 1),
-        AttributionItem("i1b", img1, boxes1[1], 2),
-        AttributionItem("i2a", img2, boxes2[0], 2),
-        AttributionItem("i2b", img2, boxes2[1], 1),
-    ]
 
 
 def test_batched_matches_one_at_a_time(detector):

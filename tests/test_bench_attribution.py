@@ -2,11 +2,10 @@ import json
 
 import numpy as np
 import torch
-from bench_modules import load_bench
+
+from bench import attribution as bench
 
 torch.set_num_threads(1)
-
-bench = load_bench("attribution")
 
 
 def test_toy_bench_writes_the_attribution_object(tmp_path, monkeypatch):

@@ -1,10 +1,10 @@
 """bench/data_check.py runs end to end on a few images and reports a rate."""
 
-from bench_modules import load_bench
+import importlib
 
 
 def test_data_check_bench_reports_images_per_second(capsys):
-    bench = load_bench("data_check")
+    bench = importlib.import_module("bench.data_check")
     assert bench.main(["--synthetic-images", "12", "--workers", "1", "--no-write"]) == 0
     out = capsys.readouterr().out
     assert '"images_per_s"' in out and '"synthetic_images": 12' in out

@@ -3,15 +3,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from bench_modules import load_bench
 
 from bbam.data.coco import read_coco
 from bbam.data.synthetic import SyntheticConfig, generate_synthetic
 from bbam.manifest import write_part
+from bench import pseudo_labels as bench
 
 torch.set_num_threads(1)
-
-bench = load_bench("pseudo_labels")
 
 
 @pytest.fixture(scope="module")

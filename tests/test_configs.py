@@ -7,9 +7,11 @@ import pytest
 import yaml
 
 from bbam.attribution import profile_config
+from bbam.device import resolve_device
 from bbam.refine import RefineConfig
-from flows.common import detector_config, proposal_config
+from tasks.detector import detector_config
 from tasks.dispatch import DispatchConfig
+from tasks.pseudo_labels import proposal_config
 from tasks.segmenters import instance_config, semantic_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +43,8 @@ def test_params_file_builds_every_stage_config(name):
     for key in dvc_templated_keys():
         assert isinstance(lookup(params, key), str) and lookup(params, key)
     detector = detector_config(params)
-    assert detector.seed == params["seed"]
+    # the top-level seed and device reach every trainer the same way
+    assert (detector.seed, detector.device) == (params["seed"], params["device"])
     section = params["attribution"]
     attribution = profile_config(section["profile"], **(section.get("overrides") or {}))
     assert attribution.iterations >= 1
@@ -55,8 +58,9 @@ def test_params_file_builds_every_stage_config(name):
     supervisions = params["segmenters"]["supervisions"]
     assert set(supervisions) <= {"full", "bbam", "box"} and supervisions
     for supervision in supervisions:
-        assert instance_config(params, supervision).supervision == supervision
-        assert semantic_config(params, supervision).supervision == supervision
+        for config in (instance_config(params, supervision), semantic_config(params, supervision)):
+            assert config.supervision == supervision
+            assert (config.seed, config.device) == (params["seed"], params["device"])
     assert int(params["evaluate"]["report_samples"]) >= 0
 
 
@@ -65,9 +69,9 @@ def test_real_data_configs_follow_the_paper():
     for params, dataset in ((voc, "voc"), (coco, "coco")):
         assert params["data"]["name"] == dataset and params["device"] == "auto"
         det = detector_config(params)
-        assert (det.norm, det.min_size, det.max_size) == ("frozen_bn", 800, 1333)
+        assert (det.norm, det.min_size, det.max_size) == ("frozen", 800, 1333)
         assert det.anchor_sizes == (32, 64, 128, 256, 512)
-        assert det.backbone_weights and det.backbone_weights.startswith("weights/")
+        assert det.weights_backbone and det.weights_backbone.startswith("weights/")
         assert params["proposals"]["source"] == "mcg"
         assert Path(params["proposals"]["mcg_dir"]) == Path(params["data"]["root"]) / "MCG"
         assert set(params["segmenters"]["supervisions"]) == {"bbam", "full", "box"}
@@ -87,3 +91,9 @@ def test_unknown_key_in_a_config_section_raises():
     params["detector"]["min_szie"] = 800
     with pytest.raises(TypeError, match="min_szie"):
         detector_config(params)
+
+
+def test_device_cpu_keeps_the_detector_off_a_gpu():
+    params = {**load("params.yaml"), "device": "cpu"}
+    assert detector_config(params).device == "cpu"
+    assert resolve_device(detector_config(params).device).type == "cpu"

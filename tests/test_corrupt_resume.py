@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.builders import make_segmenter_data, tiny_detector_config
 from PIL import Image
-from test_detector import _tiny_config
-from test_segmenters import _make_data
 
+from bbam import training as T
 from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.manifest import (
     ManifestError,
@@ -28,9 +28,9 @@ from bbam.manifest import (
     read_shard,
     write_part,
 )
-from bbam.segmenters import training as T
 from bbam.segmenters.instance import InstanceTrainConfig, train_instance
-from bbam.segmenters.semantic import SemanticTrainConfig, render_label_map, train_semantic
+from bbam.segmenters.semantic import SemanticTrainConfig, train_semantic
+from bbam.segmenters.targets import render_label_map
 from bbam.shards import run_shard
 from bbam.train_detector import train_detector
 
@@ -119,7 +119,7 @@ def test_unreadable_checkpoint_file_raises_naming_it(tmp_path, monkeypatch):
 
 
 def test_semantic_training_restarts_from_a_truncated_checkpoint(tmp_path, caplog):
-    records = _make_data(tmp_path, n=2)
+    records = make_segmenter_data(tmp_path, n=2)
     labels = tmp_path / "sem"
     labels.mkdir()
     for record in records:
@@ -142,7 +142,7 @@ def test_semantic_training_restarts_from_a_truncated_checkpoint(tmp_path, caplog
 
 def test_instance_training_restarts_from_a_copied_model_file(tmp_path, caplog):
     """model.pt copied over checkpoint.pt: readable, but no checkpoint of ours."""
-    records = _make_data(tmp_path, n=2)
+    records = make_segmenter_data(tmp_path, n=2)
     cfg = InstanceTrainConfig(
         supervision="full", epochs=1, batch_size=2, min_size=64, max_size=64, device="cpu"
     )
@@ -157,8 +157,8 @@ def test_instance_training_restarts_from_a_copied_model_file(tmp_path, caplog):
 
 def test_detector_restarts_from_a_garbage_checkpoint(tmp_path, caplog):
     (tmp_path / "img").mkdir()
-    data = Dataset(["thing"], _make_data(tmp_path / "img", n=2))
-    cfg = _tiny_config(max_size=64)
+    data = Dataset(["thing"], make_segmenter_data(tmp_path / "img", n=2))
+    cfg = tiny_detector_config(max_size=64)
     out = tmp_path / "det"
     out.mkdir()
     _garbage(out / "checkpoint.pt")
@@ -167,7 +167,7 @@ def test_detector_restarts_from_a_garbage_checkpoint(tmp_path, caplog):
     assert f"{out / 'checkpoint.pt'}: not a readable weights-only torch file" in caplog.text
     assert metrics["epochs"] == 1 and (out / "model.pt").is_file()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["params_hash"] == "h1"
+    assert ckpt["epoch"] == 0 and ckpt["params_hash"] == "h1"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[0] == {"event": "restart", "reason": "unreadable checkpoint"}
     assert any(entry.get("event") == "epoch_end" for entry in log)

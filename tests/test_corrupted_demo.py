@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from project_env import custom_data_params, project_env
+from helpers.project_env import custom_data_params, project_env
 
 from bbam.data.synthetic import SyntheticConfig, generate_synthetic
 

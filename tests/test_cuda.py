@@ -12,10 +12,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.builders import (
+    CLASSES,
+    SIZE,
+    SMALL,
+    four_items,
+    make_segmenter_data,
+    pseudo_json,
+    pseudo_pngs,
+    shapes_records,
+    small_semantic_config,
+    tiny_detector,
+    tiny_detector_config,
+)
 from PIL import Image
-from test_attribution import SIZE, SMALL, four_items
-from test_detector import CLASSES, _shapes_records, _tiny, _tiny_config
-from test_segmenters import _make_data, _pseudo_json, _pseudo_pngs, _sem_cfg
 
 import bbam.train_detector as td
 from bbam.attribution import AttributionItem, attribute_instances, map_to_image, profile_config
@@ -62,8 +72,8 @@ def test_batched_matches_one_at_a_time_on_cuda():
 
 
 def test_detector_heads_give_image_gradients_under_autocast(tmp_path):
-    records = _shapes_records(tmp_path, 1, seed=1)
-    model = freeze(_tiny()).cuda()
+    records = shapes_records(tmp_path, 1, seed=1)
+    model = freeze(tiny_detector()).cuda()
     rgb = torch.from_numpy(np.asarray(Image.open(records[0].path)).copy())
     raw = (rgb.permute(2, 0, 1).float() / 255).cuda().requires_grad_()
     batch, _, _ = prepare_images(model, [raw])
@@ -78,37 +88,39 @@ def test_detector_heads_give_image_gradients_under_autocast(tmp_path):
 
 def test_cpu_checkpoint_resumes_on_cuda_with_amp(tmp_path, monkeypatch):
     """A job preempted on a CPU node (or written by `make demo` here) goes on on a GPU node."""
-    records = _shapes_records(tmp_path / "images", 4, seed=0)
+    records = shapes_records(tmp_path / "images", 4, seed=0)
     train, val = Dataset(CLASSES, records), Dataset(CLASSES, records[:2])
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: False)
-        td.train_detector(train, val, out, _tiny_config(epochs=1), "h", progress=False)
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    metrics = td.train_detector(train, val, out, _tiny_config(epochs=2), "h", progress=False)
+        td.train_detector(train, val, out, tiny_detector_config(epochs=1), "h", progress=False)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    metrics = td.train_detector(
+        train, val, out, tiny_detector_config(epochs=2), "h", progress=False
+    )
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {"event": "resume", "epoch": 1} in log
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert 0.0 <= metrics["box_ap50"] <= 1.0
 
 
 def test_segmenters_train_with_amp_and_predict_on_cuda(tmp_path):
-    records = _make_data(tmp_path)
+    records = make_segmenter_data(tmp_path)
     cfg = InstanceTrainConfig(
         supervision="bbam", epochs=6, batch_size=2, min_size=64, max_size=64, warmup_iters=2,
         lr=0.01, device="cuda", hflip=False,
     )  # fmt: skip
     assert cfg.amp
     ins = train_instance(
-        records, ["thing"], tmp_path / "ins", cfg, _pseudo_json(tmp_path, records), progress=False
+        records, ["thing"], tmp_path / "ins", cfg, pseudo_json(tmp_path, records), progress=False
     )
     assert np.isfinite(ins.losses).all()
     assert np.mean(ins.losses[-3:]) < 0.7 * np.mean(ins.losses[:3])
     preds = predict_instances(ins.model, records[:1], device="cuda")
     assert all(0 <= p["score"] <= 1 for p in preds)
     sem = train_semantic(
-        records, ["thing"], tmp_path / "sem", _sem_cfg(device="cuda"),
-        _pseudo_pngs(tmp_path, records), progress=False,
+        records, ["thing"], tmp_path / "sem", small_semantic_config(device="cuda"),
+        pseudo_pngs(tmp_path, records), progress=False,
     )  # fmt: skip
     assert np.isfinite(sem.losses).all()
     assert np.mean(sem.losses[-3:]) < 0.7 * np.mean(sem.losses[:3])

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from archive_server import W, sbd_tgz, voc_tar
+from helpers.archive_server import W, sbd_tgz, voc_tar
 from PIL import Image
 
 from bbam.data.prepare import summary_line

@@ -1,16 +1,16 @@
 """Detector build, the no-RPN heads function, training, resume and weights errors (tiny sizes)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.builders import CLASSES, shapes_records, tiny_detector, tiny_detector_config
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import bbam.train_detector as td
-from bbam.data.records import Dataset, ImageRecord, Instance
+from bbam.data.records import Dataset
 from bbam.data.torch_dataset import DetectionDataset, collate_fn
 from bbam.detector import (
     ARCHS,
@@ -24,74 +24,21 @@ from bbam.train_detector import DetectorTrainConfig, evaluate_box_ap, train_dete
 
 torch.set_num_threads(1)
 
-CLASSES = ["square", "disc"]
-
-
-def _shapes_records(root: Path, n: int, seed: int, h: int = 64, w: int = 80) -> list[ImageRecord]:
-    """Filled squares (label 1) and discs (label 2) on a noisy background, saved as PNG."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    records = []
-    yy, xx = np.mgrid[:h, :w]
-    for i in range(n):
-        rgb = rng.integers(0, 80, size=(h, w, 3)).astype(np.uint8)
-        instances = []
-        for k, label in enumerate((1, 2)):
-            size = int(rng.integers(18, 30))
-            x0 = int(rng.integers(0, w // 2 - size // 2)) + k * (w // 2)
-            x0 = min(x0, w - size)
-            y0 = int(rng.integers(0, h - size))
-            if label == 1:
-                mask = (xx >= x0) & (xx < x0 + size) & (yy >= y0) & (yy < y0 + size)
-            else:
-                r = size / 2
-                mask = (xx + 0.5 - x0 - r) ** 2 + (yy + 0.5 - y0 - r) ** 2 <= r * r
-            rgb[mask] = rng.integers(170, 255, size=3)
-            ys, xs = np.nonzero(mask)
-            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-            instances.append(Instance(k + 1, label, box, mask=mask))
-        path = root / f"img{i}.png"
-        Image.fromarray(rgb).save(path)
-        records.append(ImageRecord(f"img{i}", path, w, h, instances))
-    return records
-
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    return _shapes_records(tmp_path_factory.mktemp("shapes"), 4, seed=0)
-
-
-def _tiny(num_classes: int = 3, **kwargs):
-    torch.manual_seed(0)
-    return build_detector(
-        "resnet18_fpn", num_classes, 64, 96, anchor_sizes=(8, 16, 32, 64, 128), **kwargs
-    )
-
-
-def _tiny_config(**kwargs) -> DetectorTrainConfig:
-    base = dict(
-        min_size=64,
-        max_size=96,
-        anchor_sizes=(8, 16, 32, 64, 128),
-        epochs=1,
-        batch_size=2,
-        lr=0.01,
-        warmup_iters=1,
-        lr_steps=(5,),
-        log_every=1,
-    )
-    return DetectorTrainConfig(**{**base, **kwargs})
+    return shapes_records(tmp_path_factory.mktemp("shapes"), 4, seed=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_build_each_arch(arch):
-    model = build_detector(arch, 4, 64, 96, trainable_layers=2)
+    model = build_detector(arch, 4, 64, 96, trainable_backbone_layers=2)
     assert model.roi_heads.box_predictor.cls_score.out_features == 4
     assert model.roi_heads.box_predictor.bbox_pred.out_features == 16
     assert model.transform.min_size == (64,) and model.transform.max_size == 96
     flags = [p.requires_grad for p in model.backbone.body.parameters()]
     trainable, frozen = any(flags), not all(flags)
-    assert trainable and frozen  # trainable_layers=2 freezes the early stages
+    assert trainable and frozen  # trainable_backbone_layers=2 freezes the early stages
 
 
 @pytest.mark.parametrize("arch", ["resnet18_fpn", "mobilenet_v3_large_fpn"])
@@ -108,7 +55,7 @@ def test_narrow_fpn_and_box_head_run(arch):
 
 
 def test_anchor_sizes_per_level():
-    model = _tiny()
+    model = tiny_detector()
     assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
     with pytest.raises(ValueError, match="5 anchor sizes"):
         build_detector("resnet18_fpn", 3, 64, 96, anchor_sizes=(8, 16))
@@ -117,7 +64,7 @@ def test_anchor_sizes_per_level():
 
 
 def test_prepare_images_matches_model_transform(records):
-    model = _tiny().eval()
+    model = tiny_detector().eval()
     rgb = np.asarray(Image.open(records[0].path))
     batch, scales, sizes = prepare_images(model, [rgb, rgb[:40, :50]])
     image_list, _ = model.transform([torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255])
@@ -132,7 +79,7 @@ def test_prepare_images_matches_model_transform(records):
 
 
 def test_roi_head_forward_agrees_with_model(records):
-    model = _tiny().eval()
+    model = tiny_detector().eval()
     captured = {}
     heads = model.roi_heads
     hooks = [
@@ -186,7 +133,7 @@ def test_roi_head_forward_agrees_with_model(records):
 
 
 def test_gradient_wrt_images(records):
-    model = freeze(_tiny())
+    model = freeze(tiny_detector())
     rgb = np.asarray(Image.open(records[1].path))
     raw = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255).requires_grad_()
     batch, _, _ = prepare_images(model, [raw])
@@ -200,14 +147,14 @@ def test_gradient_wrt_images(records):
 
 def test_training_lowers_loss(records):
     torch.manual_seed(0)
-    model = _tiny(box_batch_size_per_image=32, rpn_post_nms_top_n_train=100)
+    model = tiny_detector(box_batch_size_per_image=32, rpn_post_nms_top_n_train=100)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
     loader = DataLoader(DetectionDataset(records), batch_size=2, collate_fn=collate_fn)
     device = torch.device("cpu")
     history = [
         td.train_one_epoch(
-            model, optimizer, loader, device, epoch, grad_clip_norm=10.0, progress=False
+            model, optimizer, loader, device, epoch, clip_grad_norm=10.0, progress=False
         )["loss"]
         for epoch in range(6)
     ]
@@ -221,7 +168,7 @@ def _datasets(records):
 
 def test_kill_and_resume(records, tmp_path, monkeypatch):
     train, val = _datasets(records)
-    config = _tiny_config(epochs=2)
+    config = tiny_detector_config(epochs=2)
     real = td.train_one_epoch
 
     def killed_in_epoch_1(model, optimizer, loader, device, epoch, **kwargs):
@@ -233,7 +180,7 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_detector(train, val, tmp_path, config, params_hash="h1", progress=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["params_hash"] == "h1"
+    assert ckpt["epoch"] == 0 and ckpt["params_hash"] == "h1"  # the last finished epoch
     assert not (tmp_path / "model.pt").exists()
     saved_momentum = [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
     assert saved_momentum
@@ -251,7 +198,7 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
     restored = seen[0][1]
     assert len(restored) == len(saved_momentum)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, saved_momentum, strict=True))
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == metrics and set(metrics) >= {
         "box_ap",
@@ -262,17 +209,10 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert {"event": "resume", "epoch": 1} in log
     assert any(entry.get("iter") == 0 and "loss_classifier" in entry for entry in log)
-    state = torch.load(tmp_path / "model.pt", weights_only=True)
-    model = td.load_detector(
-        tmp_path / "model.pt",
-        "resnet18_fpn",
-        3,
-        64,
-        96,
-        (8, 16, 32, 64, 128),
-        fpn_channels=config.fpn_channels,
-        representation_size=config.representation_size,
-    )
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved["meta"]["classes"] == CLASSES and saved["meta"]["config"]["epochs"] == 2
+    state = saved["model"]
+    model = freeze(td.detector_from_config(config, 3, weights=tmp_path / "model.pt"))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     for key, value in state.items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -332,26 +272,26 @@ def test_evaluate_box_ap(records):
 def test_missing_weights_file_names_path(tmp_path):
     missing = tmp_path / "nowhere" / "model.pt"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        _tiny(weights=missing)
+        tiny_detector(weights=missing)
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        _tiny(backbone_weights=missing)
+        tiny_detector(weights_backbone=missing)
 
 
 def test_weights_roundtrip_and_incompatible_shapes(tmp_path):
-    source = _tiny(num_classes=3)
+    source = tiny_detector(num_classes=3)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": source.state_dict(), "epoch": 3}, path)
-    loaded = _tiny(num_classes=3, weights=path)
+    loaded = tiny_detector(num_classes=3, weights=path)
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(ValueError, match="cls_score.weight") as info:
-        _tiny(num_classes=5, weights=path)
+        tiny_detector(num_classes=5, weights=path)
     assert str(path) in str(info.value) and "bbox_pred.weight" in str(info.value)
 
     partial = tmp_path / "partial.pt"
     torch.save({k: v for k, v in source.state_dict().items() if "rpn" not in k}, partial)
     with pytest.raises(ValueError, match="missing keys"):
-        _tiny(weights=partial)
+        tiny_detector(weights=partial)
 
 
 def test_backbone_weights_from_classifier(tmp_path):
@@ -360,7 +300,7 @@ def test_backbone_weights_from_classifier(tmp_path):
     classifier = resnet18(weights=None)
     path = tmp_path / "resnet18.pt"
     torch.save(classifier.state_dict(), path)
-    model = _tiny(backbone_weights=path, norm="frozen_bn")
+    model = tiny_detector(weights_backbone=path, norm="frozen")
     assert torch.equal(model.backbone.body.conv1.weight, classifier.conv1.weight)
     assert torch.equal(
         model.backbone.body.layer1[0].bn1.running_var, classifier.layer1[0].bn1.running_var

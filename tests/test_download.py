@@ -3,7 +3,7 @@ import os
 import urllib.request
 
 import pytest
-from archive_server import ArchiveServer, local_only_urlopen, sha256
+from helpers.archive_server import ArchiveServer, local_only_urlopen, sha256
 
 from bbam.data.download import (
     ARCHIVES,

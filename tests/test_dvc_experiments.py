@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from project_env import project_env
+from helpers.project_env import project_env
 
 from bbam.data.records import Dataset
 from bbam.data.synthetic import SyntheticConfig, generate_synthetic

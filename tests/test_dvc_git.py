@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from project_env import project_env
+from helpers.project_env import project_env
 
 pytestmark = pytest.mark.slow
 

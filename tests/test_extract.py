@@ -6,7 +6,7 @@ import tarfile
 import zipfile
 
 import pytest
-from archive_server import tar_bytes, zip_bytes
+from helpers.archive_server import tar_bytes, zip_bytes
 
 import bbam.data.extract as extract_mod
 from bbam.data.extract import MARKER, UnsafeArchiveError, extract_archive, extraction_done

@@ -16,8 +16,8 @@ from PIL import Image
 import bbam.data.verify as verify
 from bbam.data.images import image_size
 from bbam.data.torch_dataset import DetectionDataset
-from flows.common import load_split
 from flows.prepare_data import summarise
+from tasks.params import load_split
 
 
 def _jpeg(path: Path, seed: int = 0) -> Path:

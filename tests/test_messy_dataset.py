@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers.project_env import custom_data_params, project_env
 from PIL import Image, ImageDraw
-from project_env import custom_data_params, project_env
 
 from bbam.data.writers import mask_to_rle
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.common import load_params
+from tasks.params import load_params
 
 REPO = Path(__file__).resolve().parent.parent
 

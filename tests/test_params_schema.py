@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from project_env import project_env
+from helpers.project_env import project_env
 
 from flows.params_schema import ParamsError, check_params
 
@@ -76,6 +76,16 @@ CASES = [
     (_set("pseudo_labels.workers", -1), "pseudo_labels.workers: must be >= 0"),
     (_set("pseudo_labels.worker", 2), "pseudo_labels.worker: unknown key; did you mean"),
     (_set("refine", True), "refine: expected dict, got bool True"),
+    # knobs renamed to torchvision's spelling: an old params file says what to write now
+    (_set("detector.backbone_weights", None), "did you mean 'weights_backbone'?"),
+    (_set("detector.trainable_layers", 3), "did you mean 'trainable_backbone_layers'?"),
+    (_set("detector.grad_clip_norm", 10.0), "did you mean 'clip_grad_norm'?"),
+    (_set("detector.workers", 0), "detector.workers: unknown key; did you mean 'num_workers'?"),
+    (
+        _set("detector.norm", "batchnorm"),
+        "detector.norm: expected Literal['batch', 'group', 'frozen'], got str 'batchnorm'; did you mean 'batch'?",
+    ),
+    (_set("detector.norm", "frozen_bn"), "did you mean 'frozen'?"),
 ]
 
 

@@ -22,74 +22,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from project_env import custom_data_params, project_env
+from helpers.project_env import CATEGORIES, CATEGORY_IDS, copy_code, project_env
+from helpers.project_env import make_project as _make_project
+from helpers.project_env import run_in as _run
 
-from bbam.data.records import Dataset
-from bbam.data.synthetic import SyntheticConfig, generate_synthetic
-from bbam.data.voc import read_voc
-from bbam.data.writers import write_coco_json
 from bbam.manifest import load_grid, read_shard
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-CATEGORIES = ["kiwi", "lemon", "mango", "plum"]
-CATEGORY_IDS = [3, 17, 40, 41]
-
 
 _env = project_env
-
-
-def _write_custom_coco(root: Path) -> None:
-    """A small COCO dataset with its own category names and ids."""
-    generate_synthetic(
-        root / "gen", SyntheticConfig(num_train=10, num_val=5, image_size=(64, 96), seed=3)
-    )
-    for split in ("train", "val"):
-        ds = read_voc(root / "gen", split, classes=["ring", "star", "crescent", "cross"])
-        images = root / "images" / split
-        images.mkdir(parents=True)
-        for record in ds.records:
-            target = images / record.path.name
-            shutil.copy(record.path, target)
-            record.path = target
-        write_coco_json(
-            root / "annotations" / f"instances_{split}.json",
-            Dataset(CATEGORIES, ds.records),
-            image_root=images,
-            category_ids=CATEGORY_IDS,
-        )
-    shutil.rmtree(root / "gen")
-
-
-def _copy_code(path: Path) -> None:
-    """A copy, not a symlink: DVC hashes the code folders as stage dependencies."""
-    for name in ("bbam", "flows", "tasks"):
-        shutil.copytree(REPO / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-
-
-def _make_project(path: Path, params: dict | None = None) -> Path:
-    path.mkdir(parents=True)
-    _copy_code(path)
-    shutil.copy(REPO / "dvc.yaml", path / "dvc.yaml")
-    if not (path / "mydata").exists():
-        _write_custom_coco(path / "mydata")
-    (path / "params.yaml").write_text(
-        yaml.safe_dump(
-            params or custom_data_params(num_shards=3, chunk_size=1, iterations=12), sort_keys=False
-        )
-    )
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=path, env=_env(path), check=True)
-    return path
-
-
-def _run(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        list(args), cwd=project, env=_env(project), capture_output=True, text=True, timeout=900
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
 
 
 def _shard_dirs(project: Path) -> list[Path]:
@@ -162,7 +104,7 @@ def test_resumed_maps_equal_an_uninterrupted_run(pipeline_run, tmp_path):
     project, _, _ = pipeline_run
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    _copy_code(fresh)
+    copy_code(fresh)
     shutil.copytree(project / "mydata", fresh / "mydata")
     shutil.copytree(project / "runs/detector", fresh / "runs/detector")
     shutil.copy(project / "params.yaml", fresh / "params.yaml")
@@ -211,7 +153,7 @@ def test_failed_instances_are_recorded_and_fail_the_stage_past_the_limit(pipelin
     project, _, _ = pipeline_run
     broken = tmp_path / "broken"
     broken.mkdir()
-    _copy_code(broken)
+    copy_code(broken)
     shutil.copytree(project / "mydata", broken / "mydata")
     shutil.copytree(project / "runs/detector", broken / "runs/detector")
     images = sorted((broken / "mydata/images/train").iterdir())
@@ -237,7 +179,7 @@ def test_sigterm_stops_attribution_after_the_chunk_in_hand(pipeline_run, tmp_pat
     project, _, total = pipeline_run
     work = tmp_path / "sigterm"
     work.mkdir()
-    _copy_code(work)
+    copy_code(work)
     for name in ("mydata", "runs/detector", ".prefect"):
         shutil.copytree(project / name, work / name)
     shutil.copy(project / "params.yaml", work / "params.yaml")

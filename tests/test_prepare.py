@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import scipy.io
-from archive_server import (
+from helpers.archive_server import (
     COCO_CATEGORIES,
     COCO_IMAGES,
     SBD_SPLITS,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from archive_server import (
+from helpers.archive_server import (
     COCO_CATEGORIES,
     COCO_IMAGES,
     TRAIN_AUG,
@@ -32,7 +32,7 @@ from bbam.data.coco import read_coco
 from bbam.data.download import ARCHIVES, DATASET_ARCHIVES
 from bbam.data.records import DataError
 from bbam.data.voc import VOC_CLASSES
-from flows.prepare_data import prepare, summarise, voc_to_coco
+from tasks.prepare_data import prepare, summarise, voc_to_coco
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -82,10 +82,10 @@ def params_file(tmp_path: Path, config: str, archives: Path, **data) -> str:
 def run_prepare_stage(params_path: str) -> dict:
     """What flows.prepare_data.prepare_data does, task by task."""
     params = yaml.safe_load(Path(params_path).read_text())
-    prepare.fn(params_path)
+    prepare.fn(params)
     if params["data"]["name"] == "voc":
-        voc_to_coco.fn(params_path)
-    return summarise.fn(params_path)
+        voc_to_coco.fn(params)
+    return summarise.fn(params)
 
 
 def test_voc_config_prepares_train_aug_and_val_as_coco(tmp_path, monkeypatch):
@@ -132,7 +132,7 @@ def test_voc_to_coco_keeps_existing_json_and_rejects_wrong_image_folder(tmp_path
     run_prepare_stage(params_path)
     train_json = Path(yaml.safe_load(Path(params_path).read_text())["data"]["train_json"])
     before = train_json.stat().st_mtime_ns
-    voc_to_coco.fn(params_path)  # already there: not rewritten
+    voc_to_coco.fn(yaml.safe_load(Path(params_path).read_text()))  # already there: not rewritten
     assert train_json.stat().st_mtime_ns == before
 
     wrong = params_file(
@@ -143,7 +143,7 @@ def test_voc_to_coco_keeps_existing_json_and_rejects_wrong_image_folder(tmp_path
         train_images="data/voc/VOC2012/SegmentationClass",
     )
     with pytest.raises(DataError, match="train_images"):
-        voc_to_coco.fn(wrong)
+        voc_to_coco.fn(yaml.safe_load(Path(wrong).read_text()))
     assert not Path("data/voc/annotations/other.json").exists()
 
 
@@ -152,7 +152,7 @@ def test_missing_archive_fails_without_network(tmp_path, monkeypatch):
     (archives / ARCHIVES["sbd"].filename).unlink()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Exception, match="benchmark.tgz"):
-        prepare.fn(params_file(tmp_path, "voc.yaml", archives))
+        prepare.fn(yaml.safe_load(Path(params_file(tmp_path, "voc.yaml", archives)).read_text()))
 
 
 def test_coco_config_prepares_and_reads_back(tmp_path, monkeypatch):

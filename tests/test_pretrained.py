@@ -10,8 +10,8 @@ import yaml
 import bbam.train_detector as td
 from bbam.detector import build_detector
 from bbam.pretrained import export_fp16, record_path, sha256_of, verify_weights
-from flows.common import detector_config
 from flows.pretrain_detector import pretrain
+from tasks.detector import detector_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -9,10 +9,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from bbam.baselines import box_mask, grabcut_mask
-from bbam.data.palette import voc_colormap
+from bbam.data.palette import IGNORE_LABEL, voc_colormap
 from bbam.data.records import ImageRecord, Instance
 from bbam.pseudo_labels import (
-    IGNORE,
     build_instance_annotations,
     coco_image_entry,
     coco_image_id,
@@ -43,7 +42,7 @@ def test_overlap_of_two_classes_is_ignored():
         [(3, np.array([2, 2, 16, 12.0]), a_fg, none), (7, np.array([10, 6, 28, 18.0]), b_fg, none)],
     )
     assert label.dtype == np.uint8
-    assert np.all(label[a_fg & b_fg] == IGNORE)
+    assert np.all(label[a_fg & b_fg] == IGNORE_LABEL)
     assert np.all(label[a_fg & ~b_fg] == 3)
     assert np.all(label[b_fg & ~a_fg] == 7)
     assert np.all(label[~a_fg & ~b_fg] == 0)
@@ -71,7 +70,7 @@ def test_nested_boxes_reassign_inner_mask_largest_to_smallest():
     # without nesting the conflicts stay ignored
     shifted = (5, np.array([5, 5, 45, 30.0]), rect(h, w, 8, 28, 8, 28), none)
     label = semantic_label(h, w, [outer, shifted])
-    assert np.all(label[8:28, 8:28] == IGNORE)
+    assert np.all(label[8:28, 8:28] == IGNORE_LABEL)
 
 
 def test_ignore_band_applied_last():
@@ -88,13 +87,13 @@ def test_ignore_band_applied_last():
             (4, np.array([15, 0, 30, 30.0]), b_fg, none),
         ],
     )
-    assert np.all(label[a_ign] == IGNORE)
+    assert np.all(label[a_ign] == IGNORE_LABEL)
     assert np.all(label[a_fg] == 2)
     assert np.all(label[b_fg & ~a_ign] == 4)
 
 
 def test_crowd_regions_are_ignore_in_semantic_targets():
-    from bbam.segmenters.semantic import render_label_map
+    from bbam.segmenters.targets import render_label_map
 
     h, w = 12, 16
     person = Instance(0, 1, np.array([0.0, 0.0, 6.0, 6.0]), rect(h, w, 1, 5, 1, 5))
@@ -104,17 +103,17 @@ def test_crowd_regions_are_ignore_in_semantic_targets():
     expected = crowd_mask.mask | rect(h, w, 7, 11, 2, 6)  # a box-only crowd: its box, rounded out
 
     label = mark_crowd_ignore(np.zeros((h, w), np.uint8), record.instances)
-    assert np.array_equal(label == IGNORE, expected)
+    assert np.array_equal(label == IGNORE_LABEL, expected)
     for source in ("mask", "box"):
         target = render_label_map(record, source)
-        assert np.array_equal(target == IGNORE, expected), source
+        assert np.array_equal(target == IGNORE_LABEL, expected), source
         assert (target[person.mask] == 1).all() and (target[~expected & (target != 1)] == 0).all()
 
 
 def test_semantic_png_palette_roundtrip(tmp_path):
     label = np.zeros((8, 9), np.uint8)
     label[2:4, 2:5] = 15
-    label[5, :] = IGNORE
+    label[5, :] = IGNORE_LABEL
     path = tmp_path / "sem" / "2007_000032.png"
     write_semantic_png(path, label)
     with Image.open(path) as im:

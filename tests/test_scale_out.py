@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from bench_modules import load_bench
 
+from bbam.shard_lock import LockLost, ShardBusy, ShardLock, read_lock
+from bench.workspace import make_attribution_workspace
 from tasks.dispatch import DispatchConfig, dispatch_shards
-from tasks.shard_lock import LockLost, ShardBusy, ShardLock, read_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -45,7 +45,6 @@ DISPATCH_SETTINGS = {
 }
 
 # The same tiny workspace bench/scale.py times.
-bench_workspace = load_bench("workspace")
 
 
 # ---------------------------------------------------------------- fast: lock, prefect.yaml
@@ -167,7 +166,7 @@ asyncio.run(main())
 def test_lost_worker_is_survived(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    params = bench_workspace.make_attribution_workspace(
+    params = make_attribution_workspace(
         work,
         num_images=12,
         iterations=12,

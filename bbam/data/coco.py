@@ -13,12 +13,17 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from bbam.data.images import checked_size, clip_box, path_in_root
 from bbam.data.records import (
@@ -279,3 +284,14 @@ def read_coco(
         )
     names = [str(c["name"]) for c in cats]
     return Dataset(names, list(records.values()), skipped, [int(c["id"]) for c in cats], repaired)
+
+
+def cocoeval_stats(gt: COCO, results: list[dict[str, Any]], iou_type: str) -> list[float]:
+    """The first six COCOeval summary numbers (AP, AP50, AP75, APs, APm, APl; -1 = no GT)
+    of `results` against `gt`, with pycocotools' printing silenced."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(gt, gt.loadRes(results), iouType=iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(v) for v in ev.stats[:6]]

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from bbam.data.records import DataError
@@ -49,6 +50,19 @@ def load_rgb(path: str | Path) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DataError(f"{path}: unexpected image shape {rgb.shape}")
     return np.ascontiguousarray(rgb)
+
+
+def rgb_to_tensor(rgb: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 in [0, 1], on ``device`` (moved as uint8)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb))
+    if device is not None:
+        tensor = tensor.to(device)
+    return tensor.permute(2, 0, 1).float().div_(255)
+
+
+def load_tensor(path: str | Path, device: torch.device | str | None = None) -> torch.Tensor:
+    """An image file as a (3, H, W) float32 tensor in [0, 1] (see `load_rgb`)."""
+    return rgb_to_tensor(load_rgb(path), device)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

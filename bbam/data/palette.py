@@ -11,6 +11,9 @@ from PIL import Image, UnidentifiedImageError
 from bbam.atomic import atomic_write_bytes
 from bbam.data.records import DataError
 
+# The one ignore label of class maps: pseudo labels, the DeepLab loss and the evaluation.
+IGNORE_LABEL = 255
+
 
 def voc_colormap(n: int = 256) -> np.ndarray:
     """(n, 3) uint8: the standard VOC palette (bit-interleaved label -> RGB; 255 is (224,224,192))."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bbam.data.images import load_rgb
+from bbam.data.images import load_rgb, rgb_to_tensor
 from bbam.data.records import DataError, ImageRecord
 
 
@@ -38,7 +38,7 @@ class DetectionDataset(torch.utils.data.Dataset):
                 f"{record.path}: image is {width}x{height} but the record says "
                 f"{record.width}x{record.height}"
             )
-        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
+        image = rgb_to_tensor(rgb)
         boxes = np.asarray([inst.box for inst in record.instances], dtype=np.float32)
         target = {
             "boxes": torch.from_numpy(boxes.reshape(-1, 4)),

@@ -17,15 +17,9 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
 from bbam.data.images import checked_size, clip_box, path_in_root
+from bbam.data.masks import box_iou
 from bbam.data.palette import load_index_png
-from bbam.data.records import (
-    CompressedMask,
-    DataError,
-    Dataset,
-    ImageRecord,
-    Instance,
-    SkipReport,
-)
+from bbam.data.records import CompressedMask, DataError, Dataset, ImageRecord, Instance, SkipReport
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -213,14 +207,6 @@ def _mat_struct(path: Path, key: str):
     return data[key]
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _sbd_masks(
     sbd: Path,
     image_id: str,
@@ -252,7 +238,7 @@ def _sbd_masks(
         mbox = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
         for j, (label, box) in enumerate(zip(labels, boxes, strict=True)):
             if label == cat and box is not None:
-                iou = _box_iou(mbox, box)
+                iou = box_iou(mbox, box)
                 if iou >= 0.5:
                     candidates.append((iou, k, j, mask))
     masks: list[np.ndarray | None] = [None] * len(labels)

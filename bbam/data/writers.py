@@ -6,22 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from xml.etree.ElementTree import Element, SubElement, indent, tostring
 
-import numpy as np
-from pycocotools import mask as mask_utils
-
 from bbam.atomic import atomic_write_bytes, atomic_write_json  # also imported from here
+from bbam.data.masks import mask_to_rle  # also imported from here
 from bbam.data.records import Dataset, ImageRecord
 
 SOURCE_REPORTS = "bbam_source_reports"  # key in a COCO file's "info"
-
-
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """Compressed COCO RLE of an HxW bool mask, with `counts` as str so it is JSON-serialisable."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {
-        "size": [int(rle["size"][0]), int(rle["size"][1])],
-        "counts": rle["counts"].decode("ascii"),
-    }
 
 
 def write_voc_xml(path: str | Path, record: ImageRecord, classes: Sequence[str]) -> None:

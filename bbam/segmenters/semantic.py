@@ -11,16 +11,14 @@ Supervision:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.models import resnet18
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation import (
@@ -31,20 +29,20 @@ from torchvision.models.segmentation import (
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from tqdm import tqdm
 
-from bbam.data.images import load_rgb
-from bbam.data.palette import load_index_png
+from bbam import training as T
+from bbam.data.images import load_tensor
+from bbam.data.palette import IGNORE_LABEL
 from bbam.data.records import DataError, ImageRecord, SkipReport
-from bbam.pseudo_labels import mark_crowd_ignore
-from bbam.segmenters import training as T
+from bbam.device import resolve_device
+from bbam.segmenters.targets import SUPERVISIONS, semantic_target
 
-IGNORE_INDEX = 255
 ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50", "resnet101")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class SemanticTrainConfig:
+class SemanticTrainConfig(T.TrainSchedule):
     """DeepLabV3 training knobs; defaults are the small CPU setting (params.yaml overrides)."""
 
     arch: str = "resnet18"  # resnet18 (dilated, OS16, assembled here) | mobilenet_v3_large | ...
@@ -53,29 +51,16 @@ class SemanticTrainConfig:
     weights_backbone: str | None = None
     scale: float = 0.5  # images (and labels, nearest) are resized by this for training + inference
     crop_size: int = 96  # random crop after scaling, padded with ignore where the image is smaller
+    # schedule (the rest: T.TrainSchedule)
     epochs: int = 5
     batch_size: int = 8
     lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
     lr_steps: tuple[int, ...] = (4,)
-    lr_gamma: float = 0.1
-    clip_grad_norm: float | None = 10.0
     warmup_iters: int = 20
     warmup_factor: float = 0.01
-    hflip: bool = True
-    amp: bool = True
-    device: str = "auto"
-    num_workers: int = 0
-    seed: int = 0
-    max_iters_per_epoch: int | None = None
-    log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"SemanticTrainConfig.arch: {self.arch!r} not in {ARCHS}")
-        if self.supervision not in ("full", "bbam", "box"):
-            raise ValueError(f"SemanticTrainConfig.supervision: {self.supervision!r}")
+        T.check_choices(self, arch=ARCHS, supervision=SUPERVISIONS)
 
 
 class SemanticNet(nn.Module):
@@ -132,57 +117,6 @@ def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> Seman
 # ----------------------------------------------------------------------------- targets
 
 
-def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
-    """HxW uint8 class map from a record's instances: GT masks, or boxes (largest drawn first).
-
-    Crowd regions are 255 (ignored by the loss and by the evaluation)."""
-    out = np.zeros((record.height, record.width), dtype=np.uint8)
-    instances = [i for i in record.instances if not i.iscrowd]
-    if source == "box":
-        areas = [float((i.box[2] - i.box[0]) * (i.box[3] - i.box[1])) for i in instances]
-        for k in np.argsort(areas, kind="stable")[::-1]:
-            inst = instances[k]
-            x1, y1 = max(0, math.floor(inst.box[0])), max(0, math.floor(inst.box[1]))
-            x2 = min(record.width, math.ceil(inst.box[2]))
-            y2 = min(record.height, math.ceil(inst.box[3]))
-            out[y1:y2, x1:x2] = inst.label
-        return mark_crowd_ignore(out, record.instances)
-    for inst in instances:
-        mask = inst.mask
-        if mask is None:
-            raise DataError(f"{record.path}: instance {inst.instance_id} has no GT mask")
-        out[mask] = inst.label
-    return mark_crowd_ignore(out, record.instances)
-
-
-def semantic_target(
-    record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
-) -> np.ndarray | str:
-    """The training label map for one record, or a skip reason."""
-    if supervision == "bbam":
-        if pseudo_dir is None:
-            raise ValueError("supervision 'bbam' needs the pseudo label directory")
-        path = Path(pseudo_dir) / f"{record.image_id}.png"
-        if not path.is_file():
-            return "no pseudo label PNG"
-        label = load_index_png(path)
-    elif (
-        supervision == "full"
-        and gt_dir is not None
-        and (Path(gt_dir) / f"{record.image_id}.png").is_file()
-    ):
-        label = load_index_png(Path(gt_dir) / f"{record.image_id}.png")
-    elif supervision == "full":
-        if any(not i.has_mask for i in record.instances if not i.iscrowd):
-            return "instance without GT mask (full supervision)"
-        label = render_label_map(record, "mask")
-    else:
-        label = render_label_map(record, "box")
-    if label.shape != (record.height, record.width):
-        return "label map size differs from image size"
-    return label
-
-
 def _scaled_size(hw: tuple[int, ...], scale: float) -> tuple[int, int]:
     return max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
 
@@ -226,7 +160,7 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
         label = semantic_target(record, *self.args)
         if isinstance(label, str):
             raise DataError(f"{record.path}: {label}")
-        image = torch.from_numpy(np.array(load_rgb(record.path))).permute(2, 0, 1).float() / 255.0
+        image = load_tensor(record.path)
         target = torch.from_numpy(label.astype(np.int64))
         if self.scale != 1.0:
             size = _scaled_size(target.shape, self.scale)
@@ -238,7 +172,7 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
         ph, pw = max(0, self.crop - h), max(0, self.crop - w)
         if ph or pw:
             image = F.pad(image, (0, pw, 0, ph), value=0.0)
-            target = F.pad(target, (0, pw, 0, ph), value=IGNORE_INDEX)
+            target = F.pad(target, (0, pw, 0, ph), value=IGNORE_LABEL)
         h, w = target.shape
         y = int(torch.randint(0, h - self.crop + 1, ()))
         x = int(torch.randint(0, w - self.crop + 1, ()))
@@ -252,15 +186,6 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- train / infer
 
 
-@dataclass
-class SemanticTrainResult:
-    model: SemanticNet
-    out_dir: Path
-    losses: list[float] = field(default_factory=list)
-    start_epoch: int = 0
-    skipped: SkipReport = field(default_factory=SkipReport)
-
-
 def train_semantic(
     records: list[ImageRecord],
     classes: list[str],
@@ -269,11 +194,11 @@ def train_semantic(
     pseudo_dir: str | Path | None = None,
     gt_dir: str | Path | None = None,
     progress: bool = True,
-) -> SemanticTrainResult:
+) -> T.TrainResult:
     """Train DeepLabV3 (CE, ignore 255) and write model.pt + per-epoch checkpoints + JSONL log."""
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
-    device = T.resolve_device(config.device)
+    device = resolve_device(config.device)
     pdir = Path(pseudo_dir) if pseudo_dir is not None else None
     gdir = Path(gt_dir) if gt_dir is not None else None
     skipped = SkipReport()
@@ -296,50 +221,24 @@ def train_semantic(
     files = [p for p in pngs if p.is_file()] + [config.weights, config.weights_backbone]
     extra["data"] = T.data_digest(records, files)
     setup = T.setup_training(model, config, len(dataset), out_dir, device, extra, skipped)
-    optimizer, scheduler, scaler = setup.optimizer, setup.scheduler, setup.scaler
-    iters, use_amp, log = setup.iters, setup.use_amp, setup.log
-    result = SemanticTrainResult(model, out_dir, [], setup.start_epoch, skipped)
-    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    for epoch in range(setup.start_epoch, config.epochs):
-        model.train()
-        gen = T.seed_epoch(config.seed, epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=gen,
-            num_workers=config.num_workers,
-            drop_last=len(dataset) % config.batch_size == 1,  # BN in ASPP pooling needs 2+
-        )
-        bar = tqdm(loader, total=iters, desc=f"deeplab epoch {epoch}", disable=not progress)
-        t0 = time.time()
-        for it, (images, targets) in enumerate(bar):
-            if it >= iters:
-                break
-            images, targets = images.to(device), targets.to(device)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                logits = model(images)
-            loss = criterion(logits.float(), targets)
-            if not math.isfinite(loss.item()):
-                if (targets == IGNORE_INDEX).all():
-                    continue  # an all-ignore crop carries no signal (CE returns nan)
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} iter {it}")
-            T.optimizer_step(model, optimizer, scheduler, scaler, loss, config.clip_grad_norm)
-            result.losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if it % config.log_every == 0 or it == iters - 1:
-                log.write(
-                    {
-                        "epoch": epoch,
-                        "iter": it,
-                        "loss": round(loss.item(), 5),
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "elapsed_s": round(time.time() - t0, 2),
-                    }
-                )
-        T.save_checkpoint(out_dir, setup.params_hash, epoch, model, optimizer, scheduler, scaler)
-    T.save_model(out_dir, model, classes, config)
-    return result
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL)
+
+    def step_loss(batch, epoch: int, it: int):
+        images, targets = batch[0].to(device), batch[1].to(device)
+        with torch.autocast(device_type=device.type, enabled=setup.use_amp):
+            logits = model(images)
+        loss = criterion(logits.float(), targets)
+        if not math.isfinite(loss.item()):
+            if (targets == IGNORE_LABEL).all():
+                return None, {}  # an all-ignore crop carries no signal (CE returns nan)
+            raise FloatingPointError(f"non-finite loss at epoch {epoch} iter {it}")
+        return loss, {}
+
+    losses = T.run_epochs(
+        model, dataset, config, setup, out_dir, classes, step_loss, "deeplab", progress,
+        drop_last=len(dataset) % config.batch_size == 1,  # BN in ASPP pooling needs 2+
+    )  # fmt: skip
+    return T.TrainResult(model, out_dir, losses, setup.start_epoch, skipped)
 
 
 def load_semantic_model(
@@ -362,10 +261,10 @@ def predict_semantic(
 
     `scale` must be the training config's: the image is resized by it, logits go back bilinearly.
     """
-    dev = T.resolve_device(device)
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     for record in tqdm(records, desc="deeplab predict", disable=not progress):
-        image = torch.from_numpy(np.array(load_rgb(record.path))).permute(2, 0, 1).float() / 255.0
+        image = load_tensor(record.path)
         image = image[None].to(dev)
         size = image.shape[-2:]
         if scale != 1.0:

@@ -1,4 +1,6 @@
-"""Loop plumbing shared by both segmenters: schedule, atomic checkpoints, JSONL log, hashing."""
+"""Training plumbing shared by the detector and both segmenters: optimizer, schedule, AMP
+step, atomic checkpoints (``epoch`` = the last finished epoch; a resume starts at +1), the
+``model.pt`` format ``{"model", "meta"}``, the JSONL log and the resume hash."""
 
 from __future__ import annotations
 
@@ -6,11 +8,14 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from bbam.atomic import atomic_torch_save
 from bbam.checkpoint import load_weights, resume_checkpoint
@@ -23,17 +28,30 @@ LOG_NAME = "train_log.jsonl"
 NOT_HASHED = frozenset({"device", "num_workers", "log_every"})
 
 
-def build_config(cls: type, params: dict[str, Any] | None) -> Any:
-    """`cls(**params)` with a clear error naming unknown keys (dataclass would say less)."""
-    params = dict(params or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known: {sorted(known)}")
-    for f in dataclasses.fields(cls):
-        if f.name in params and isinstance(params[f.name], list):
-            params[f.name] = tuple(params[f.name])
-    return cls(**params)
+@dataclasses.dataclass(frozen=True)
+class TrainSchedule:
+    """The optimiser/loop knobs both segmenter configs share (their own dataclass adds the
+    model, the data and the schedule numbers whose defaults differ)."""
+
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_gamma: float = 0.1
+    clip_grad_norm: float | None = 10.0
+    hflip: bool = True
+    amp: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    max_iters_per_epoch: int | None = None
+    log_every: int = 10
+
+
+def check_choices(config: Any, **allowed: Iterable[str]) -> None:
+    """Raise ValueError naming ``<Config>.<field>`` when a field is not one of its choices."""
+    for name, choices in allowed.items():
+        value = getattr(config, name)
+        if value not in tuple(choices):
+            raise ValueError(f"{type(config).__name__}.{name}: {value!r} not in {tuple(choices)}")
 
 
 def params_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
@@ -70,12 +88,6 @@ def data_digest(records: list[ImageRecord], files: Iterable[str | Path | None] =
             while block := handle.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()[:16]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_weights_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -143,7 +155,8 @@ def optimizer_step(
     loss: torch.Tensor,
     clip_grad_norm: float | None,
 ) -> None:
-    """Backward through the (possibly disabled) AMP scaler, optional clipping, step, schedule."""
+    """Backward through the (possibly disabled) AMP scaler, optional clipping (None or 0: off),
+    step, then one step of the per-iteration ``scheduler`` (None: no per-iteration schedule)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_grad_norm:
@@ -151,7 +164,8 @@ def optimizer_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
 def make_optimizer(
@@ -275,8 +289,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any,
+    **numbers: float,
 ) -> None:
+    """An atomic ``checkpoint.pt``; ``epoch`` is the last finished one (a resume runs +1).
+    ``numbers`` (e.g. ``train_seconds``) are stored beside it."""
     state = {
+        **numbers,
         "params_hash": phash,
         "epoch": epoch,
         "model": model.state_dict(),
@@ -285,6 +303,86 @@ def save_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else {},
     }
     atomic_torch_save(state, Path(out_dir) / CHECKPOINT_NAME)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a segmenter's training returns: the model, where it was written, every step's
+    loss, the epoch it started at (> 0 after a resume) and the records it skipped."""
+
+    model: torch.nn.Module
+    out_dir: Path
+    losses: list[float] = dataclasses.field(default_factory=list)
+    start_epoch: int = 0
+    skipped: SkipReport = dataclasses.field(default_factory=SkipReport)
+
+
+def run_epochs(
+    model: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    config: Any,
+    setup: TrainingSetup,
+    out_dir: Path,
+    classes: list[str],
+    step_loss: Callable[[Any, int, int], tuple[torch.Tensor | None, dict[str, float]]],
+    desc: str,
+    progress: bool = True,
+    **loader_kwargs: Any,
+) -> list[float]:
+    """The epoch loop both segmenters train with; returns the loss of every step.
+
+    Each epoch shuffles with its own seeded generator (a redone epoch sees the same order),
+    runs at most ``setup.iters`` steps, then writes the checkpoint (epoch = the last finished
+    one); the end writes ``model.pt``. ``step_loss(batch, epoch, iter)`` returns the loss to
+    step on (None: skip the batch) and the extra loss terms to log. ``loader_kwargs`` go to
+    the DataLoader (``collate_fn``, ``drop_last``).
+    """
+    losses: list[float] = []
+    for epoch in range(setup.start_epoch, config.epochs):
+        model.train()
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=seed_epoch(config.seed, epoch),
+            num_workers=config.num_workers,
+            **loader_kwargs,
+        )
+        bar = tqdm(loader, total=setup.iters, desc=f"{desc} epoch {epoch}", disable=not progress)
+        t0 = time.time()
+        for it, batch in enumerate(bar):
+            if it >= setup.iters:
+                break
+            loss, terms = step_loss(batch, epoch, it)
+            if loss is None:
+                continue
+            optimizer_step(
+                model, setup.optimizer, setup.scheduler, setup.scaler, loss, config.clip_grad_norm
+            )
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if it % config.log_every == 0 or it == setup.iters - 1:
+                setup.log.write(
+                    {
+                        **terms,
+                        "epoch": epoch,
+                        "iter": it,
+                        "loss": round(loss.item(), 5),
+                        "lr": setup.optimizer.param_groups[0]["lr"],
+                        "elapsed_s": round(time.time() - t0, 2),
+                    }
+                )
+        save_checkpoint(
+            out_dir,
+            setup.params_hash,
+            epoch,
+            model,
+            setup.optimizer,
+            setup.scheduler,
+            setup.scaler,
+        )
+    save_model(out_dir, model, classes, config)
+    return losses
 
 
 def save_model(out_dir: Path, model: torch.nn.Module, classes: list[str], config: Any) -> None:

@@ -1,0 +1,169 @@
+"""What each supervision trains the segmenters on.
+
+``full`` = GT masks (the upper bound), ``bbam`` = the pseudo labels of the pseudo_labels
+stage, ``box`` = filled boxes (the baseline). Instance targets are encoded masks (see
+``bbam.segmenters.mask_loss``); semantic targets are class maps with
+``bbam.data.palette.IGNORE_LABEL`` (255) where the loss ignores a pixel.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bbam.data.coco import decode_segmentation
+from bbam.data.masks import box_region, box_slices
+from bbam.data.palette import load_index_png
+from bbam.data.records import DataError, ImageRecord
+from bbam.pseudo_labels import mark_crowd_ignore
+from bbam.segmenters.mask_loss import MASK_FG, MASK_IGNORE
+
+SUPERVISIONS = ("full", "bbam", "box")  # the order of params, tables and reports
+
+
+@dataclass
+class PseudoGT:
+    """Instance pseudo GT indexed by image key (file stem and str(id)); annotations kept as RLE."""
+
+    path: Path
+    images: dict[str, dict[str, Any]]
+    anns: dict[int, list[dict[str, Any]]]
+    cat_to_label: dict[int, int]
+
+    def lookup(self, record: ImageRecord) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        for key in (record.image_id, record.path.stem, record.path.name):
+            if key in self.images:
+                image = self.images[key]
+                return image, self.anns.get(image["id"], [])
+        return None
+
+
+def load_pseudo_gt(path: str | Path, classes: list[str]) -> PseudoGT:
+    """Read a pseudo-GT COCO JSON; categories are mapped to labels by name (else by id)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: pseudo GT JSON not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        images, anns, cats = data["images"], data["annotations"], data.get("categories", [])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a COCO instances JSON ({exc})") from exc
+    cat_to_label: dict[int, int] = {}
+    for cat in cats:
+        name = cat.get("name")
+        if name in classes:
+            cat_to_label[int(cat["id"])] = classes.index(name) + 1
+        elif 1 <= int(cat["id"]) <= len(classes):
+            cat_to_label[int(cat["id"])] = int(cat["id"])
+        else:
+            raise DataError(f"{path}: category {cat} matches no dataset class")
+    index: dict[str, dict[str, Any]] = {}
+    for image in images:
+        index[str(image["id"])] = image
+        if "file_name" in image:
+            index[Path(image["file_name"]).stem] = image
+            index[Path(image["file_name"]).name] = image
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in anns:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    return PseudoGT(path, index, by_image, cat_to_label)
+
+
+def instance_targets(
+    record: ImageRecord, supervision: str, pseudo: PseudoGT | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+    """(boxes (n,4) xyxy, labels (n,), encoded masks (n,H,W) uint8) or a skip reason."""
+    h, w = record.height, record.width
+    boxes, labels, masks = [], [], []
+    if supervision == "bbam":
+        if pseudo is None:
+            raise ValueError("supervision 'bbam' needs a pseudo GT JSON")
+        found = pseudo.lookup(record)
+        if found is None:
+            return "no pseudo labels for image"
+        image, anns = found
+        h, w = int(image.get("height", h)), int(image.get("width", w))
+        for ann in anns:
+            if ann.get("iscrowd"):
+                continue
+            where = f"{pseudo.path} annotation {ann.get('id')}"
+            fg = decode_segmentation(ann["segmentation"], h, w, where)
+            enc = fg.astype(np.uint8) * MASK_FG
+            if ann.get("ignore") is not None:
+                ign = decode_segmentation(ann["ignore"], h, w, where + " (ignore)")
+                enc[ign & ~fg] = MASK_IGNORE
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            boxes.append([x, y, x + bw, y + bh])
+            labels.append(pseudo.cat_to_label[int(ann["category_id"])])
+            masks.append(enc)
+    else:
+        for inst in record.instances:
+            if inst.iscrowd:
+                continue
+            if supervision == "full":
+                if not inst.has_mask:
+                    return "instance without GT mask (full supervision)"
+                enc = inst.mask.astype(np.uint8)
+            else:
+                enc = box_region(inst.box, h, w).astype(np.uint8)
+            boxes.append(np.asarray(inst.box, dtype=np.float32).tolist())
+            labels.append(int(inst.label))
+            masks.append(enc)
+    if (h, w) != (record.height, record.width):
+        return "pseudo label size differs from image size"
+    boxes_np = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    keep = (boxes_np[:, 2] > boxes_np[:, 0] + 1e-3) & (boxes_np[:, 3] > boxes_np[:, 1] + 1e-3)
+    masks_np = np.stack(masks) if masks else np.zeros((0, h, w), dtype=np.uint8)
+    return boxes_np[keep], np.asarray(labels, dtype=np.int64)[keep], masks_np[keep]
+
+
+def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
+    """HxW uint8 class map from a record's instances: GT masks, or boxes (largest drawn first).
+
+    Crowd regions are 255 (ignored by the loss and by the evaluation)."""
+    out = np.zeros((record.height, record.width), dtype=np.uint8)
+    instances = [i for i in record.instances if not i.iscrowd]
+    if source == "box":
+        areas = [float((i.box[2] - i.box[0]) * (i.box[3] - i.box[1])) for i in instances]
+        for k in np.argsort(areas, kind="stable")[::-1]:
+            inst = instances[k]
+            out[box_slices(inst.box, record.height, record.width)] = inst.label
+        return mark_crowd_ignore(out, record.instances)
+    for inst in instances:
+        mask = inst.mask
+        if mask is None:
+            raise DataError(f"{record.path}: instance {inst.instance_id} has no GT mask")
+        out[mask] = inst.label
+    return mark_crowd_ignore(out, record.instances)
+
+
+def semantic_target(
+    record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
+) -> np.ndarray | str:
+    """The training label map for one record, or a skip reason."""
+    if supervision == "bbam":
+        if pseudo_dir is None:
+            raise ValueError("supervision 'bbam' needs the pseudo label directory")
+        path = Path(pseudo_dir) / f"{record.image_id}.png"
+        if not path.is_file():
+            return "no pseudo label PNG"
+        label = load_index_png(path)
+    elif (
+        supervision == "full"
+        and gt_dir is not None
+        and (Path(gt_dir) / f"{record.image_id}.png").is_file()
+    ):
+        label = load_index_png(Path(gt_dir) / f"{record.image_id}.png")
+    elif supervision == "full":
+        if any(not i.has_mask for i in record.instances if not i.iscrowd):
+            return "instance without GT mask (full supervision)"
+        label = render_label_map(record, "mask")
+    else:
+        label = render_label_map(record, "box")
+    if label.shape != (record.height, record.width):
+        return "label map size differs from image size"
+    return label

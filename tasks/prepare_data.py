@@ -1,0 +1,74 @@
+"""Prefect tasks of the prepare_data stage: prepare the dataset, VOC -> COCO JSON, summaries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import task
+
+from bbam.data.prepare import prepare_dataset, summarize_split
+from bbam.data.records import DataError
+from bbam.data.voc import read_voc
+from bbam.data.writers import write_coco_json
+from tasks.caching import stage_cache
+from tasks.params import METRICS_DIR, split_paths
+
+
+def cached_in_data_root(params: dict) -> dict:
+    """``with_options`` for this stage's tasks: cache them (``tasks.caching``) with results in
+    the dataset's own folder, so that deleting the data also drops the cache."""
+    root = Path(params["data"].get("root") or METRICS_DIR)
+    return stage_cache("prepare_data", root)
+
+
+@task(name="prepare-dataset", retries=2, retry_delay_seconds=10)
+def prepare(params: dict) -> dict:
+    data = params["data"]
+    if data["name"] == "custom":
+        return {}
+    root = Path(data["root"])
+    archives = Path(data["archives_dir"]) if data.get("archives_dir") else None
+    return prepare_dataset(
+        data["name"],
+        root,
+        archives,
+        Path(data.get("download_dir") or root.parent / "downloads"),
+        synthetic=params.get("synthetic"),
+    )
+
+
+@task(name="voc-to-coco")
+def voc_to_coco(params: dict) -> None:
+    """Write VOC splits as COCO JSON (the format later stages read), unless present.
+
+    ``data.<split>_voc_split`` names the VOC split (``train_aug`` needs ``<root>/SBD``);
+    ``file_name``s are relative to ``data.<split>_images``, which must hold the split's images
+    (``<root>/VOC2012/JPEGImages``; every train_aug image is there).
+    """
+    root = Path(os.path.abspath(params["data"]["root"]))
+    sbd = root / "SBD" if (root / "SBD").exists() else None
+    for split in ("train", "val"):
+        annotation_json, image_root = split_paths(params, split)
+        if annotation_json.exists():
+            continue
+        voc_split = params["data"].get(f"{split}_voc_split", split)
+        dataset = read_voc(root, voc_split, sbd_root=sbd)
+        image_root = Path(os.path.abspath(image_root))
+        for record in dataset.records:
+            if not Path(record.path).is_relative_to(image_root):
+                raise DataError(
+                    f"data.{split}_images={image_root} does not hold "
+                    f"{record.path} (VOC images are in <data.root>/VOC2012/JPEGImages)"
+                )
+        write_coco_json(annotation_json, dataset, image_root=image_root)
+
+
+@task(name="summarise-splits")
+def summarise(params: dict) -> dict:
+    """Counts, skips and repairs per split; every image is decoded once (cached by size/mtime)."""
+    workers = int(params["data"].get("verify_workers", 0))
+    return {
+        s: summarize_split(*split_paths(params, s), workers=workers, progress=True)
+        for s in ("train", "val")
+    }
