@@ -100,17 +100,17 @@ def test_the_recipe_generates_trains_and_exports(tmp_path, monkeypatch):
 
 
 def test_fine_tuning_from_pretrained_weights_resumes_after_a_kill(tmp_path, monkeypatch):
-    from test_detector import CLASSES, _shapes_records, _tiny_config
+    from helpers.builders import CLASSES, shapes_records, tiny_detector_config
 
     from bbam.data.records import Dataset
 
-    records = _shapes_records(tmp_path / "img", 4, seed=1)
+    records = shapes_records(tmp_path / "img", 4, seed=1)
     train, val = Dataset(CLASSES, records), Dataset(CLASSES, records[:2])
-    config = _tiny_config(epochs=2)
+    config = tiny_detector_config(epochs=2)
     torch.manual_seed(7)
     pretrained = td.detector_from_config(config, len(CLASSES) + 1)
     export_fp16(pretrained.state_dict(), tmp_path / "pre.pt", {})
-    config = _tiny_config(epochs=2, weights=str(tmp_path / "pre.pt"))
+    config = tiny_detector_config(epochs=2, weights=str(tmp_path / "pre.pt"))
     real = td.train_one_epoch
     starts, killed = [], []
 
