@@ -57,15 +57,13 @@ def split_paths(params: dict, split: str) -> tuple[Path, Path]:
     return Path(data[f"{split}_json"]), Path(data[f"{split}_images"])
 
 
-def load_split(params: dict, split: str, with_masks: bool = True, drop_unreadable: bool = True):
-    """A split, by default without the images prepare_data found unreadable (counted in
-    `skipped`); attribution keeps them to record their instances as skipped."""
+def load_split(params: dict, split: str, with_masks: bool = True):
+    """A split without the images prepare_data found unreadable (counted in `skipped`)."""
     from bbam.data.coco import read_coco
-    from bbam.data.verify import drop_unreadable as drop
+    from bbam.data.verify import drop_unreadable
 
     annotation_json, image_root = split_paths(params, split)
-    dataset = read_coco(annotation_json, image_root, with_masks=with_masks)
-    return drop(dataset) if drop_unreadable else dataset
+    return drop_unreadable(read_coco(annotation_json, image_root, with_masks=with_masks))
 
 
 def configure_runtime(params: dict) -> None:

@@ -63,8 +63,7 @@ def attribute_shard(params_path: str, shard: int, out_dir: str, params_hash: str
     """Attribute the pending instances of one shard; the manifest makes it resumable."""
     params = load_params(params_path)
     section = params["attribution"]
-    # boxes are the input; unreadable images stay: their instances get skipped rows
-    dataset = load_split(params, section["split"], with_masks=False, drop_unreadable=False)
+    dataset = load_split(params, section["split"], with_masks=False)  # boxes are the input
     num_shards = int(section["num_shards"])
     device = torch_device(params.get("device", "auto"))
     config = engine_config(params)
