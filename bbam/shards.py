@@ -29,7 +29,7 @@ import torch
 
 from bbam import __version__
 from bbam.data.images import load_rgb
-from bbam.data.records import DataError, Dataset, ImageRecord, Instance
+from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.manifest import (
     REQUIRED,
     compact_shard,
@@ -66,7 +66,6 @@ class WorkItem:
 
 
 CROWD_SKIP = "iscrowd=1: a crowd region, not one object; not attributed"
-UNREADABLE_SKIP = "unreadable image, not attributed"
 
 
 def plan_shard(dataset: Dataset, shard: int, num_shards: int) -> list[tuple[ImageRecord, Instance]]:
@@ -194,9 +193,8 @@ def run_shard(
     """Attribute every pending instance of ``shard``; returns counts for the summary.
 
     A chunk that raises is recorded as failed (with the error text) for each of
-    its instances and the shard goes on. An image that cannot be read (missing or
-    corrupt: DataError) gets ``skipped`` rows naming it; other load errors fail only its
-    own instances. Crowd regions get a ``skipped`` row with the reason.
+    its instances and the shard goes on. An image that cannot be read fails only
+    its own instances. Crowd regions get a ``skipped`` row with the reason.
     ``should_stop`` is asked before each chunk (a SIGTERM from a scheduler): when
     it says so, the shard stops with its finished chunks on disk, uncompacted, and
     the summary says ``interrupted``. Files that could not be
@@ -230,10 +228,7 @@ def run_shard(
                 readable.append(item)
             except Exception as exc:  # recorded per instance, never fatal for the shard
                 row = _base_row(item, shard, dataset.classes, params_hash, run_id)
-                if isinstance(exc, DataError):  # missing or corrupt: a retry reads the same
-                    row.update(status="skipped", error=f"{UNREADABLE_SKIP}: {exc}")
-                else:
-                    row.update(status="failed", error=str(exc))
+                row.update(status="failed", error=str(exc))
                 rows.append(row)
                 grids.append(None)
         if readable:

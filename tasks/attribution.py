@@ -74,8 +74,7 @@ class ShardInterrupted(RuntimeError):
 def attribute_shard(params: dict, shard: int, out_dir: str, params_hash: str) -> dict:
     """Attribute the pending instances of one shard; the manifest makes it resumable."""
     section = params["attribution"]
-    # boxes are the input; unreadable images stay: their instances get skipped rows
-    dataset = load_split(params, section["split"], with_masks=False, drop_unreadable=False)
+    dataset = load_split(params, section["split"], with_masks=False)  # boxes are the input
     num_shards = int(section["num_shards"])
     device = resolve_device(top_level(params)["device"])
     config = engine_config(params)

@@ -176,22 +176,20 @@ def test_failures_are_recorded_and_retried_up_to_a_bound(tmp_path):
         dataset, 0, 1, shard_dir, CountingChunk(fail_keys={"im2/0"}), "h", chunk_size=1
     )
     rows = {r["key"]: r for r in read_shard(shard_dir).to_pylist()}
-    # A corrupt image reads the same on every try: its instances are skipped, naming it.
-    assert rows["im1/0"]["status"] == "skipped" and "img1.png" in rows["im1/0"]["error"]
-    assert rows["im1/0"]["error"].startswith("unreadable image, not attributed")
+    assert rows["im1/0"]["status"] == "failed" and "img1.png" in rows["im1/0"]["error"]
     assert rows["im2/0"]["status"] == "failed" and "engine failed" in rows["im2/0"]["error"]
-    assert summary["failed"] == 2 and summary["skipped"] == 2 and summary["ok"] == 4
+    assert summary["failed"] == 4 and summary["ok"] == 4  # im1 has 2 instances; im2's chunk has 2
 
     retry = CountingChunk()
     run_shard(dataset, 0, 1, shard_dir, retry, "h", chunk_size=1, max_attempts=2)
-    assert set(retry.seen) == {"im2/0", "im2/1"}  # the engine failure is retried once
+    assert set(retry.seen) == {"im2/0", "im2/1"}  # the unreadable image still fails, retried once
     rows = {r["key"]: r for r in read_shard(shard_dir).to_pylist()}
     assert rows["im2/0"]["status"] == "ok" and rows["im2/0"]["attempt"] == 2
-    assert rows["im1/0"]["status"] == "skipped" and rows["im1/0"]["attempt"] == 1
+    assert rows["im1/0"]["status"] == "failed" and rows["im1/0"]["attempt"] == 2
 
     third = CountingChunk()
     summary = run_shard(dataset, 0, 1, shard_dir, third, "h", chunk_size=1, max_attempts=2)
-    assert third.seen == [] and summary["failed"] == 0 and summary["skipped"] == 2
+    assert third.seen == [] and summary["failed"] == 2
 
 
 def test_changed_params_hash_recomputes(tmp_path):
@@ -220,4 +218,4 @@ def test_merge_and_status_counts(tmp_path):
     merged = merge_manifests(dirs)
     assert merged.num_rows == 16
     counts = status_counts(merged)
-    assert counts["ok"] == 14 and counts["skipped"] == 2
+    assert counts["ok"] == 14 and counts["failed"] == 2
