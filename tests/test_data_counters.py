@@ -21,7 +21,8 @@ from PIL import Image
 
 from bbam.data.prepare import summary_line
 from bbam.data.records import DataError
-from flows.prepare_data import summarise, voc_to_coco
+from tasks.params import load_params
+from tasks.prepare_data import summarise, voc_to_coco
 
 
 def _unpack(archive: bytes, strip: str, dest: Path) -> None:
@@ -112,8 +113,8 @@ def test_voc_and_sbd_counters_reach_the_stage_summary(tmp_path, monkeypatch, cas
     counter = case.split()[0]
     voc, params_path = voc_tree(tmp_path)
     damage(voc)
-    voc_to_coco.fn(params_path)
-    summary = summarise.fn(params_path)
+    voc_to_coco.fn(load_params(params_path))
+    summary = summarise.fn(load_params(params_path))
     assert summary[split][kind] == {counter: 1}
     other = "skipped" if kind == "repaired" else "repaired"
     assert summary[split][other] == {}
@@ -162,7 +163,7 @@ COCO_CASES = {
 def test_coco_counters_reach_the_stage_summary(tmp_path, monkeypatch, counter):
     monkeypatch.chdir(tmp_path)
     annotations, kind = COCO_CASES[counter]
-    summary = summarise.fn(coco_split(tmp_path, annotations))
+    summary = summarise.fn(load_params(coco_split(tmp_path, annotations)))
     assert summary["train"][kind] == {counter: 1}
     assert f"{kind} {counter}=1" in summary_line(summary["train"])
 
@@ -172,7 +173,7 @@ def test_unreadable_image_reaches_the_stage_summary(tmp_path, monkeypatch):
     params_path = coco_split(tmp_path, [_ann(1)], images=3)
     image = tmp_path / "mydata" / "images" / "im2.png"
     image.write_bytes(image.read_bytes()[:60])  # truncated: the header still reads
-    summary = summarise.fn(params_path)
+    summary = summarise.fn(load_params(params_path))
     assert summary["train"]["skipped"] == {"unreadable_image": 1}
     assert summary["train"]["images"] == 3 and summary["train"]["images_verified"] == 3
     assert list(summary["train"]["unreadable_images"]) == [str(image)]
@@ -183,4 +184,4 @@ def test_unknown_category_in_custom_coco_stops_the_stage_naming_the_file(tmp_pat
     monkeypatch.chdir(tmp_path)
     params_path = coco_split(tmp_path, [_ann(1, category_id=7)])
     with pytest.raises(DataError, match=re.escape("train.json: annotation 1: unknown category")):
-        summarise.fn(params_path)
+        summarise.fn(load_params(params_path))

@@ -52,7 +52,14 @@ def custom_data_params(num_shards: int, chunk_size: int, iterations: int) -> dic
         "val_images": "mydata/images/val",
     }
     params["detector"].update(
-        epochs=1, min_size=64, max_size=96, lr=0.0, warmup_iters=1, lr_steps=[1], batch_size=4
+        epochs=1,
+        min_size=64,
+        max_size=96,
+        lr=0.0,
+        warmup_iters=1,
+        lr_steps=[1],
+        batch_size=4,
+        weights=None,  # its own classes; the demo's pretrained weights have the demo's
     )
     params["attribution"].update(
         num_shards=num_shards,
@@ -97,8 +104,9 @@ def write_custom_coco(root: Path) -> None:
 
 
 def copy_code(path: Path) -> None:
-    """A copy, not a symlink: DVC hashes the code folders as stage dependencies."""
-    for name in ("bbam", "flows", "tasks"):
+    """A copy, not a symlink: DVC hashes the code folders (and the committed pretrained
+    weights, a dependency of train_detector) as stage dependencies."""
+    for name in ("bbam", "flows", "tasks", "pretrained"):
         shutil.copytree(REPO / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
 
 
