@@ -121,17 +121,18 @@ def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
     from bbam.data.images import load_rgb
     from bbam.evaluate import records_with_gt_masks
     from bbam.report import attribution_heatmaps, pseudo_label_baselines
-    from bbam.segmenters.semantic import load_semantic_model, predict_semantic, render_label_map
-    from tasks.attribution import engine_config, shard_dir
+    from bbam.segmenters.semantic import load_semantic_model, predict_semantic
+    from bbam.segmenters.targets import render_label_map
+    from tasks.attribution import engine_config
     from tasks.evaluate import _pseudo_split
-    from tasks.params import load_split
-    from tasks.segmenters import SEGMENTERS_DIR, semantic_config
+    from tasks.params import ATTRIBUTION_DIR, SEGMENTERS_DIR, load_split, shard_dir
+    from tasks.segmenters import semantic_config
 
     section = params["attribution"]
     split = load_split(params, section["split"])
     by_id = {r.image_id: r for r in split.records}
     records = [by_id[s["name"]] for s in samples if s["name"] in by_id]
-    attribution = Path("runs/attribution")
+    attribution = ATTRIBUTION_DIR
     heat = attribution_heatmaps(
         records,
         pq.read_table(attribution / "manifest.parquet").to_pylist(),
