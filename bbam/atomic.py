@@ -6,6 +6,7 @@ none) plus no stray temp file. Every output file of the project goes through her
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -54,3 +55,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch  # not needed by the data-only users of this module
 
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (weights, annotation files, stage inputs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

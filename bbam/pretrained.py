@@ -9,22 +9,13 @@ sha256 so a damaged or swapped file is caught before it is fine-tuned.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bbam.atomic import atomic_torch_save, atomic_write_text
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from bbam.atomic import atomic_torch_save, atomic_write_text, file_sha256
 
 
 def record_path(weights: str | Path) -> Path:
@@ -42,7 +33,12 @@ def export_fp16(
     }
     path = Path(path)
     atomic_torch_save(half, path)
-    record = {**record, "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size}
+    record = {
+        **record,
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "bytes": path.stat().st_size,
+    }
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     atomic_write_text(record_path(path), text)
     return json.loads(text)  # what a reader of the record gets (tuples become lists)
@@ -67,7 +63,7 @@ def verify_weights(path: str | Path) -> dict | None:
         raise ValueError(f"{rec_path}: weights record has no sha256")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
-    actual = sha256_of(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise ValueError(
             f"{path}: sha256 {actual} does not match {expected} recorded in {rec_path} "

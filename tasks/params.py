@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from bbam.atomic import file_sha256  # noqa: F401  (re-exported: the stages hash their inputs)
+
 # The run-folder layout (dvc.yaml names the same folders as stage outs).
 DETECTOR_DIR = Path("runs/detector")
 ATTRIBUTION_DIR = Path("runs/attribution")
@@ -53,14 +55,6 @@ def params_digest(*sections: Any) -> str:
     """A stable digest of the params (and file digests) a result depends on."""
     blob = json.dumps(sections, sort_keys=True, default=str).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def split_paths(params: dict, split: str) -> tuple[Path, Path]:

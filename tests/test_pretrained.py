@@ -8,8 +8,9 @@ import torch
 import yaml
 
 import bbam.train_detector as td
+from bbam.atomic import file_sha256
 from bbam.detector import build_detector
-from bbam.pretrained import export_fp16, record_path, sha256_of, verify_weights
+from bbam.pretrained import export_fp16, record_path, verify_weights
 from flows.pretrain_detector import pretrain
 from tasks.detector import detector_config
 
@@ -37,7 +38,7 @@ def _tiny_model(num_classes: int = 3) -> torch.nn.Module:
 def test_export_is_fp16_and_verified_by_its_record(tmp_path):
     model = _tiny_model()
     record = export_fp16(model.state_dict(), tmp_path / "w.pt", {"box_ap50": 0.5})
-    assert record["sha256"] == sha256_of(tmp_path / "w.pt")
+    assert record["sha256"] == file_sha256(tmp_path / "w.pt")
     saved = torch.load(tmp_path / "w.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in saved.values() if v.is_floating_point())
     assert verify_weights(tmp_path / "w.pt")["box_ap50"] == 0.5
