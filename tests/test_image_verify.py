@@ -16,8 +16,8 @@ from PIL import Image
 import bbam.data.verify as verify
 from bbam.data.images import image_size
 from bbam.data.torch_dataset import DetectionDataset
-from flows.prepare_data import summarise
-from tasks.params import load_split
+from tasks.params import load_params, load_split
+from tasks.prepare_data import summarise
 
 
 def _jpeg(path: Path, seed: int = 0) -> Path:
@@ -114,7 +114,7 @@ def test_later_stages_drop_what_the_data_stage_found_and_loaders_do_not_crash(
     monkeypatch.chdir(tmp_path)
     params = _custom_split(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    summary = summarise.fn("params.yaml")
+    summary = summarise.fn(load_params("params.yaml"))
     assert len(summary["train"]["unreadable_images"]) == 3 and summary["train"]["images"] == 4
     assert verify.unreadable_limit_error(summary, verify.unreadable_limits(params["data"]))
 
