@@ -10,18 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers.project_env import project_env
+from helpers.project_env import CATEGORIES, project_env, write_custom_coco
 
-from bbam.data.records import Dataset
-from bbam.data.synthetic import SyntheticConfig, generate_synthetic
-from bbam.data.voc import read_voc
-from bbam.data.writers import write_coco_json
+from bbam.data.synthetic import SyntheticConfig
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = "data/mine"  # git-ignored (/data/), as a user's images would be
-CATEGORIES = ["kiwi", "lemon", "mango", "plum"]
 
 
 def _env(project: Path) -> dict:
@@ -43,23 +39,8 @@ def _run(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _write_coco(root: Path) -> None:
     """A small COCO set with its own category names; plus a 2-image subset of train."""
-    generate_synthetic(
-        root / "gen", SyntheticConfig(num_train=4, num_val=2, image_size=(48, 64), seed=1)
-    )
-    for split in ("train", "val"):
-        ds = read_voc(root / "gen", split, classes=["ring", "star", "crescent", "cross"])
-        images = root / "images" / split
-        images.mkdir(parents=True)
-        for record in ds.records:
-            target = images / record.path.name
-            shutil.copy(record.path, target)
-            record.path = target
-        write_coco_json(
-            root / "annotations" / f"instances_{split}.json",
-            Dataset(CATEGORIES, ds.records),
-            image_root=images,
-        )
-    shutil.rmtree(root / "gen")
+    config = SyntheticConfig(num_train=4, num_val=2, image_size=(48, 64), seed=1)
+    write_custom_coco(root, config, category_ids=None)
     coco = json.loads((root / "annotations/instances_train.json").read_text())
     keep = {image["id"] for image in coco["images"][:2]}
     coco["images"] = [i for i in coco["images"] if i["id"] in keep]

@@ -19,6 +19,7 @@ from bbam.data.writers import write_coco_json
 REPO = Path(__file__).resolve().parents[2]
 CATEGORIES = ["kiwi", "lemon", "mango", "plum"]
 CATEGORY_IDS = [3, 17, 40, 41]
+CUSTOM_DATA = SyntheticConfig(num_train=10, num_val=5, image_size=(64, 96), seed=3)
 
 
 def project_env(project: Path) -> dict[str, str]:
@@ -81,11 +82,13 @@ def custom_data_params(num_shards: int, chunk_size: int, iterations: int) -> dic
     return params
 
 
-def write_custom_coco(root: Path) -> None:
-    """A small COCO dataset with its own category names and ids."""
-    generate_synthetic(
-        root / "gen", SyntheticConfig(num_train=10, num_val=5, image_size=(64, 96), seed=3)
-    )
+def write_custom_coco(
+    root: Path,
+    config: SyntheticConfig = CUSTOM_DATA,
+    category_ids: list[int] | None = CATEGORY_IDS,
+) -> None:
+    """A small COCO dataset with its own category names (and, by default, its own ids)."""
+    generate_synthetic(root / "gen", config)
     for split in ("train", "val"):
         ds = read_voc(root / "gen", split, classes=["ring", "star", "crescent", "cross"])
         images = root / "images" / split
@@ -98,7 +101,7 @@ def write_custom_coco(root: Path) -> None:
             root / "annotations" / f"instances_{split}.json",
             Dataset(CATEGORIES, ds.records),
             image_root=images,
-            category_ids=CATEGORY_IDS,
+            category_ids=category_ids,
         )
     shutil.rmtree(root / "gen")
 
