@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench.results import RESULTS, merge_results
+from flows.show_metrics import no_positive_percent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,11 +100,10 @@ def demo_quality_object(metrics_dir: Path = ROOT / "metrics") -> dict:
 
     detector, attribution = load("detector"), load("attribution")
     pseudo, evaluation = load("pseudo_labels"), load("evaluation")
-    counted = sum(attribution.get(k) or 0 for k in ("ok", "no_positive", "failed"))
     return {
         "detector_ap50": round(100 * detector["box_ap50"], 2),
         "no_positive_fraction": (
-            round(100 * attribution["no_positive"] / counted, 2) if counted else None
+            None if (percent := no_positive_percent(attribution)) is None else round(percent, 2)
         ),
         "miou_bbam": pseudo.get("mean_instance_iou_vs_gt"),
         "miou_grabcut": pseudo.get("mean_instance_iou_grabcut"),

@@ -23,8 +23,11 @@ def _fmt(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def _percent(part, whole) -> str:
-    return "-" if part is None or not whole else f"{100.0 * part / whole:.1f}"
+def no_positive_percent(attribution: dict) -> float | None:
+    """Percent of the attributed instances (ok, no_positive, failed) without a positive."""
+    counted = sum(attribution.get(k) or 0 for k in ("ok", "no_positive", "failed"))
+    no_positive = attribution.get("no_positive")
+    return None if no_positive is None or not counted else 100.0 * no_positive / counted
 
 
 def metrics_rows() -> list[tuple[str, str]]:
@@ -32,7 +35,6 @@ def metrics_rows() -> list[tuple[str, str]]:
     attribution = _load("attribution")
     pseudo = _load("pseudo_labels")
     evaluation = _load("evaluation")
-    counted = sum(attribution.get(k) or 0 for k in ("ok", "no_positive", "failed"))
     rows = [
         (
             "detector box AP50 (val, %)",
@@ -44,7 +46,7 @@ def metrics_rows() -> list[tuple[str, str]]:
         ),
         (
             "train instances without a positive (%)",
-            _percent(attribution.get("no_positive"), counted),
+            "-" if (percent := no_positive_percent(attribution)) is None else f"{percent:.1f}",
         ),
         (
             "pseudo masks IoU vs GT: bbam / grabcut / box (%)",
