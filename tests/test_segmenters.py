@@ -363,3 +363,25 @@ def test_segmenters_start_from_a_trained_detector(tmp_path):
     assert torch.equal(state["backbone.body.conv1.weight"], conv1)
     box_head = "roi_heads.box_predictor.cls_score.weight"
     assert torch.equal(state[box_head], detector.state_dict()[box_head])
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_resnet18_deeplab_output_stride_keeps_the_detector_weights(tmp_path, output_stride):
+    """Dilation changes the feature grid (image / output_stride), not the weights, so a
+    detector's ResNet-18 body loads into either; other archs refuse a stride they lack."""
+    from bbam.train_detector import DetectorTrainConfig, detector_from_config
+
+    detector = detector_from_config(DetectorTrainConfig(min_size=64, max_size=96), 3)
+    path = tmp_path / "detector.pt"
+    torch.save(detector.state_dict(), path)
+    config = SemanticTrainConfig(output_stride=output_stride, weights_backbone=str(path))
+    model = build_semantic_model(config, 3).eval()
+    features = model.net.backbone(torch.rand(1, 3, 64, 96))["out"]
+    assert features.shape[-2:] == (64 // output_stride, 96 // output_stride)
+    body = model.net.backbone.state_dict()
+    for key, value in detector.state_dict().items():
+        if key.startswith("backbone.body.layer4"):
+            assert torch.equal(body[key.removeprefix("backbone.body.")], value)
+    assert model(torch.rand(1, 3, 64, 96)).shape == (1, 3, 64, 96)
+    with pytest.raises(ValueError, match="output_stride"):
+        SemanticTrainConfig(arch="resnet50", output_stride=16)

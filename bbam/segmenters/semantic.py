@@ -37,6 +37,8 @@ from bbam.device import resolve_device
 from bbam.segmenters.targets import SUPERVISIONS, semantic_target
 
 ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50", "resnet101")
+# torchvision's DeepLabV3 builders fix the output stride; the ResNet-18 assembled here takes 8 or 16
+NATIVE_OUTPUT_STRIDE = {"resnet18": 16, "mobilenet_v3_large": 16, "resnet50": 8, "resnet101": 8}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -49,6 +51,7 @@ class SemanticTrainConfig(T.TrainSchedule):
     supervision: str = "bbam"  # full | bbam | box
     weights: str | None = None
     weights_backbone: str | None = None
+    output_stride: int | None = None  # None: the arch's own; resnet18 takes 8 (small objects) or 16
     scale: float = 0.5  # images (and labels, nearest) are resized by this for training + inference
     crop_size: int = 96  # random crop after scaling, padded with ignore where the image is smaller
     # schedule (the rest: T.TrainSchedule)
@@ -61,6 +64,12 @@ class SemanticTrainConfig(T.TrainSchedule):
 
     def __post_init__(self) -> None:
         T.check_choices(self, arch=ARCHS, supervision=SUPERVISIONS)
+        allowed = (8, 16) if self.arch == "resnet18" else (NATIVE_OUTPUT_STRIDE[self.arch],)
+        if self.output_stride is not None and self.output_stride not in allowed:
+            raise ValueError(
+                f"SemanticTrainConfig.output_stride for {self.arch} must be one of {allowed} "
+                f"(or null), got {self.output_stride}"
+            )
 
 
 class SemanticNet(nn.Module):
@@ -76,22 +85,35 @@ class SemanticNet(nn.Module):
         return self.net((images - self.mean) / self.std)["out"]
 
 
-def _dilated_resnet18() -> nn.Module:
-    """ResNet-18 at output stride 16: layer4 stride 1, dilation 2 (BasicBlock lacks the switch)."""
-    body = resnet18(weights=None)
-    block0 = body.layer4[0]
+def _dilate(layer: nn.Sequential, dilation: int) -> None:
+    """Turn a strided ResNet stage into a dilated one (torchvision's ``replace_stride_with_dilation``,
+    which BasicBlock lacks): the first block keeps the previous dilation, as torchvision does."""
+    block0 = layer[0]
     block0.conv1.stride = (1, 1)
     block0.downsample[0].stride = (1, 1)
-    convs = [block0.conv2] + [c for b in body.layer4[1:] for c in (b.conv1, b.conv2)]
+    prev = dilation // 2
+    block0.conv1.dilation, block0.conv1.padding = (prev, prev), (prev, prev)
+    convs = [block0.conv2] + [c for b in layer[1:] for c in (b.conv1, b.conv2)]
     for conv in convs:
-        conv.dilation, conv.padding = (2, 2), (2, 2)
+        conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+
+
+def _dilated_resnet18(output_stride: int) -> nn.Module:
+    """ResNet-18 at output stride 16 (layer4 dilated) or 8 (layer3 and layer4, as torchvision's
+    DeepLabV3 ResNets): same weights as the plain ResNet, so a detector's body loads into it."""
+    body = resnet18(weights=None)
+    if output_stride == 8:
+        _dilate(body.layer3, 2)
+        _dilate(body.layer4, 4)
+    else:
+        _dilate(body.layer4, 2)
     return body
 
 
 def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> SemanticNet:
     """DeepLabV3 from scratch (weights=None, weights_backbone=None) plus optional local weights."""
     if config.arch == "resnet18":
-        body = _dilated_resnet18()
+        body = _dilated_resnet18(config.output_stride or NATIVE_OUTPUT_STRIDE["resnet18"])
         if config.weights_backbone:
             state = T.load_weights_file(config.weights_backbone, "backbone")
             T.load_partial(body, state, config.weights_backbone)
