@@ -385,3 +385,14 @@ def status_counts(table: pa.Table) -> dict[str, int]:
         for item in pc.value_counts(table.column("status")).to_pylist():
             counts[item["values"]] = item["counts"]
     return counts
+
+
+def status_counts_by_shard(table: pa.Table, num_shards: int) -> dict[int, dict[str, int]]:
+    """``status_counts`` of each shard 0..num_shards-1 of a merged manifest (a shard with no
+    rows counts zeros), so a shard that failed or found no positives stands out."""
+    counts = {s: {status: 0 for status in STATUSES} for s in range(num_shards)}
+    for shard, status in zip(
+        table.column("shard").to_pylist(), table.column("status").to_pylist(), strict=True
+    ):
+        counts.setdefault(shard, {status: 0 for status in STATUSES})[status] += 1
+    return counts

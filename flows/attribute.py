@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
+import pyarrow.parquet as pq
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from bbam.atomic import atomic_write_json
-from flows.common import stage_cli
+from bbam.manifest import status_counts_by_shard
+from flows.common import publish_table, stage_cli
 from tasks.attribution import (
     STOP,
     attribute_shard,
@@ -32,6 +35,7 @@ from tasks.params import (
 
 OUT_DIR = ATTRIBUTION_DIR
 METRICS = METRICS_DIR / "attribution.json"
+ARTIFACT = "bbam-attribution-shards"
 
 
 def attribution_hash(params: dict) -> str:
@@ -47,6 +51,18 @@ def attribution_hash(params: dict) -> str:
         file_sha256(DETECTOR_DIR / "model.pt"),
         file_sha256(annotation_json),
     )
+
+
+def shard_table(manifest: Path, num_shards: int) -> list[dict]:
+    """Per shard, then for all, how many instances came out ok, without a positive, failed
+    or skipped (the merged manifest's rows): where a bad shard shows in the Prefect UI."""
+    table = pq.read_table(manifest, columns=["shard", "status"])
+    rows = []
+    for shard, counts in sorted(status_counts_by_shard(table, num_shards).items()):
+        statuses = {k: counts[k] for k in ("ok", "no_positive", "failed", "skipped")}
+        rows.append({"shard": shard, "instances": sum(statuses.values()), **statuses})
+    total = {k: sum(r[k] for r in rows) for k in rows[0] if k != "shard"} if rows else {}
+    return [*rows, {"shard": "all", **total}]
 
 
 def _this_run(state, summary: dict) -> dict:
@@ -88,6 +104,12 @@ def attribute_flow(
     summary["skipped_done"] = sum(s["skipped_done"] for s in now)
     summary["params_hash"] = digest
     atomic_write_json(METRICS, summary)
+    publish_table(  # before the failure check: a failed run shows which shards failed
+        ARTIFACT,
+        shard_table(OUT_DIR / "manifest.parquet", num_shards),
+        f"Attribution: instances per status and shard ({OUT_DIR / 'manifest.parquet'}); "
+        f"this run attributed {summary['ran_now']}, reused {summary['skipped_done']}.",
+    )
     failed_fraction = summary["failed"] / max(1, summary["instances"])
     print(
         f"[bbam] attribute: {summary['instances']} instances, ok {summary['ok']}, "

@@ -1,12 +1,16 @@
-"""What every stage's CLI shares: parse ``--params`` once, check it, run the flow."""
+"""What every stage shares: the CLI (parse ``--params`` once, check it, run the flow) and
+the table artifact each stage publishes to the Prefect UI."""
 
 from __future__ import annotations
 
 import argparse
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+from uuid import UUID
+
+from prefect.artifacts import create_table_artifact
 
 from bbam.device import set_torch_threads
 from tasks.params import load_params
@@ -15,6 +19,22 @@ from tasks.params import load_params
 def configure_runtime(params: dict) -> None:
     """Torch threads from params (0 keeps torch's default)."""
     set_torch_threads(int(params.get("torch_threads", 0) or 0))
+
+
+def publish_table(key: str, rows: list[dict], description: str) -> UUID:
+    """The stage's numbers as a table artifact of the current flow run: the Prefect UI then
+    shows them on the run's Artifacts tab (and the latest under ``key`` on the Artifacts
+    page), with no need to open ``metrics/*.json``.
+
+    Call it inside a flow, once the stage's result exists. A flow run always has an API
+    (a server, or Prefect's ephemeral one), so a failure here is a real error and raises."""
+    return create_table_artifact(table=rows, key=key, description=description)
+
+
+def metric_rows(metrics: Mapping[str, Any], labels: Mapping[str, str]) -> list[dict]:
+    """``[{"metric": label, "value": metrics[key]}, ...]`` in the order of ``labels``
+    (key -> label); a missing value is None, shown empty rather than dropped."""
+    return [{"metric": label, "value": metrics.get(key)} for key, label in labels.items()]
 
 
 def load_checked(path: str) -> dict:

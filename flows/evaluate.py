@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from uuid import UUID
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
 from bbam.evaluate import write_metrics, write_pr_curves
 from bbam.report import write_report
-from flows.common import stage_cli
+from flows.common import publish_table, stage_cli
 from tasks.evaluate import (
     evaluate_instance,
     evaluate_pseudo_labels,
@@ -23,6 +25,18 @@ from tasks.params import METRICS_DIR, REPORTS_DIR
 METRICS = METRICS_DIR / "evaluation.json"
 REPORT_DIR = REPORTS_DIR
 PLOTS_DIR = Path("plots")
+ARTIFACT = "bbam-segmenter-metrics"
+REPORT_ARTIFACT = "bbam-report"
+SEGMENTER_COLUMNS = {
+    "sem_miou": "semantic mIoU (%)",
+    "ins_ap25": "instance AP25 (%)",
+    "ins_ap50": "instance AP50 (%)",
+    "ins_ap70": "instance AP70 (%)",
+    "ins_ap75": "instance AP75 (%)",
+    "ins_abo": "instance ABO (%)",
+    "val_images": "val images",
+    "val_images_without_gt_mask": "val images without GT mask",
+}
 
 
 def _ratio(weak: float | None, full: float | None) -> float | None:
@@ -69,6 +83,44 @@ def summary_table(per_supervision: dict, pseudo: dict) -> dict:
     return table
 
 
+def segmenter_table(per_supervision: dict) -> list[dict]:
+    """One row per supervision (``full``, ``bbam``, ``box``): the segmenters' scores on val."""
+    return [
+        {"supervision": supervision, **{label: m.get(k) for k, label in SEGMENTER_COLUMNS.items()}}
+        for supervision, m in per_supervision.items()
+    ]
+
+
+def _cell(value) -> str:
+    text = "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|")
+
+
+def report_markdown(table: dict, report: Path) -> str:
+    """The final metrics (``summary_table``) as a Markdown table and a link to the HTML report:
+    a file:// link (the report lies beside the run, not on the Prefect server) and its path."""
+    lines = ["| metric | value |", "| --- | --- |"]
+    lines += [f"| {_cell(name)} | {_cell(value)} |" for name, value in table.items()]
+    uri = report.resolve().as_uri()
+    return "\n".join(
+        ["# BBAM results", "", *lines, "", f"Report: [{report}]({uri}) (`{report.resolve()}`)"]
+    )
+
+
+def publish_results(per_supervision: dict, table: dict, report: Path) -> tuple[UUID, UUID]:
+    """The evaluate stage's artifacts: the segmenters' scores as a table, and the final
+    metrics with the report's link as Markdown (what a reader of the UI wants first)."""
+    scores = publish_table(
+        ARTIFACT, segmenter_table(per_supervision), f"Segmenter scores on val ({METRICS})."
+    )
+    markdown = create_markdown_artifact(
+        report_markdown(table, report),
+        key=REPORT_ARTIFACT,
+        description=f"Final metrics ({METRICS}) and the HTML report.",
+    )
+    return scores, markdown
+
+
 def _pct(value) -> float | None:
     return None if value is None or value != value else round(100.0 * float(value), 2)
 
@@ -107,6 +159,7 @@ def evaluate_flow(params: dict) -> dict:
     samples = report_samples(params, int(params.get("evaluate", {}).get("report_samples", 8)))
     extras = report_extras(params, samples, curves)
     path = write_report(REPORT_DIR, {**per_supervision, **metrics["table"]}, samples, **extras)
+    publish_results(per_supervision, metrics["table"], Path(path))
     print(f"[bbam] evaluate: report at {path}")
     return metrics
 

@@ -17,11 +17,26 @@ from bbam.atomic import atomic_write_json
 from bbam.data.prepare import summary_line
 from bbam.data.records import DataError
 from bbam.data.verify import unreadable_limit_error, unreadable_limits
-from flows.common import stage_cli
+from flows.common import publish_table, stage_cli
 from tasks.params import METRICS_DIR
 from tasks.prepare_data import cached_in_data_root, prepare, summarise, voc_to_coco
 
 METRICS = METRICS_DIR / "data.json"
+ARTIFACT = "bbam-data"
+
+
+def data_table(summary: dict) -> list[dict]:
+    """Per split: images, instances, and how many the readers skipped or repaired."""
+    return [
+        {
+            "split": split,
+            "images": s["images"],
+            "instances": s["instances"],
+            "skipped": sum((s.get("skipped") or {}).values()),
+            "repaired": sum((s.get("repaired") or {}).values()),
+        }
+        for split, s in summary.items()
+    ]
 
 
 @flow(name="prepare-data")
@@ -33,6 +48,11 @@ def prepare_data(params: dict) -> dict:
         voc_to_coco.with_options(**cached)(params)
     summary = summarise(params)  # not cached: it re-verifies the images (quick: size/mtime cache)
     atomic_write_json(METRICS, summary)
+    publish_table(  # before the unreadable-image check: a failed run shows the counts
+        ARTIFACT,
+        data_table(summary),
+        f"The dataset per split ({METRICS}; reasons per count there).",
+    )
     print(
         "[bbam] prepare_data: " + "; ".join(f"{s}: {summary_line(v)}" for s, v in summary.items())
     )

@@ -6,10 +6,39 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from prefect import flow
 
-from flows.common import stage_cli
+from bbam.training import LOG_NAME
+from flows.common import publish_table, stage_cli
 from tasks.segmenters import train_instance_task, train_semantic_task
+
+ARTIFACT = "bbam-segmenter-training"
+NETWORKS = {"instance": "Mask R-CNN", "semantic": "DeepLabV3"}
+
+
+def training_table(models: dict[str, str]) -> list[dict]:
+    """Per trained model (``<kind>_<supervision>`` -> model.pt), the last logged step of its
+    ``train_log.jsonl``: a diverged or untrained model shows in the UI before evaluate runs."""
+    rows = []
+    for name, model in models.items():
+        kind, _, supervision = name.partition("_")
+        log = Path(model).parent / LOG_NAME
+        lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+        steps = [r for r in map(json.loads, filter(None, lines)) if "loss" in r]
+        last = steps[-1] if steps else {}
+        rows.append(
+            {
+                "model": NETWORKS.get(kind, kind),
+                "supervision": supervision,
+                "epochs": last["epoch"] + 1 if last else None,
+                "last logged loss": last.get("loss"),
+                "weights": str(model),
+            }
+        )
+    return rows
 
 
 @flow(name="train-segmenters")
@@ -19,6 +48,11 @@ def train_segmenters_flow(params: dict) -> dict:
         models[f"instance_{supervision}"] = train_instance_task(params, supervision)
         models[f"semantic_{supervision}"] = train_semantic_task(params, supervision)
     print(f"[bbam] train_segmenters: {len(models)} models: {', '.join(models)}")
+    publish_table(
+        ARTIFACT,
+        training_table(models),
+        "Segmenters trained (last logged training step; scores come with the evaluate stage).",
+    )
     return models
 
 

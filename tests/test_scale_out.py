@@ -162,6 +162,25 @@ asyncio.run(main())
 """
 
 
+def _latest_table(port: int, key: str) -> list[dict]:
+    """The newest table artifact under ``key``, from the server's REST API."""
+    body = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1, "offset": 0}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/artifacts/filter",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        found = json.loads(response.read())
+    assert found and found[0]["type"] == "table", f"no table artifact {key!r}: {found}"
+    return json.loads(found[0]["data"])
+
+
+def _counts(manifest) -> dict[str, int]:
+    statuses = manifest.column("status").to_pylist()
+    return {s: statuses.count(s) for s in ("ok", "no_positive", "failed", "skipped")}
+
+
 @pytest.mark.slow
 def test_lost_worker_is_survived(tmp_path: Path) -> None:
     work = tmp_path / "work"
@@ -318,6 +337,7 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
         assert rc == 0, out
         assert "re-dispatched" in out, out
 
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         from bbam.data.coco import read_coco
@@ -342,6 +362,12 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
         assert metrics["instances"] == len(planned) and metrics["failed"] == 0
         assert metrics["skipped_done"] >= 1, "the lost shard's finished rows were recomputed"
         assert not (directory / ".lock").exists()
+        # What the Prefect UI shows for the run: the merged manifest's counts per shard.
+        rows = _latest_table(port, "bbam-attribution-shards")
+        assert rows[-1] == {"shard": "all", "instances": len(planned), **_counts(manifest)}
+        for shard in range(num_shards):
+            mine = manifest.filter(pc.equal(manifest.column("shard"), shard))
+            assert rows[shard] == {"shard": shard, "instances": mine.num_rows, **_counts(mine)}
     finally:
         for proc in reversed(started):
             _kill_group(proc.pid)
