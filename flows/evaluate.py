@@ -123,15 +123,8 @@ def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
     from bbam.segmenters.semantic import load_semantic_model, predict_semantic
     from bbam.segmenters.targets import render_label_map
     from tasks.attribution import engine_config
-    from tasks.params import (
-        ATTRIBUTION_DIR,
-        BASELINES_NAME,
-        PSEUDO_DIR,
-        SEGMENTERS_DIR,
-        load_split,
-        shard_dir,
-    )
-    from tasks.segmenters import semantic_config
+    from tasks.params import ATTRIBUTION_DIR, BASELINES_NAME, PSEUDO_DIR, load_split, shard_dir
+    from tasks.segmenters import segmenter_dir, semantic_config
 
     section = params["attribution"]
     split = load_split(params, section["split"])
@@ -148,7 +141,7 @@ def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
     for supervision in params["segmenters"]["supervisions"]:
         config = semantic_config(params, supervision)
         model = load_semantic_model(
-            SEGMENTERS_DIR / f"semantic_{supervision}" / "model.pt", config, len(split.classes) + 1
+            segmenter_dir("semantic", supervision) / "model.pt", config, len(split.classes) + 1
         )
         predictions[supervision] = {
             r.image_id: label

@@ -9,15 +9,15 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import stage_cli
-from tasks.segmenters import train_instance_task, train_semantic_task
+from tasks.segmenters import SEGMENTERS, train_segmenter
 
 
 @flow(name="train-segmenters")
 def train_segmenters_flow(params: dict) -> dict:
     models = {}
     for supervision in params["segmenters"]["supervisions"]:
-        models[f"instance_{supervision}"] = train_instance_task(params, supervision)
-        models[f"semantic_{supervision}"] = train_semantic_task(params, supervision)
+        for kind in SEGMENTERS:  # instance, then semantic
+            models[f"{kind}_{supervision}"] = train_segmenter(params, kind, supervision)
     print(f"[bbam] train_segmenters: {len(models)} models: {', '.join(models)}")
     return models
 
