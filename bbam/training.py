@@ -280,7 +280,8 @@ def setup_training(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ckpt, why = _resume(out_dir, phash, model, optimizer, scheduler, scaler)
     start = 0 if ckpt is None else int(ckpt["epoch"]) + 1
-    spent = 0.0 if ckpt is None else float(ckpt.get("train_seconds", 0.0))
+    spent = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0
+    spent = float(spent) if isinstance(spent, int | float) else 0.0  # older checkpoints: none
     warmup = None
     if schedule == "epoch":
         warmup = _first_epoch_warmup(optimizer, iters, config, start)
