@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bbam.heads import HeadsFn
-from bbam.proposals import instance_generator, jitter_boxes, select_positives
+from bbam.jitter import instance_generator, jitter_boxes, select_positives
 
 _CHOICES = {
     "grid_rounding": ("floor", "ceil"),

@@ -11,8 +11,9 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from bbam.attribution import map_to_image
 from bbam.baselines import box_mask, grabcut_mask, mask_iou
 from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord
+from bbam.evaluate import confusion_matrix, miou_from_confusion
 from bbam.manifest import load_grid
 from bbam.mcg import MCGConfig, ProposalSource
 from bbam.pseudo_labels import (
@@ -31,6 +33,25 @@ from bbam.pseudo_labels import (
     write_semantic_png,
 )
 from bbam.refine import RefineConfig
+from bbam.segmenters.targets import render_label_map
+
+# The pseudo-label methods scored side by side when ``baselines`` is on, and the row column
+# holding each one's instance IoU with the GT mask.
+BASELINE_COLUMNS = {"bbam": "iou_gt", "box": "iou_gt_box", "grabcut": "iou_gt_grabcut"}
+
+
+@dataclass
+class SemanticScores:
+    """Semantic confusion (rows GT, columns predicted) of each method's foreground label map
+    (no ignore band) summed over the images whose every instance has a GT mask."""
+
+    images: int = 0
+    confusion: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, other: SemanticScores) -> None:
+        self.images += other.images
+        for method, conf in other.confusion.items():
+            self.confusion[method] = self.confusion.get(method, 0) + conf
 
 
 @dataclass
@@ -39,6 +60,16 @@ class LabelledImage:
     rows: list[dict]
     semantic_path: Path | None
     error: str = ""
+    scores: SemanticScores = field(default_factory=SemanticScores)
+
+
+class LabelledDataset(NamedTuple):
+    """What `label_dataset` returns; ``scores`` is empty unless ``baselines`` is on."""
+
+    annotations: list[dict]
+    rows: list[dict]
+    errors: list[dict]
+    scores: SemanticScores
 
 
 def instance_map(row: dict, shard_dir: Path, cache: dict, align_corners: bool) -> np.ndarray | None:
@@ -72,6 +103,7 @@ class LabelSettings:
     # Score the box-only baselines (filled box, GrabCut) on every instance with a GT mask, so a
     # run shows BBAM beside what boxes alone give (GrabCut costs about one CRF per instance).
     baselines: bool = False
+    num_classes: int = 0  # with background; the baselines' semantic confusion is CxC
 
 
 def label_image(
@@ -97,6 +129,7 @@ def label_image(
     annotations, out_rows = build_instance_annotations(
         coco_id, instances, masks, category_ids=settings.category_ids or None
     )
+    foregrounds: dict[str, list] = {method: [] for method in BASELINE_COLUMNS}
     for instance, mask, annotation, out_row in zip(
         instances, masks, annotations, out_rows, strict=True
     ):
@@ -111,8 +144,17 @@ def label_image(
             out_row["iou_gt"] = mask_iou(gt, mask.fg)
             if settings.baselines:
                 h, w = image.shape[:2]
-                out_row["iou_gt_box"] = mask_iou(gt, box_mask(instance.box, h, w))
-                out_row["iou_gt_grabcut"] = mask_iou(gt, grabcut_mask(image, instance.box))
+                found = {
+                    "bbam": mask.fg,
+                    "box": box_mask(instance.box, h, w),
+                    "grabcut": grabcut_mask(image, instance.box),
+                }
+                for method, fg in found.items():
+                    out_row[BASELINE_COLUMNS[method]] = mask_iou(gt, fg)
+                    foregrounds[method].append((instance.label, instance.box, fg))
+    scores = SemanticScores()
+    if settings.baselines and all(i.has_mask for i in instances):
+        scores = _semantic_scores(record, foregrounds, settings.num_classes)
     label = semantic_label(
         record.height,
         record.width,
@@ -121,7 +163,42 @@ def label_image(
     mark_crowd_ignore(label, record.instances)
     semantic_path = settings.semantic_dir / f"{record.image_id}.png"
     write_semantic_png(semantic_path, label)
-    return LabelledImage(annotations, out_rows, semantic_path)
+    return LabelledImage(annotations, out_rows, semantic_path, scores=scores)
+
+
+def _semantic_scores(
+    record: ImageRecord, foregrounds: dict[str, list], num_classes: int
+) -> SemanticScores:
+    """Each method's foregrounds drawn alike as a label map (``semantic_label``, no ignore
+    band) and scored against the GT label map: BBAM beside the box-only baselines."""
+    gt = render_label_map(record, "mask")
+    confusion = {}
+    for method, found in foregrounds.items():
+        pred = semantic_label(
+            record.height, record.width, [(c, b, fg, np.zeros_like(fg)) for c, b, fg in found]
+        )
+        confusion[method] = confusion_matrix(pred, gt, num_classes)
+    return SemanticScores(1, confusion)
+
+
+def baseline_quality(rows: list[dict], scores: SemanticScores) -> dict[str, Any]:
+    """BBAM's pseudo masks beside the filled box and GrabCut, in percent, as the pseudo-label
+    stage scored them: mean instance IoU over every instance with a GT mask, semantic mIoU
+    over the ``images`` whose every instance has one. What the evaluate report shows."""
+
+    def pct(value: float | None) -> float | None:
+        return None if value is None or value != value else round(100.0 * float(value), 2)
+
+    methods = {}
+    for method, column in BASELINE_COLUMNS.items():
+        ious = [r[column] for r in rows if r.get(column) is not None]
+        conf = scores.confusion.get(method)
+        methods[method] = {
+            "pseudo_mean_instance_iou": pct(float(np.mean(ious))) if ious else None,
+            "pseudo_sem_miou": pct(miou_from_confusion(conf)["miou"]) if conf is not None else None,
+        }
+    instances = sum(r.get(BASELINE_COLUMNS["box"]) is not None for r in rows)
+    return {"images": scores.images, "instances": instances, "methods": methods}
 
 
 def label_dataset(
@@ -138,8 +215,9 @@ def label_dataset(
     workers: int = 1,
     images_per_task: int = 16,
     baselines: bool = False,
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """(annotations, per-instance rows, per-image errors) over all images of ``dataset``.
+) -> LabelledDataset:
+    """(annotations, per-instance rows, per-image errors, baseline scores) over all images
+    of ``dataset``.
 
     An image that cannot be read is recorded as an error and its instances get no
     annotation; the caller decides whether that fails the stage.
@@ -148,7 +226,9 @@ def label_dataset(
     DenseCRF and proposals are CPU-bound, one image at a time, as the reference's 80 joblib
     processes were). Results are gathered in dataset order, so the output does not depend on
     the number of workers. ``baselines`` adds each instance's filled-box and GrabCut IoU
-    with its GT mask (``iou_gt_box``, ``iou_gt_grabcut``) beside BBAM's (``iou_gt``).
+    with its GT mask (``iou_gt_box``, ``iou_gt_grabcut``) beside BBAM's (``iou_gt``), and
+    the three methods' semantic confusion on fully masked images (``scores``; see
+    `baseline_quality`).
     """
     by_image: dict[str, dict[int, dict]] = {}
     for row in manifest_rows:
@@ -162,6 +242,7 @@ def label_dataset(
         dataset.category_ids,
         align_corners,
         baselines,
+        len(dataset.classes) + 1,
     )
     tasks = []
     for start in range(0, len(dataset.records), max(1, images_per_task)):
@@ -192,12 +273,13 @@ def label_dataset(
                 results[futures[future]] = future.result()
                 if progress is not None:
                     progress(len(tasks[futures[future]][0]))
-    annotations, rows, errors = [], [], []
-    for task_annotations, task_rows, task_errors in results:
+    annotations, rows, errors, scores = [], [], [], SemanticScores()
+    for task_annotations, task_rows, task_errors, task_scores in results:
         annotations += task_annotations
         rows += task_rows
         errors += task_errors
-    return annotations, rows, errors
+        scores.add(task_scores)
+    return LabelledDataset(annotations, rows, errors, scores)
 
 
 def _one_torch_thread() -> None:
@@ -209,9 +291,9 @@ def _label_records(
     coco_ids: dict[str, int],
     rows_by_image: dict[str, dict[int, dict]],
     settings: LabelSettings,
-) -> tuple[list[dict], list[dict], list[dict]]:
+) -> tuple[list[dict], list[dict], list[dict], SemanticScores]:
     """One group of images, in order (runs in a worker process when there are several)."""
-    annotations, rows, errors = [], [], []
+    annotations, rows, errors, scores = [], [], [], SemanticScores()
     cache: dict = {}
     for record in records:
         try:
@@ -223,6 +305,7 @@ def _label_records(
         else:
             annotations += labelled.annotations
             rows += labelled.rows
+            scores.add(labelled.scores)
         if len(cache) > 8:
             cache.clear()
-    return annotations, rows, errors
+    return annotations, rows, errors, scores

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ from bbam.segmenters.targets import SUPERVISIONS
 
 # The paper's weak/full ratios (BBAM vs fully supervised), for reference in the page.
 PAPER_RATIOS = {"semantic mIoU": 0.967, "instance AP50": 0.922}
-# Pseudo-label methods compared on the same images (bbam.baselines); see pseudo_label_baselines.
+# Pseudo-label methods compared on the same instances (bbam.baselines), scored by the
+# pseudo_labels stage; see read_pseudo_label_baselines.
 PSEUDO_METHODS = {"bbam": "BBAM", "box": "filled box", "grabcut": "GrabCut"}
 PSEUDO_METRICS = {
     "pseudo_mean_instance_iou": "mean instance IoU vs GT (%)",
@@ -139,63 +140,20 @@ def attribution_heatmaps(
     return out
 
 
-def pseudo_label_baselines(
-    records: list[Any],
-    pseudo_records: Mapping[str, Any],
-    num_classes: int,
-    load_image: Callable[[Any], np.ndarray],
-    max_images: int = 100,
-    grabcut_iterations: int = 5,
-) -> tuple[dict[str, dict[str, float]], int]:
-    """BBAM's pseudo masks, the filled box and GrabCut, scored alike against GT masks on the
-    same images: the first ``max_images`` records with a GT mask for every instance.
-
-    ``pseudo_records``: image_id -> the pseudo-GT record (its instances' masks are BBAM's
-    foregrounds). Returns ({method: {pseudo_mean_instance_iou, pseudo_sem_miou} in %},
-    images scored). Semantic maps are built from the foregrounds alike for all three
-    (``bbam.pseudo_labels.semantic_label``, no ignore band)."""
-    from bbam.baselines import box_mask, grabcut_mask
-    from bbam.evaluate import pseudo_label_quality, records_with_gt_masks
-    from bbam.pseudo_labels import semantic_label
-
-    scored, _ = records_with_gt_masks(list(records))
-    scored = [r for r in scored if r.image_id in pseudo_records][:max_images]
-    per_method: dict[str, dict[str, list]] = {m: {} for m in PSEUDO_METHODS}
-    for record in scored:
-        h, w = record.height, record.width
-        instances = [i for i in record.instances if not i.iscrowd]
-        image = load_image(record) if instances else None
-        bbam = [
-            (i.label, i.box, i.mask)
-            for i in pseudo_records[record.image_id].instances
-            if i.mask is not None
-        ]
-        box = [(i.label, i.box, box_mask(i.box, h, w)) for i in instances]
-        grabcut = [
-            (i.label, i.box, grabcut_mask(image, i.box, grabcut_iterations)) for i in instances
-        ]
-        for method, found in (("bbam", bbam), ("box", box), ("grabcut", grabcut)):
-            per_method[method][record.image_id] = found
-    out = {}
-    for method, instances in per_method.items():
-        semantic = {
-            image_id: semantic_label(
-                r.height,
-                r.width,
-                [(c, b, fg, np.zeros_like(fg)) for c, b, fg in instances[image_id]],
-            )
-            for r in scored
-            for image_id in [r.image_id]
-        }
-        quality = pseudo_label_quality(scored, instances, num_classes, semantic)
-        out[method] = {k: _pct(quality.get(k)) for k in PSEUDO_METRICS}
-    return out, len(scored)
-
-
-def _pct(value: Any) -> float | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return round(100.0 * float(value), 2)
+def read_pseudo_label_baselines(path: str | Path) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """BBAM's pseudo masks beside the filled box and GrabCut, as the pseudo_labels stage
+    scored them (``bbam.labeling.baseline_quality``, written with ``pseudo_labels.baselines``
+    on): ({method: {pseudo_mean_instance_iou, pseudo_sem_miou} in %}, images scored). A
+    missing file (baselines off) gives ({}, None): the page then says "not computed"."""
+    path = Path(path)
+    if not path.is_file():
+        return {}, None
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    methods = recorded.get("methods") or {}
+    quality = {
+        m: {k: methods[m].get(k) for k in PSEUDO_METRICS} for m in PSEUDO_METHODS if m in methods
+    }
+    return quality, int(recorded.get("images", 0))
 
 
 # ----------------------------------------------------------------------------- PR curves
@@ -316,18 +274,22 @@ def _pseudo_table(
             for m in PSEUDO_METHODS
         )
         rows.append(f"<tr><td>{html.escape(label)}</td>{cells}</tr>")
-    where = f" on the same {images} labelled images with GT masks" if images else ""
+    where = (
+        f" (instance IoU on every instance with a GT mask, semantic mIoU on the {images} "
+        "images whose every instance has one)"
+        if images
+        else ""
+    )
     note = (
         f"<p>Pseudo masks of the labelled split vs its GT masks{where}: BBAM's (the pseudo "
         "labels the segmenters were trained on) and the two box-only baselines of "
-        "<code>bbam.baselines</code>.</p>"
+        "<code>bbam.baselines</code>, scored alike by the pseudo_labels stage.</p>"
     )
     missing = [PSEUDO_METHODS[m] for m in PSEUDO_METHODS if m not in pseudo_quality]
     if missing:
         note += (
-            f"<p class='missing'>Not computed: {html.escape(', '.join(missing))} (fill with "
-            "<code>write_report(..., pseudo_quality=bbam.report.pseudo_label_baselines(...)"
-            "[0])</code>).</p>"
+            f"<p class='missing'>Not computed: {html.escape(', '.join(missing))} (set "
+            "<code>pseudo_labels.baselines: true</code> and rerun the pseudo_labels stage).</p>"
         )
     return note + '<table class="metrics">' + "\n".join(rows) + "</table>"
 

@@ -10,10 +10,11 @@ stability without pretraining. For the paper's setup use arch="resnet101_fpn",
 fpn_channels=256, representation_size=1024 and, with pretrained local weights,
 norm="frozen", trainable_backbone_layers=3 like torchvision.
 
-Resumable: each epoch ends with an atomic out_dir/checkpoint.pt; a rerun with the same
-params_hash continues after the last finished epoch, with a different one it starts over,
-as it does (with a warning naming the file) from a checkpoint that is unreadable or not
-one of ours (see ``bbam.checkpoint.resume_checkpoint``).
+Trains with the shared loop of ``bbam.training`` (checkpoint, resume, log and ``model.pt``
+as the segmenters): each epoch ends with an atomic out_dir/checkpoint.pt; a rerun with the
+same params_hash continues after the last finished epoch, with a different one it starts
+over, as it does (with a warning naming the file) from a checkpoint that is unreadable or
+not one of ours (see ``bbam.checkpoint.resume_checkpoint``).
 """
 
 from __future__ import annotations
@@ -23,19 +24,15 @@ import io
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from bbam import training as T
 from bbam.atomic import atomic_write_text
-from bbam.checkpoint import resume_checkpoint
 from bbam.data.coco import cocoeval_stats
 from bbam.data.images import load_tensor
 from bbam.data.records import Dataset, ImageRecord
@@ -116,78 +113,10 @@ def detector_from_config(
     )
 
 
-def _append_log(path: Path | None, entry: dict) -> None:
-    if path is not None:
-        T.JsonlLog(path).write(entry)
-
-
 def _training_target(target: dict[str, torch.Tensor], device: torch.device) -> dict:
     """Crowd regions are not objects to learn (as in torchvision's COCO reference)."""
     keep = target["iscrowd"] == 0
     return {"boxes": target["boxes"][keep].to(device), "labels": target["labels"][keep].to(device)}
-
-
-def train_one_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    device: torch.device,
-    epoch: int,
-    scaler: torch.amp.GradScaler | None = None,
-    warmup_iters: int = 0,
-    warmup_factor: float = 0.001,
-    clip_grad_norm: float | None = None,
-    log_path: Path | None = None,
-    log_every: int = 10,
-    progress: bool = True,
-) -> dict[str, float]:
-    """One pass over `loader`; returns the mean of each loss component and of their sum.
-
-    Linear warm-up runs over the first `warmup_iters` iterations of epoch 0 only (as in the
-    references); non-finite losses stop training with FloatingPointError.
-    """
-    model.train()
-    scaler = scaler if scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
-    use_amp = scaler.is_enabled()
-    warmup = None
-    warmup_iters = min(warmup_iters, len(loader) - 1)
-    if epoch == 0 and warmup_iters > 0:
-        warmup = torch.optim.lr_scheduler.LinearLR(
-            optimizer, start_factor=warmup_factor, total_iters=warmup_iters
-        )
-    sums: dict[str, float] = {}
-    count = 0
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
-    for it, (images, targets) in enumerate(bar):
-        images = [img.to(device, non_blocking=True) for img in images]
-        targets = [_training_target(t, device) for t in targets]
-        with torch.autocast(device_type=device.type, enabled=use_amp):
-            loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-        values = {k: float(v.detach()) for k, v in loss_dict.items()}
-        total = float(loss.detach())
-        if not math.isfinite(total):
-            raise FloatingPointError(f"epoch {epoch} iter {it}: non-finite loss {values}")
-        T.optimizer_step(model, optimizer, warmup, scaler, loss, clip_grad_norm)
-        count += 1
-        for k, v in {**values, "loss": total}.items():
-            sums[k] = sums.get(k, 0.0) + v
-        lr = optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.4f}")
-        if log_every > 0 and (it % log_every == 0 or it == len(loader) - 1):
-            _append_log(
-                log_path,
-                {
-                    "epoch": epoch,
-                    "iter": it,
-                    "loss": total,
-                    **values,
-                    "lr": lr,
-                    "elapsed_s": round(time.perf_counter() - start, 3),
-                },
-            )
-    return {k: v / max(count, 1) for k, v in sums.items()}
 
 
 def _coco_ground_truth(records: list[ImageRecord], classes: list[str]) -> COCO:
@@ -276,80 +205,38 @@ def train_detector(
     if not train.records:
         raise ValueError("no training records")
     device = resolve_device(config.device)
-    use_amp = config.amp and device.type == "cuda"
-    log_path = out_dir / T.LOG_NAME
-    ckpt_path = out_dir / T.CHECKPOINT_NAME
-
     torch.manual_seed(config.seed)
-    num_classes = len(train.classes) + 1
-    model = detector_from_config(config, num_classes).to(device)
-    optimizer = T.make_optimizer(model, config.lr, config.momentum, config.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=list(config.lr_steps), gamma=config.lr_gamma
+    model = detector_from_config(config, len(train.classes) + 1).to(device)
+    # The detector keeps its own schedule and reseeding (torchvision's detection reference,
+    # epoch e seeded with seed + e): a given seed trains the same detector as before the
+    # loop was shared.
+    setup = T.setup_training(
+        model,
+        config,
+        len(train.records),
+        out_dir,
+        device,
+        params_hash,
+        schedule="epoch",
+        seed_stride=1,
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, train_seconds = 0, 0.0
 
-    states = {
-        "model": model,
-        "optimizer": optimizer,
-        "scheduler": lr_scheduler,
-        "scaler": scaler,
-    }
-    ckpt, why = resume_checkpoint(
-        ckpt_path, params_hash, states, numbers=("epoch", "train_seconds")
-    )
-    if ckpt is not None:  # the checkpoint holds the last finished epoch
-        start_epoch, train_seconds = int(ckpt["epoch"]) + 1, float(ckpt["train_seconds"])
-        logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch - 1)
-        _append_log(log_path, {"event": "resume", "epoch": start_epoch})
-    elif why:
-        _append_log(log_path, {"event": "restart", "reason": why})
-    else:
-        _append_log(log_path, {"event": "start"})
+    def step_loss(batch: tuple, epoch: int, it: int) -> tuple[torch.Tensor, dict[str, float]]:
+        images = [img.to(device, non_blocking=True) for img in batch[0]]
+        targets = [_training_target(t, device) for t in batch[1]]
+        with torch.autocast(device_type=device.type, enabled=setup.use_amp):
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"epoch {epoch} iter {it}: non-finite loss {values}")
+        return loss, values
 
     dataset = DetectionDataset(train.records, hflip=config.hflip)
-    for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(config.seed + epoch)  # same order and flips when an epoch is redone
-        loader = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            num_workers=config.num_workers,
-            collate_fn=collate_fn,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(config.seed + epoch),
-        )
-        tic = time.perf_counter()
-        losses = train_one_epoch(
-            model,
-            optimizer,
-            loader,
-            device,
-            epoch,
-            scaler=scaler,
-            warmup_iters=config.warmup_iters,
-            warmup_factor=config.warmup_factor,
-            clip_grad_norm=config.clip_grad_norm,
-            log_path=log_path,
-            log_every=config.log_every,
-            progress=progress,
-        )
-        lr_scheduler.step()
-        train_seconds += time.perf_counter() - tic
-        _append_log(log_path, {"event": "epoch_end", "epoch": epoch, **losses})
-        T.save_checkpoint(
-            out_dir,
-            params_hash,
-            epoch,
-            model,
-            optimizer,
-            lr_scheduler,
-            scaler,
-            train_seconds=train_seconds,
-        )
-
-    T.save_model(out_dir, model, train.classes, config)
+    _, train_seconds = T.run_epochs(
+        model, dataset, config, setup, out_dir, train.classes, step_loss, "faster-rcnn", progress,
+        collate_fn=collate_fn, pin_memory=device.type == "cuda",
+    )  # fmt: skip
     ap = evaluate_box_ap(model, val.records, val.classes, device)
     metrics = {
         "box_ap": ap["ap"],

@@ -1,17 +1,19 @@
-"""Training plumbing shared by the detector and both segmenters: optimizer, schedule, AMP
-step, atomic checkpoints (``epoch`` = the last finished epoch; a resume starts at +1), the
-``model.pt`` format ``{"model", "meta"}``, the JSONL log and the resume hash."""
+"""The one training loop of the detector and both segmenters (torchvision's
+references/detection ``train_one_epoch`` shape): optimizer, schedule, AMP step, atomic
+checkpoints (``epoch`` = the last finished epoch; a resume starts at +1), the ``model.pt``
+format ``{"model", "meta"}``, the JSONL log and the resume hash."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,6 +22,8 @@ from tqdm import tqdm
 from bbam.atomic import atomic_torch_save
 from bbam.checkpoint import load_weights, resume_checkpoint
 from bbam.data.records import ImageRecord, SkipReport
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -139,11 +143,12 @@ def iters_per_epoch(n_items: int, batch_size: int, max_iters_per_epoch: int | No
     return min(iters, max_iters_per_epoch) if max_iters_per_epoch else iters
 
 
-def seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Reseed torch for this epoch (augmentation) and return the loader's shuffle generator:
-    a resumed run sees the same batches as an uninterrupted one."""
-    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    torch.manual_seed(seed * 1000 + epoch)
+def seed_epoch(seed: int, epoch: int, stride: int = 1000) -> torch.Generator:
+    """Reseed torch for this epoch (augmentation) with ``seed * stride + epoch`` and return
+    the loader's shuffle generator: a resumed run sees the same batches as an uninterrupted
+    one."""
+    gen = torch.Generator().manual_seed(seed * stride + epoch)
+    torch.manual_seed(seed * stride + epoch)
     return gen
 
 
@@ -171,6 +176,7 @@ def optimizer_step(
 def make_optimizer(
     model: torch.nn.Module, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
+    """SGD with momentum over the trainable parameters (frozen stages stay out of it)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
@@ -211,7 +217,12 @@ class JsonlLog:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSetup:
-    """Everything a segmenter's epoch loop needs besides the model and the data."""
+    """Everything the epoch loop needs besides the model and the data.
+
+    ``scheduler`` is the checkpointed schedule, stepped once per iteration, or once per
+    epoch when ``epoch_schedule`` (then ``warmup``, when set, steps per iteration in the
+    first epoch). Epoch ``e`` reseeds with ``seed * seed_stride + e``. ``train_seconds`` is
+    what the resumed checkpoint had already spent."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -221,6 +232,10 @@ class TrainingSetup:
     params_hash: str
     start_epoch: int
     log: JsonlLog
+    epoch_schedule: bool = False
+    warmup: torch.optim.lr_scheduler.LRScheduler | None = None
+    seed_stride: int = 1000
+    train_seconds: float = 0.0
 
 
 def setup_training(
@@ -229,37 +244,96 @@ def setup_training(
     n_items: int,
     out_dir: Path,
     device: torch.device,
-    extra: dict[str, Any],
-    skipped: SkipReport,
+    phash: str,
+    skipped: SkipReport | None = None,
+    schedule: Literal["iteration", "epoch"] = "iteration",
+    seed_stride: int = 1000,
 ) -> TrainingSetup:
-    """Optimizer, schedule, AMP scaler, params hash, resume and log, built the same way for
-    both segmenters so their checkpoints and logs cannot drift apart.
+    """Optimizer, schedule, AMP scaler, resume and log, built the same way for every trainer
+    so their checkpoints and logs cannot drift apart.
 
-    `extra` joins the config in the params hash (data identity); a matching checkpoint in
-    `out_dir` is loaded into the model, optimizer, scheduler and scaler; any other one
-    (another hash, unreadable, foreign) starts over, logged as a "restart" event with its
-    reason. Skipped records are logged once, as a "skipped" event.
+    A checkpoint in `out_dir` made with `phash` is loaded into the model, optimizer,
+    scheduler and scaler ("resume" event); any other one (another hash, unreadable,
+    foreign) starts over ("restart" event with its reason, and a warning naming the file);
+    no checkpoint is a "start" event. Skipped records are logged once, as a "skipped"
+    event. ``schedule``: "iteration" is `make_scheduler` (the segmenters); "epoch" is
+    torchvision's detection reference (the detector): MultiStepLR stepped per epoch after a
+    linear warm-up over the first epoch's iterations.
     """
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
-    iters = iters_per_epoch(n_items, config.batch_size, config.max_iters_per_epoch)
-    scheduler = make_scheduler(
-        optimizer,
-        iters,
-        config.lr_steps,
-        config.lr_gamma,
-        config.warmup_iters,
-        config.warmup_factor,
-    )
+    max_iters = getattr(config, "max_iters_per_epoch", None)
+    iters = iters_per_epoch(n_items, config.batch_size, max_iters)
+    if schedule == "epoch":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=list(config.lr_steps), gamma=config.lr_gamma
+        )
+    else:
+        scheduler = make_scheduler(
+            optimizer,
+            iters,
+            config.lr_steps,
+            config.lr_gamma,
+            config.warmup_iters,
+            config.warmup_factor,
+        )
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    phash = params_hash(config, extra)
-    start, why = try_resume(out_dir, phash, model, optimizer, scheduler, scaler)
+    ckpt, why = _resume(out_dir, phash, model, optimizer, scheduler, scaler)
+    start = 0 if ckpt is None else int(ckpt["epoch"]) + 1
+    spent = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0
+    spent = float(spent) if isinstance(spent, int | float) else 0.0  # older checkpoints: none
+    warmup = None
+    if schedule == "epoch":
+        warmup = _first_epoch_warmup(optimizer, iters, config, start)
     log = JsonlLog(Path(out_dir) / LOG_NAME)
-    if why:
-        log.write({"event": "restart", "reason": why})
-    if skipped.total:
+    if ckpt is not None:
+        logger.info("resuming from %s after epoch %d", Path(out_dir) / CHECKPOINT_NAME, start - 1)
+        log.write({"event": "resume", "epoch": start})
+    else:
+        log.write({"event": "restart", "reason": why} if why else {"event": "start"})
+    if skipped is not None and skipped.total:
         log.write({"event": "skipped", "counts": skipped.counts, "examples": skipped.examples})
-    return TrainingSetup(optimizer, scheduler, scaler, use_amp, iters, phash, start, log)
+    return TrainingSetup(
+        optimizer,
+        scheduler,
+        scaler,
+        use_amp,
+        iters,
+        phash,
+        start,
+        log,
+        epoch_schedule=schedule == "epoch",
+        warmup=warmup,
+        seed_stride=seed_stride,
+        train_seconds=spent,
+    )
+
+
+def _first_epoch_warmup(
+    optimizer: torch.optim.Optimizer, iters: int, config: Any, start_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """torchvision's detection warm-up: linear over the first epoch's iterations only (capped
+    to that epoch), none when a resume starts after it; it is not checkpointed."""
+    warmup_iters = min(config.warmup_iters, iters - 1)
+    if start_epoch > 0 or warmup_iters <= 0:
+        return None
+    return torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=config.warmup_factor, total_iters=warmup_iters
+    )
+
+
+def _resume(
+    out_dir: Path,
+    phash: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+) -> tuple[dict[str, Any] | None, str]:
+    states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if scaler is not None:
+        states["scaler"] = scaler
+    return resume_checkpoint(Path(out_dir) / CHECKPOINT_NAME, phash, states)
 
 
 def try_resume(
@@ -274,10 +348,7 @@ def try_resume(
     params_hash matches; anything else (another params hash, an unreadable or foreign file)
     starts over at 0 with the reason ("" when resumed or there is no checkpoint); see
     ``resume_checkpoint``."""
-    states = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    if scaler is not None:
-        states["scaler"] = scaler
-    ckpt, why = resume_checkpoint(Path(out_dir) / CHECKPOINT_NAME, phash, states)
+    ckpt, why = _resume(out_dir, phash, model, optimizer, scheduler, scaler)
     return (0, why) if ckpt is None else (int(ckpt["epoch"]) + 1, "")
 
 
@@ -317,6 +388,61 @@ class TrainResult:
     skipped: SkipReport = dataclasses.field(default_factory=SkipReport)
 
 
+StepLoss = Callable[[Any, int, int], tuple[torch.Tensor | None, dict[str, float]]]
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    setup: TrainingSetup,
+    epoch: int,
+    step_loss: StepLoss,
+    clip_grad_norm: float | None,
+    log_every: int,
+    desc: str = "train",
+    progress: bool = True,
+) -> tuple[list[float], dict[str, float]]:
+    """One pass over `loader` (at most ``setup.iters`` steps), as torchvision's
+    references/detection ``engine.train_one_epoch`` serves every model.
+
+    ``step_loss(batch, epoch, iter)`` returns the loss to step on (None: skip the batch) and
+    the loss terms to log; every ``log_every``-th step (and the last) is logged. Returns the
+    loss of every step and the epoch's mean of each term and of the loss.
+    """
+    model.train()
+    per_iter = setup.scheduler if not setup.epoch_schedule else None
+    if setup.epoch_schedule and epoch == 0:
+        per_iter = setup.warmup
+    losses: list[float] = []
+    sums: dict[str, float] = {}
+    bar = tqdm(loader, total=setup.iters, desc=f"{desc} epoch {epoch}", disable=not progress)
+    t0 = time.perf_counter()
+    for it, batch in enumerate(bar):
+        if it >= setup.iters:
+            break
+        loss, terms = step_loss(batch, epoch, it)
+        if loss is None:
+            continue
+        optimizer_step(model, setup.optimizer, per_iter, setup.scaler, loss, clip_grad_norm)
+        value = loss.item()
+        losses.append(value)
+        for key, term in {**terms, "loss": value}.items():
+            sums[key] = sums.get(key, 0.0) + term
+        bar.set_postfix(loss=f"{value:.3f}")
+        if log_every > 0 and (it % log_every == 0 or it == setup.iters - 1):
+            setup.log.write(
+                {
+                    **terms,
+                    "epoch": epoch,
+                    "iter": it,
+                    "loss": value,
+                    "lr": setup.optimizer.param_groups[0]["lr"],
+                    "elapsed_s": round(time.perf_counter() - t0, 3),
+                }
+            )
+    return losses, {key: total / max(len(losses), 1) for key, total in sums.items()}
+
+
 def run_epochs(
     model: torch.nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -324,54 +450,48 @@ def run_epochs(
     setup: TrainingSetup,
     out_dir: Path,
     classes: list[str],
-    step_loss: Callable[[Any, int, int], tuple[torch.Tensor | None, dict[str, float]]],
+    step_loss: StepLoss,
     desc: str,
     progress: bool = True,
     **loader_kwargs: Any,
-) -> list[float]:
-    """The epoch loop both segmenters train with; returns the loss of every step.
+) -> tuple[list[float], float]:
+    """The epoch loop every trainer uses; returns the loss of every step and the training
+    seconds (those of the resumed checkpoint included).
 
     Each epoch shuffles with its own seeded generator (a redone epoch sees the same order),
-    runs at most ``setup.iters`` steps, then writes the checkpoint (epoch = the last finished
-    one); the end writes ``model.pt``. ``step_loss(batch, epoch, iter)`` returns the loss to
-    step on (None: skip the batch) and the extra loss terms to log. ``loader_kwargs`` go to
-    the DataLoader (``collate_fn``, ``drop_last``).
+    runs `train_one_epoch`, logs an "epoch_end" event with the mean losses, steps a per-epoch
+    schedule, then writes the checkpoint (epoch = the last finished one); the end writes
+    ``model.pt``. ``loader_kwargs`` go to the DataLoader (``collate_fn``, ``drop_last``,
+    ``pin_memory``).
     """
     losses: list[float] = []
+    seconds = setup.train_seconds
     for epoch in range(setup.start_epoch, config.epochs):
-        model.train()
         loader = DataLoader(
             dataset,
             batch_size=config.batch_size,
             shuffle=True,
-            generator=seed_epoch(config.seed, epoch),
+            generator=seed_epoch(config.seed, epoch, setup.seed_stride),
             num_workers=config.num_workers,
             **loader_kwargs,
         )
-        bar = tqdm(loader, total=setup.iters, desc=f"{desc} epoch {epoch}", disable=not progress)
-        t0 = time.time()
-        for it, batch in enumerate(bar):
-            if it >= setup.iters:
-                break
-            loss, terms = step_loss(batch, epoch, it)
-            if loss is None:
-                continue
-            optimizer_step(
-                model, setup.optimizer, setup.scheduler, setup.scaler, loss, config.clip_grad_norm
-            )
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if it % config.log_every == 0 or it == setup.iters - 1:
-                setup.log.write(
-                    {
-                        **terms,
-                        "epoch": epoch,
-                        "iter": it,
-                        "loss": round(loss.item(), 5),
-                        "lr": setup.optimizer.param_groups[0]["lr"],
-                        "elapsed_s": round(time.time() - t0, 2),
-                    }
-                )
+        tic = time.perf_counter()
+        epoch_losses, means = train_one_epoch(
+            model,
+            loader,
+            setup,
+            epoch,
+            step_loss,
+            config.clip_grad_norm,
+            config.log_every,
+            desc,
+            progress,
+        )
+        if setup.epoch_schedule:
+            setup.scheduler.step()
+        seconds += time.perf_counter() - tic
+        losses += epoch_losses
+        setup.log.write({"event": "epoch_end", "epoch": epoch, **means})
         save_checkpoint(
             out_dir,
             setup.params_hash,
@@ -380,9 +500,10 @@ def run_epochs(
             setup.optimizer,
             setup.scheduler,
             setup.scaler,
+            train_seconds=seconds,
         )
     save_model(out_dir, model, classes, config)
-    return losses
+    return losses, seconds
 
 
 def save_model(out_dir: Path, model: torch.nn.Module, classes: list[str], config: Any) -> None:

@@ -67,13 +67,13 @@ def segmenters_object(params_path: str) -> dict:
     """Weak and full come from the pipeline run; the box baseline is trained here."""
     from tasks.evaluate import evaluate_instance, evaluate_semantic
     from tasks.params import load_params
-    from tasks.segmenters import train_instance_task, train_semantic_task
+    from tasks.segmenters import train_segmenter
 
     evaluation = json.loads((ROOT / "metrics/evaluation.json").read_text())
     if "box" not in evaluation:
         params = load_params(params_path)
-        train_instance_task.fn(params, "box")
-        train_semantic_task.fn(params, "box")
+        train_segmenter.fn(params, "instance", "box")
+        train_segmenter.fn(params, "semantic", "box")
         sem = evaluate_semantic.fn(params, "box")
         ins = evaluate_instance.fn(params, "box")["voc"]
         evaluation["box"] = {"sem_miou": 100 * sem["miou"], "ins_ap50": 100 * ins["ap50"]}

@@ -23,7 +23,7 @@ from tasks.attribution import (
     merge_shards,
     stop_shards_on_sigterm,
 )
-from tasks.dispatch import run_on_deployments
+from tasks.deployments import run_on_deployments
 from tasks.params import (
     ATTRIBUTION_DIR,
     DETECTOR_DIR,

@@ -1,6 +1,6 @@
 """One attribution shard as its own flow: the unit a work-pool worker executes.
 
-Deployed by ``prefect.yaml`` and fanned out by ``tasks.dispatch`` (executor
+Deployed by ``prefect.yaml`` and fanned out by ``tasks.deployments`` (executor
 ``deployments``). Paths (``params_path``, ``out_dir``, ``runs/detector``) are
 relative to the working directory, which the deployment's pull step sets to the
 checkout on shared storage. The shard holds ``<shard_dir>/.lock`` while it works
@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from bbam.shard_lock import LockLost, ShardLock
 from flows.common import configure_runtime
 from tasks.attribution import attribute_shard
-from tasks.dispatch import DispatchConfig, write_run_summary
+from tasks.deployments import DispatchConfig, write_run_summary
 from tasks.params import ATTRIBUTION_DIR, load_params, shard_dir
 
 OUT_DIR = str(ATTRIBUTION_DIR)

@@ -167,19 +167,17 @@ def evaluate_flow(params: dict) -> dict:
 def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
     """What the report shows beyond `report_samples` (bbam.report.write_report's keywords):
     per sample its BBAM heat map, GT and both segmenters' semantic predictions; the
-    pseudo labels beside the filled-box and GrabCut baselines on the same images; the PR
-    curves drawn."""
+    pseudo labels beside the filled-box and GrabCut baselines, as the pseudo_labels stage
+    scored them (not recomputed here); the PR curves drawn."""
     import pyarrow.parquet as pq
 
-    from bbam.data.images import load_rgb
     from bbam.evaluate import records_with_gt_masks
-    from bbam.report import attribution_heatmaps, pseudo_label_baselines
+    from bbam.report import attribution_heatmaps, read_pseudo_label_baselines
     from bbam.segmenters.semantic import load_semantic_model, predict_semantic
     from bbam.segmenters.targets import render_label_map
     from tasks.attribution import engine_config
-    from tasks.evaluate import _pseudo_split
-    from tasks.params import ATTRIBUTION_DIR, SEGMENTERS_DIR, load_split, shard_dir
-    from tasks.segmenters import semantic_config
+    from tasks.params import ATTRIBUTION_DIR, BASELINES_NAME, PSEUDO_DIR, load_split, shard_dir
+    from tasks.segmenters import segmenter_dir, semantic_config
 
     section = params["attribution"]
     split = load_split(params, section["split"])
@@ -196,7 +194,7 @@ def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
     for supervision in params["segmenters"]["supervisions"]:
         config = semantic_config(params, supervision)
         model = load_semantic_model(
-            SEGMENTERS_DIR / f"semantic_{supervision}" / "model.pt", config, len(split.classes) + 1
+            segmenter_dir("semantic", supervision) / "model.pt", config, len(split.classes) + 1
         )
         predictions[supervision] = {
             r.image_id: label
@@ -209,10 +207,7 @@ def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
             sample["bbam_map"] = heat[record.image_id]
             sample["gt"] = render_label_map(record) if record.image_id in with_gt else None
             sample["predictions"] = {s: p[record.image_id] for s, p in predictions.items()}
-    pseudo = {r.image_id: r for r in _pseudo_split(params).records}
-    quality, images = pseudo_label_baselines(
-        split.records, pseudo, len(split.classes) + 1, lambda r: load_rgb(r.path)
-    )
+    quality, images = read_pseudo_label_baselines(PSEUDO_DIR / BASELINES_NAME)
     return {
         "curves": curves,
         "class_names": list(split.classes),

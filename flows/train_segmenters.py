@@ -13,7 +13,7 @@ from prefect import flow
 
 from bbam.training import LOG_NAME
 from flows.common import publish_table, stage_cli
-from tasks.segmenters import train_instance_task, train_semantic_task
+from tasks.segmenters import SEGMENTERS, train_segmenter
 
 ARTIFACT = "bbam-segmenter-training"
 NETWORKS = {"instance": "Mask R-CNN", "semantic": "DeepLabV3"}
@@ -45,8 +45,8 @@ def training_table(models: dict[str, str]) -> list[dict]:
 def train_segmenters_flow(params: dict) -> dict:
     models = {}
     for supervision in params["segmenters"]["supervisions"]:
-        models[f"instance_{supervision}"] = train_instance_task(params, supervision)
-        models[f"semantic_{supervision}"] = train_semantic_task(params, supervision)
+        for kind in SEGMENTERS:  # instance, then semantic
+            models[f"{kind}_{supervision}"] = train_segmenter(params, kind, supervision)
     print(f"[bbam] train_segmenters: {len(models)} models: {', '.join(models)}")
     publish_table(
         ARTIFACT,

@@ -21,8 +21,8 @@ from bbam.segmenters.instance import load_instance_model, predict_instances
 from bbam.segmenters.semantic import load_semantic_model, predict_semantic
 from bbam.segmenters.targets import render_label_map
 from tasks.caching import stage_cache
-from tasks.params import PSEUDO_DIR, REPORTS_DIR, SEGMENTERS_DIR, load_split, split_paths
-from tasks.segmenters import instance_config, semantic_config
+from tasks.params import PSEUDO_DIR, REPORTS_DIR, load_split, split_paths
+from tasks.segmenters import segmenter_config, segmenter_dir
 
 
 def masked_val_records(params: dict, records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
@@ -36,20 +36,20 @@ def masked_val_records(params: dict, records: list[ImageRecord]) -> tuple[list[I
     return kept, len(left_out)
 
 
-def _val_and_model(params: dict, kind: str, supervision: str, config_fn, load_fn):
+def _val_and_model(params: dict, kind: str, supervision: str, load_fn):
     """(val dataset, its records with GT masks, how many were left out, config, trained model)
     for the `kind` ("instance" | "semantic") segmenter trained under `supervision`."""
     val = load_split(params, "val")
     records, left_out = masked_val_records(params, val.records)
-    config = config_fn(params, supervision)
-    model_path = SEGMENTERS_DIR / f"{kind}_{supervision}" / "model.pt"
+    config = segmenter_config(params, kind, supervision)
+    model_path = segmenter_dir(kind, supervision) / "model.pt"
     return val, records, left_out, config, load_fn(model_path, config, len(val.classes) + 1)
 
 
 @task(name="evaluate-instance-segmenter", **stage_cache("evaluate", REPORTS_DIR))
 def evaluate_instance(params: dict, supervision: str) -> dict:
     val, records, left_out, config, model = _val_and_model(
-        params, "instance", supervision, instance_config, load_instance_model
+        params, "instance", supervision, load_instance_model
     )
     predictions = predict_instances(model, records, device=config.device)
     voc = voc_instance_metrics(records, predictions, len(val.classes) + 1)
@@ -60,7 +60,7 @@ def evaluate_instance(params: dict, supervision: str) -> dict:
 @task(name="evaluate-semantic-segmenter", **stage_cache("evaluate", REPORTS_DIR))
 def evaluate_semantic(params: dict, supervision: str) -> dict:
     val, records, left_out, config, model = _val_and_model(
-        params, "semantic", supervision, semantic_config, load_semantic_model
+        params, "semantic", supervision, load_semantic_model
     )
     pairs = (
         (prediction, render_label_map(record))

@@ -24,6 +24,9 @@ PSEUDO_DIR = Path("runs/pseudo_labels")
 SEGMENTERS_DIR = Path("runs/segmenters")
 REPORTS_DIR = Path("reports")
 METRICS_DIR = Path("metrics")
+# In PSEUDO_DIR: BBAM beside the filled-box and GrabCut baselines, as the pseudo_labels stage
+# scored them (``bbam.labeling.baseline_quality``); the evaluate report reads it.
+BASELINES_NAME = "baselines.json"
 
 
 def shard_dir(out_dir: str | Path, shard: int) -> Path:

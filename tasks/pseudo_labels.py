@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 from prefect import task
 from tqdm import tqdm
 
-from bbam.atomic import atomic_write
+from bbam.atomic import atomic_write, atomic_write_json
 from bbam.data.coco import coco_image_ids, load_coco_json
-from bbam.labeling import label_dataset
+from bbam.labeling import baseline_quality, label_dataset
 from bbam.mcg import MCGConfig, make_source
 from bbam.pseudo_labels import write_coco_pseudo_gt
 from bbam.refine import RefineConfig
 from tasks.attribution import engine_config
 from tasks.caching import stage_cache
-from tasks.params import PSEUDO_DIR, load_split, shard_dir, split_paths
+from tasks.params import BASELINES_NAME, PSEUDO_DIR, load_split, shard_dir, split_paths
 
 
 def refine_config(params: dict) -> RefineConfig:
@@ -60,8 +60,9 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
     source = make_source(mcg_cfg, mcg_dir) if mcg_cfg.enabled else None
     align = engine_config(params).align_corners  # maps are upsampled as they were optimised
     out = Path(out_dir)
+    baselines = bool(params.get("pseudo_labels", {}).get("baselines", True))
     with tqdm(total=len(dataset.records), desc="pseudo labels", unit="img") as bar:
-        annotations, rows, errors = label_dataset(
+        annotations, rows, errors, scores = label_dataset(
             dataset,
             coco_image_ids(annotation_json),
             manifest,
@@ -73,7 +74,7 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
             align_corners=align,
             progress=bar.update,
             workers=pseudo_label_workers(params),
-            baselines=bool(params.get("pseudo_labels", {}).get("baselines", True)),
+            baselines=baselines,
         )
     source_json = load_coco_json(annotation_json)
     write_coco_pseudo_gt(
@@ -84,6 +85,12 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
     )
     table = pa.Table.from_pylist(rows) if rows else pa.table({})
     atomic_write(out / "manifest.parquet", lambda f: pq.write_table(table, f))
+    # What the evaluate report shows beside BBAM, scored here once, where the masks are.
+    quality = baseline_quality(rows, scores) if baselines else None
+    if quality is not None:
+        atomic_write_json(out / BASELINES_NAME, quality)
+    else:
+        (out / BASELINES_NAME).unlink(missing_ok=True)
 
     def mean_pct(key: str) -> float | None:
         values = [r[key] for r in rows if r.get(key) is not None]
@@ -102,6 +109,7 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
         # the box-only baselines on the same instances (pseudo_labels.baselines)
         "mean_instance_iou_grabcut": mean_pct("iou_gt_grabcut"),
         "mean_instance_iou_box": mean_pct("iou_gt_box"),
+        "baselines": quality,
         "empty_fg": sum(bool(r["empty_fg"]) for r in rows),
         "fallbacks": fallbacks,
         "mcg_used": sum(bool(r["mcg_used"]) for r in rows),

@@ -1,6 +1,12 @@
-"""Prefect tasks: train one segmenter under one supervision (each resumes on its own)."""
+"""Prefect task: train one segmenter (``instance`` Mask R-CNN or ``semantic`` DeepLabV3)
+under one supervision; each resumes on its own. Also the ``segmenters`` section's builders."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 from prefect import task
 
@@ -9,55 +15,66 @@ from bbam.segmenters.semantic import SemanticTrainConfig, train_semantic
 from tasks.caching import stage_cache
 from tasks.params import PSEUDO_DIR, SEGMENTERS_DIR, load_split, top_level
 
+Kind = Literal["instance", "semantic"]
 
-def _section(params: dict, name: str) -> dict:
-    """``segmenters.<name>`` plus the top-level ``seed``/``device`` (the section's own wins)."""
-    return {**top_level(params), **(params["segmenters"].get(name) or {})}
+
+@dataclass(frozen=True)
+class _Segmenter:
+    """What differs between the two kinds: the config class, the trainer, and where the
+    pseudo labels of ``supervision: bbam`` are (the trainer's fifth argument)."""
+
+    config: type
+    train: Callable[..., Any]
+    pseudo: Callable[[str], Path]
+
+
+SEGMENTERS: dict[str, _Segmenter] = {
+    "instance": _Segmenter(
+        InstanceTrainConfig, train_instance, lambda split: PSEUDO_DIR / f"instances_{split}.json"
+    ),
+    "semantic": _Segmenter(
+        SemanticTrainConfig, train_semantic, lambda split: PSEUDO_DIR / "semantic"
+    ),
+}
+
+
+def segmenter_config(
+    params: dict, kind: Kind, supervision: str
+) -> InstanceTrainConfig | SemanticTrainConfig:
+    """``segmenters.<kind>`` plus the top-level ``seed``/``device`` (the section's own wins)."""
+    section = {**top_level(params), **(params["segmenters"].get(kind) or {})}
+    return SEGMENTERS[kind].config(**section, supervision=supervision)
 
 
 def instance_config(params: dict, supervision: str) -> InstanceTrainConfig:
-    return InstanceTrainConfig(**_section(params, "instance"), supervision=supervision)
+    """`segmenter_config` of the Mask R-CNN (typed for the callers that need its fields)."""
+    return segmenter_config(params, "instance", supervision)
 
 
 def semantic_config(params: dict, supervision: str) -> SemanticTrainConfig:
-    return SemanticTrainConfig(**_section(params, "semantic"), supervision=supervision)
+    """`segmenter_config` of the DeepLabV3 (typed for the callers that need its fields)."""
+    return segmenter_config(params, "semantic", supervision)
+
+
+def segmenter_dir(kind: Kind, supervision: str) -> Path:
+    """The run folder of one trained segmenter (model.pt, checkpoint.pt, train_log.jsonl)."""
+    return SEGMENTERS_DIR / f"{kind}_{supervision}"
 
 
 @task(
-    name="train-instance-segmenter",
+    name="train-segmenter",
     retries=1,
     retry_delay_seconds=5,
     tags=["gpu"],
     **stage_cache("train_segmenters", SEGMENTERS_DIR),
 )
-def train_instance_task(params: dict, supervision: str) -> str:
+def train_segmenter(params: dict, kind: Kind, supervision: str) -> str:
+    """Train (or resume) the ``kind`` segmenter on the labelled split under ``supervision``;
+    returns its model.pt. Cached per (kind, supervision) on the stage's dvc.yaml inputs."""
     split = params["attribution"]["split"]
     dataset = load_split(params, split, with_masks=supervision == "full")
-    out_dir = SEGMENTERS_DIR / f"instance_{supervision}"
-    pseudo = PSEUDO_DIR / f"instances_{split}.json" if supervision == "bbam" else None
-    train_instance(
-        dataset.records, dataset.classes, out_dir, instance_config(params, supervision), pseudo
-    )
-    return str(out_dir / "model.pt")
-
-
-@task(
-    name="train-semantic-segmenter",
-    retries=1,
-    retry_delay_seconds=5,
-    tags=["gpu"],
-    **stage_cache("train_segmenters", SEGMENTERS_DIR),
-)
-def train_semantic_task(params: dict, supervision: str) -> str:
-    split = params["attribution"]["split"]
-    dataset = load_split(params, split, with_masks=supervision == "full")
-    out_dir = SEGMENTERS_DIR / f"semantic_{supervision}"
-    pseudo = PSEUDO_DIR / "semantic" if supervision == "bbam" else None
-    train_semantic(
-        dataset.records,
-        dataset.classes,
-        out_dir,
-        semantic_config(params, supervision),
-        pseudo_dir=pseudo,
-    )
+    out_dir = segmenter_dir(kind, supervision)
+    pseudo = SEGMENTERS[kind].pseudo(split) if supervision == "bbam" else None
+    config = segmenter_config(params, kind, supervision)
+    SEGMENTERS[kind].train(dataset.records, dataset.classes, out_dir, config, pseudo)
     return str(out_dir / "model.pt")

@@ -209,23 +209,19 @@ def test_pseudo_labels_publish_quality_beside_the_baselines(workdir, monkeypatch
 def test_train_segmenters_publish_the_last_training_step(workdir, monkeypatch):
     losses = {"instance_full": 1.25, "semantic_full": 0.5, "instance_bbam": 2.0}
 
-    def fake(kind: str):
-        def train(params: dict, supervision: str) -> str:
-            out = Path("runs/segmenters") / f"{kind}_{supervision}"
-            out.mkdir(parents=True)
-            last = losses.get(f"{kind}_{supervision}", 0.75)
-            log = [
-                {"event": "restart", "reason": "no checkpoint"},
-                {"epoch": 0, "iter": 0, "loss": 9.0},
-                {"epoch": 1, "iter": 1, "loss": last},
-            ]
-            (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-            return str(out / "model.pt")
+    def train(params: dict, kind: str, supervision: str) -> str:
+        out = Path("runs/segmenters") / f"{kind}_{supervision}"
+        out.mkdir(parents=True)
+        last = losses.get(f"{kind}_{supervision}", 0.75)
+        log = [
+            {"event": "restart", "reason": "no checkpoint"},
+            {"epoch": 0, "iter": 0, "loss": 9.0},
+            {"epoch": 1, "iter": 1, "loss": last},
+        ]
+        (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        return str(out / "model.pt")
 
-        return train
-
-    monkeypatch.setattr(segmenters_module, "train_instance_task", fake("instance"))
-    monkeypatch.setattr(segmenters_module, "train_semantic_task", fake("semantic"))
+    monkeypatch.setattr(segmenters_module, "train_segmenter", train)
     params = {"segmenters": {"supervisions": ["full", "bbam"]}}
     state = segmenters_module.train_segmenters_flow(params=params, return_state=True)
     assert state.is_completed(), state

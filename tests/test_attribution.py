@@ -20,7 +20,7 @@ from bbam.attribution import (
     profile_config,
     tv_norm,
 )
-from bbam.proposals import instance_generator, jitter_boxes, select_positives
+from bbam.jitter import instance_generator, jitter_boxes, select_positives
 from bbam.toy_detector import ToyDetector, toy_scene
 
 torch.set_num_threads(1)

@@ -9,8 +9,8 @@ import yaml
 from bbam.attribution import profile_config
 from bbam.device import resolve_device
 from bbam.refine import RefineConfig
+from tasks.deployments import DispatchConfig
 from tasks.detector import detector_config
-from tasks.dispatch import DispatchConfig
 from tasks.pseudo_labels import proposal_config
 from tasks.segmenters import instance_config, semantic_config
 

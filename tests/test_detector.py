@@ -7,11 +7,10 @@ import pytest
 import torch
 from helpers.builders import CLASSES, shapes_records, tiny_detector, tiny_detector_config
 from PIL import Image
-from torch.utils.data import DataLoader
 
 import bbam.train_detector as td
+from bbam import training as T
 from bbam.data.records import Dataset
-from bbam.data.torch_dataset import DetectionDataset, collate_fn
 from bbam.detector import (
     ARCHS,
     build_detector,
@@ -145,20 +144,20 @@ def test_gradient_wrt_images(records):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_training_lowers_loss(records):
-    torch.manual_seed(0)
-    model = tiny_detector(box_batch_size_per_image=32, rpn_post_nms_top_n_train=100)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
-    loader = DataLoader(DetectionDataset(records), batch_size=2, collate_fn=collate_fn)
-    device = torch.device("cpu")
-    history = [
-        td.train_one_epoch(
-            model, optimizer, loader, device, epoch, clip_grad_norm=10.0, progress=False
-        )["loss"]
-        for epoch in range(6)
-    ]
-    assert all(np.isfinite(history))
+def test_training_lowers_loss(records, tmp_path):
+    train, val = _datasets(records)
+    config = tiny_detector_config(
+        epochs=6,
+        box_batch_size_per_image=32,
+        rpn_post_nms_top_n_train=100,
+        warmup_iters=0,
+        lr_steps=(10,),
+        hflip=False,
+    )
+    train_detector(train, val, tmp_path, config, params_hash="h", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    history = [entry["loss"] for entry in log if entry.get("event") == "epoch_end"]
+    assert len(history) == 6 and all(np.isfinite(history))
     assert np.mean(history[-2:]) < 0.7 * history[0]
 
 
@@ -169,14 +168,14 @@ def _datasets(records):
 def test_kill_and_resume(records, tmp_path, monkeypatch):
     train, val = _datasets(records)
     config = tiny_detector_config(epochs=2)
-    real = td.train_one_epoch
+    real = T.train_one_epoch
 
-    def killed_in_epoch_1(model, optimizer, loader, device, epoch, **kwargs):
+    def killed_in_epoch_1(model, loader, setup, epoch, *args):
         if epoch == 1:
             raise KeyboardInterrupt  # the process dies during the second epoch
-        return real(model, optimizer, loader, device, epoch, **kwargs)
+        return real(model, loader, setup, epoch, *args)
 
-    monkeypatch.setattr(td, "train_one_epoch", killed_in_epoch_1)
+    monkeypatch.setattr(T, "train_one_epoch", killed_in_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train_detector(train, val, tmp_path, config, params_hash="h1", progress=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -187,12 +186,12 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
 
     seen = []
 
-    def recording(model, optimizer, loader, device, epoch, **kwargs):
-        state = optimizer.state_dict()["state"]
+    def recording(model, loader, setup, epoch, *args):
+        state = setup.optimizer.state_dict()["state"]
         seen.append((epoch, [s["momentum_buffer"].clone() for s in state.values()]))
-        return real(model, optimizer, loader, device, epoch, **kwargs)
+        return real(model, loader, setup, epoch, *args)
 
-    monkeypatch.setattr(td, "train_one_epoch", recording)
+    monkeypatch.setattr(T, "train_one_epoch", recording)
     metrics = train_detector(train, val, tmp_path, config, params_hash="h1", progress=False)
     assert [epoch for epoch, _ in seen] == [1]
     restored = seen[0][1]

@@ -5,36 +5,16 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from helpers.project_env import CATEGORIES, project_env, write_custom_coco
+from helpers.project_env import CATEGORIES, git_checkout, run_git_project, write_custom_coco
 
 from bbam.data.synthetic import SyntheticConfig
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 DATA = "data/mine"  # git-ignored (/data/), as a user's images would be
-
-
-def _env(project: Path) -> dict:
-    git_identity = {
-        f"GIT_{who}_{what}": value
-        for who in ("AUTHOR", "COMMITTER")
-        for what, value in (("NAME", "t"), ("EMAIL", "t@example.com"))
-    }
-    return {**project_env(project), **git_identity}
-
-
-def _run(project: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        list(args), cwd=project, env=_env(project), capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, f"{args}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    return result
 
 
 def _write_coco(root: Path) -> None:
@@ -50,7 +30,7 @@ def _write_coco(root: Path) -> None:
 
 def _experiments(project: Path) -> dict[str, dict]:
     """`dvc exp show --json` -> {experiment name: its data (params, metrics)}."""
-    shown = json.loads(_run(project, "dvc", "exp", "show", "--json").stdout)
+    shown = json.loads(run_git_project(project, "dvc", "exp", "show", "--json").stdout)
     found = {}
     for baseline in shown:
         for experiment in baseline.get("experiments") or []:
@@ -62,15 +42,8 @@ def _experiments(project: Path) -> dict[str, dict]:
 def test_exp_run_with_custom_data_and_exp_show_compares_runs(tmp_path: Path) -> None:
     project = tmp_path / "checkout"
     project.mkdir()
-    for name in ("bbam", "flows", "tasks"):
-        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", "params.yaml"):
-        shutil.copy(REPO / name, project / name)
     _write_coco(project / DATA)
-    _run(project, "git", "init", "-q")
-    _run(project, "dvc", "init", "-q")
-    _run(project, "git", "add", "-A")
-    _run(project, "git", "commit", "-q", "-m", "checkout")
+    git_checkout(project)
     committed_params = (project / "params.yaml").read_text()
 
     # The README's command, one -S per key that differs from the synthetic default.
@@ -86,13 +59,13 @@ def test_exp_run_with_custom_data_and_exp_show_compares_runs(tmp_path: Path) -> 
         ("all-train", f"{DATA}/annotations/instances_train.json"),
         ("two-train", f"{DATA}/annotations/instances_train_small.json"),
     ):
-        _run(
+        run_git_project(
             project, "dvc", "exp", "run", "-n", name, "prepare_data",
             *common, "-S", f"data.train_json={train_json}",
         )  # fmt: skip
 
     # params.yaml as committed was never edited by hand: the experiments carry the values.
-    head = _run(project, "git", "show", "HEAD:params.yaml").stdout
+    head = run_git_project(project, "git", "show", "HEAD:params.yaml").stdout
     assert head == committed_params
     experiments = _experiments(project)
     assert {"all-train", "two-train"} <= set(experiments)
@@ -109,14 +82,14 @@ def test_exp_run_with_custom_data_and_exp_show_compares_runs(tmp_path: Path) -> 
         assert metrics["val"]["images"] == 2
         assert set(metrics["train"]["instances_per_class"]) == set(CATEGORIES)
     # The table a person reads: both runs, the changed param and the metric side by side.
-    table = _run(
+    table = run_git_project(
         project, "dvc", "exp", "show", "--md", "--only-changed", "--keep", "data.train_json",
         "--drop", "Created",
     ).stdout  # fmt: skip
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "[" in line}
     assert any("all-train" in key for key in rows) and any("two-train" in key for key in rows)
     assert "train.images" in table and "data.train_json" in table
-    diff = _run(project, "dvc", "exp", "diff", "all-train", "two-train", "--json").stdout
+    diff = run_git_project(project, "dvc", "exp", "diff", "all-train", "two-train", "--json").stdout
     assert json.loads(diff)["metrics"]["metrics/data.json"]["train.images"] == {
         "old": 4,
         "new": 2,

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 import bbam.train_detector as td
+from bbam import training as T
 from bbam.atomic import file_sha256
 from bbam.detector import build_detector
 from bbam.pretrained import export_fp16, record_path, verify_weights
@@ -112,17 +113,17 @@ def test_fine_tuning_from_pretrained_weights_resumes_after_a_kill(tmp_path, monk
     pretrained = td.detector_from_config(config, len(CLASSES) + 1)
     export_fp16(pretrained.state_dict(), tmp_path / "pre.pt", {})
     config = tiny_detector_config(epochs=2, weights=str(tmp_path / "pre.pt"))
-    real = td.train_one_epoch
+    real = T.train_one_epoch
     starts, killed = [], []
 
-    def killed_in_epoch_1(model, optimizer, loader, device, epoch, **kwargs):
+    def killed_in_epoch_1(model, loader, setup, epoch, *args):
         starts.append((epoch, {k: v.clone() for k, v in model.state_dict().items()}))
         if epoch == 1 and not killed:
             killed.append(epoch)
             raise KeyboardInterrupt  # the process dies during the second epoch
-        return real(model, optimizer, loader, device, epoch, **kwargs)
+        return real(model, loader, setup, epoch, *args)
 
-    monkeypatch.setattr(td, "train_one_epoch", killed_in_epoch_1)
+    monkeypatch.setattr(T, "train_one_epoch", killed_in_epoch_1)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         td.train_detector(train, val, out, config, params_hash="h", progress=False)

@@ -254,7 +254,7 @@ def test_parallel_labelling_gives_the_same_output_as_serial(tmp_path):
         pngs = {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
         outputs[workers] = (json.dumps(result, sort_keys=True, default=str), pngs)
     assert outputs[1] == outputs[2]
-    annotations, rows, errors = label_dataset(
+    annotations, rows, errors, _ = label_dataset(
         dataset, coco_ids, [], {}, tmp_path / "w3", RefineConfig(), None, None,
         workers=2, images_per_task=2,
     )  # fmt: skip
@@ -264,9 +264,10 @@ def test_parallel_labelling_gives_the_same_output_as_serial(tmp_path):
 
 
 def test_baselines_are_scored_on_the_same_instances_and_do_not_depend_on_workers(tmp_path):
-    """baselines=True adds the filled box's and GrabCut's IoU with the GT mask to each row."""
+    """baselines=True adds the filled box's and GrabCut's IoU with the GT mask to each row,
+    and the three methods' semantic confusion on the fully masked images."""
     from bbam.data.records import Dataset
-    from bbam.labeling import label_dataset
+    from bbam.labeling import baseline_quality, label_dataset
     from bbam.refine import RefineConfig
 
     rng = np.random.default_rng(1)
@@ -285,13 +286,14 @@ def test_baselines_are_scored_on_the_same_instances_and_do_not_depend_on_workers
     records.append(ImageRecord("nomask", records[0].path, 56, 48, [Instance(9, 1, box)]))
     dataset = Dataset(["thing"], records)
     coco_ids = {r.image_id: n + 1 for n, r in enumerate(records)}
-    results = [
+    labelled = [
         label_dataset(
             dataset, coco_ids, [], {}, tmp_path / f"w{workers}", RefineConfig(), None, None,
             workers=workers, images_per_task=2, baselines=True,
-        )[1]
+        )
         for workers in (1, 2)
     ]  # fmt: skip
+    results = [result.rows for result in labelled]
     assert json.dumps(results[0], sort_keys=True) == json.dumps(results[1], sort_keys=True)
     rows = results[0]
     for row, record in zip(rows[:4], records[:4], strict=True):
@@ -301,6 +303,20 @@ def test_baselines_are_scored_on_the_same_instances_and_do_not_depend_on_workers
         assert 0.0 <= row["iou_gt"] <= 1.0
     assert rows[4]["iou_gt_box"] is None and rows[4]["iou_gt_grabcut"] is None
     assert "iou_gt" not in rows[4]
+    # the semantic scores: the 4 fully masked images ("nomask" is not), summed alike
+    one, two = (result.scores for result in labelled)
+    assert one.images == two.images == 4 and set(one.confusion) == {"bbam", "box", "grabcut"}
+    for method, conf in one.confusion.items():
+        assert conf.shape == (2, 2) and (conf == two.confusion[method]).all(), method
+        assert conf.sum() == 4 * 48 * 56
+    quality = baseline_quality(rows, one)
+    assert quality["images"] == 4 and quality["instances"] == 4
+    box = quality["methods"]["box"]
+    assert box["pseudo_mean_instance_iou"] == round(
+        100 * float(np.mean([r["iou_gt_box"] for r in rows[:4]])), 2
+    )
+    assert all(0 <= m["pseudo_sem_miou"] <= 100 for m in quality["methods"].values())
+    assert box["pseudo_sem_miou"] < quality["methods"]["grabcut"]["pseudo_sem_miou"]
     plain = label_dataset(
         dataset, coco_ids, [], {}, tmp_path / "plain", RefineConfig(), None, None
     )[1]

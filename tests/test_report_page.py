@@ -5,6 +5,7 @@ baselines tables filled, PR curves drawn; then the page opened in headless Chrom
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,6 @@ import pytest
 from PIL import Image
 
 from bbam import report
-from bbam.data.records import ImageRecord, Instance
 
 CHROMIUM = report.find_chromium()
 needs_chromium = pytest.mark.skipif(
@@ -85,7 +85,11 @@ def test_sample_panels_pr_curves_and_baselines_are_on_the_page(tmp_path: Path) -
             pixels = np.asarray(png)
             assert (pixels != 255).any(axis=2).mean() > 0.02  # axes, grid, lines, text
     # pseudo-label table: BBAM beside the filled box and GrabCut, on the same 7 images
-    assert "filled box" in text and "GrabCut" in text and "same 7 labelled images" in text
+    assert (
+        "filled box" in text
+        and "GrabCut" in text
+        and "the 7 images whose every instance has one" in text
+    )
     assert "66.0000" in text and "not computed" not in text
     assert "plots/pr_curves_&lt;supervision&gt;.csv" in text
 
@@ -93,30 +97,28 @@ def test_sample_panels_pr_curves_and_baselines_are_on_the_page(tmp_path: Path) -
 def test_missing_baselines_leave_a_visible_hook(tmp_path: Path) -> None:
     text = _write(tmp_path / "rep", pseudo_quality={"bbam": PSEUDO["bbam"]}).read_text()
     assert text.count('<td class="missing">not computed</td>') == 4
-    assert "pseudo_label_baselines" in text
+    assert "pseudo_labels.baselines" in text
     none = _write(tmp_path / "none", pseudo_quality={}, pseudo_quality_images=0).read_text()
     assert "cannot be scored" in none and "filled box" not in none
 
 
-def test_pseudo_label_baselines_score_the_same_images() -> None:
-    h, w = 40, 50
-    mask = np.zeros((h, w), bool)
-    mask[10:30, 10:30] = True
-    mask[10:15, 10:15] = False  # the box overfills the object
-    box = np.array([10, 10, 30, 30], float)
-    records = [
-        ImageRecord("a", Path("a.jpg"), w, h, [Instance(0, 1, box, mask=mask)]),
-        ImageRecord("b", Path("b.jpg"), w, h, [Instance(0, 1, box)]),
-    ]
-    pseudo = {"a": ImageRecord("a", Path("a.jpg"), w, h, [Instance(0, 1, box, mask=mask)])}
-    image = np.zeros((h, w, 3), np.uint8)
-    image[mask] = 255
-    quality, images = report.pseudo_label_baselines(records, pseudo, 2, lambda r: image)
-    assert images == 1  # "b" has no GT mask: not scored, for any method
-    assert quality["bbam"]["pseudo_mean_instance_iou"] == 100.0
-    assert quality["box"]["pseudo_mean_instance_iou"] == round(100 * 375 / 400, 2)
-    assert 0 <= quality["grabcut"]["pseudo_mean_instance_iou"] <= 100
+def test_baselines_are_read_as_the_pseudo_labels_stage_recorded_them(tmp_path: Path) -> None:
+    """The report shows the stage's numbers (bbam.labeling.baseline_quality), never rescored."""
+    recorded = {
+        "images": 3,
+        "instances": 5,
+        "methods": {
+            "bbam": {"pseudo_mean_instance_iou": 71.5, "pseudo_sem_miou": 60.25},
+            "box": {"pseudo_mean_instance_iou": 55.0, "pseudo_sem_miou": 48.0},
+            "grabcut": {"pseudo_mean_instance_iou": 62.0, "pseudo_sem_miou": None},
+        },
+    }
+    path = tmp_path / "baselines.json"
+    path.write_text(json.dumps(recorded))
+    quality, images = report.read_pseudo_label_baselines(path)
+    assert images == 3 and quality == recorded["methods"]
     assert set(quality["grabcut"]) == set(report.PSEUDO_METRICS)
+    assert report.read_pseudo_label_baselines(tmp_path / "absent.json") == ({}, None)
 
 
 def test_combined_heatmap_is_the_scaled_max() -> None:

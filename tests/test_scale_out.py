@@ -22,7 +22,7 @@ import yaml
 
 from bbam.shard_lock import LockLost, ShardBusy, ShardLock, read_lock
 from bench.workspace import make_attribution_workspace
-from tasks.dispatch import DispatchConfig, dispatch_shards
+from tasks.deployments import DispatchConfig, dispatch_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

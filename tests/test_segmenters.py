@@ -218,8 +218,8 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
 
     real_save = T.save_checkpoint
 
-    def save_then_die(out_dir, phash, epoch, *args):
-        real_save(out_dir, phash, epoch, *args)
+    def save_then_die(out_dir, phash, epoch, *args, **numbers):
+        real_save(out_dir, phash, epoch, *args, **numbers)
         if epoch == 0:
             raise KeyboardInterrupt
 

@@ -231,7 +231,8 @@ def train_instance(
     extra = {"n_images": len(dataset), "classes": classes, "pseudo": str(pseudo_json)}
     files = [pseudo_json if config.supervision == "bbam" else None]
     extra["data"] = T.data_digest(records, files + [config.weights, config.weights_backbone])
-    setup = T.setup_training(model, config, len(dataset), out_dir, device, extra, skipped)
+    phash = T.params_hash(config, extra)
+    setup = T.setup_training(model, config, len(dataset), out_dir, device, phash, skipped)
 
     def step_loss(batch, epoch: int, it: int):
         images = [im.to(device) for im in batch[0]]
@@ -241,9 +242,9 @@ def train_instance(
             loss = sum(loss_dict.values())
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite loss {loss_dict} at epoch {epoch} iter {it}")
-        return loss, {k: round(v.item(), 5) for k, v in loss_dict.items()}
+        return loss, {k: v.item() for k, v in loss_dict.items()}
 
-    losses = T.run_epochs(
+    losses, _ = T.run_epochs(
         model, dataset, config, setup, out_dir, classes, step_loss, "mask-rcnn", progress,
         collate_fn=collate_fn,
     )  # fmt: skip

@@ -242,7 +242,8 @@ def train_semantic(
     pngs = [] if label_dir is None else [label_dir / f"{r.image_id}.png" for r in dataset.items]
     files = [p for p in pngs if p.is_file()] + [config.weights, config.weights_backbone]
     extra["data"] = T.data_digest(records, files)
-    setup = T.setup_training(model, config, len(dataset), out_dir, device, extra, skipped)
+    phash = T.params_hash(config, extra)
+    setup = T.setup_training(model, config, len(dataset), out_dir, device, phash, skipped)
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL)
 
     def step_loss(batch, epoch: int, it: int):
@@ -256,7 +257,7 @@ def train_semantic(
             raise FloatingPointError(f"non-finite loss at epoch {epoch} iter {it}")
         return loss, {}
 
-    losses = T.run_epochs(
+    losses, _ = T.run_epochs(
         model, dataset, config, setup, out_dir, classes, step_loss, "deeplab", progress,
         drop_last=len(dataset) % config.batch_size == 1,  # BN in ASPP pooling needs 2+
     )  # fmt: skip

@@ -106,10 +106,12 @@ def write_custom_coco(
     shutil.rmtree(root / "gen")
 
 
-def copy_code(path: Path) -> None:
+def copy_code(
+    path: Path, names: tuple[str, ...] = ("bbam", "flows", "tasks", "pretrained")
+) -> None:
     """A copy, not a symlink: DVC hashes the code folders (and the committed pretrained
     weights, a dependency of train_detector) as stage dependencies."""
-    for name in ("bbam", "flows", "tasks", "pretrained"):
+    for name in names:
         shutil.copytree(REPO / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
 
 
@@ -140,3 +142,44 @@ def run_in(project: Path, *args: str, check: bool = True) -> subprocess.Complete
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+GIT_IDENTITY = {
+    f"GIT_{who}_{what}": value
+    for who in ("AUTHOR", "COMMITTER")
+    for what, value in (("NAME", "t"), ("EMAIL", "t@example.com"))
+}
+
+
+def run_git_project(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run a command in a `git_checkout` (a git identity set for commits and experiments);
+    fails the test with the command's output tail when it fails."""
+    result = subprocess.run(
+        list(args),
+        cwd=project,
+        env={**project_env(project), **GIT_IDENTITY},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"{args}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return result
+
+
+def git_checkout(project: Path, params: dict | None = None) -> Path:
+    """A project as a newcomer's clone holds it: the code, dvc.yaml, the repository's own
+    .gitignore and params.yaml (``params`` when given), in git with DVC initialised, all
+    committed. Files already in ``project`` (git-ignored data) stay."""
+    project.mkdir(parents=True, exist_ok=True)
+    copy_code(project, ("bbam", "flows", "tasks"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, project / name)
+    if params is None:
+        shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    else:
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_git_project(project, "git", "init", "-q")
+    run_git_project(project, "dvc", "init", "-q")
+    run_git_project(project, "git", "add", "-A")
+    run_git_project(project, "git", "commit", "-q", "-m", "checkout")
+    return project

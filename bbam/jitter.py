@@ -1,5 +1,8 @@
 """Jittered proposals around a box and the choice of positive proposals (BBAM §3.3).
 
+Not the region proposals of ``params.yaml``'s ``proposals:`` section (MCG or superpixels,
+``bbam.mcg``): these are the boxes the attribution explains the detector on.
+
 The reference code draws proposals with Python's unseeded ``random``; here every
 instance gets its own ``torch.Generator`` seeded from (seed, instance key), so a
 result never depends on which other instances share its batch.
