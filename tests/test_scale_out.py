@@ -331,6 +331,10 @@ def test_lost_worker_is_survived(tmp_path: Path) -> None:
         _kill_group(info["pid"])
         _kill_group(worker.pid)
         worker.wait(timeout=30)
+        if read_shard(directory).num_rows >= planned_rows[directory.name]:
+            # The shard wrote its last row between the check above and the kill (a loaded
+            # machine widens that window): nothing was lost, so there is nothing to prove.
+            pytest.skip(f"{directory.name} finished before its worker was killed (race lost)")
 
         rc = dispatcher.wait(timeout=240)
         out = tail("dispatcher")
