@@ -18,6 +18,7 @@ from helpers.archive_server import (
     local_only_urlopen,
     mcg_tgz,
     sbd_tgz,
+    sha256,
     voc_tar,
 )
 
@@ -283,3 +284,103 @@ def test_refused_archive_leaves_no_checksum_for_the_good_one(tmp_path, monkeypat
     run()
     assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(VOC_IMAGES)
     assert "mcg_voc2012" in json.loads(lock.read_text())["archives"]
+
+
+def _unsafe_zip() -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../../escape.mat", b"x")
+    return buf.getvalue()
+
+
+def _truncated_tgz() -> bytes:
+    """A gzip'd tar whose header reads but whose body is cut short."""
+    good = voc_files()[ARCHIVES["mcg_voc2012"].filename]
+    return good[: len(good) // 2]
+
+
+REFUSED_ARCHIVES = {
+    "hostile tar path": _unsafe_tgz,
+    "hostile zip path": _unsafe_zip,
+    "damaged archive": _truncated_tgz,
+    "not an archive": lambda: b"<html>a login page, not an archive</html>" * 20,
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_ARCHIVES))
+def test_refused_download_keeps_no_checksum_and_the_good_one_then_succeeds(tmp_path, case):
+    """Downloaded from the (local) server, refused at extraction: no sha256 is locked and the
+    refused file is set aside, so the good archive the server then serves is fetched afresh
+    and verified, not failed as a sha256 mismatch (issue #18, item 5)."""
+    from bbam.data.records import DataError
+
+    name = ARCHIVES["mcg_voc2012"].filename
+    good = voc_files()[name]
+    lock, dl = tmp_path / "downloads.lock.json", tmp_path / "dl"
+    with ArchiveServer({name: REFUSED_ARCHIVES[case]()}) as server:
+        run = lambda: prepare_dataset(  # noqa: E731
+            "voc", tmp_path / "voc", None, dl, only=["mcg"], lock_path=lock,
+            registry=local_registry(server, VOC_NAMES), download=FAST,
+        )  # fmt: skip
+        with pytest.raises(DataError, match="put a good archive in its place") as info:
+            run()
+        assert name in str(info.value)
+        assert "mcg_voc2012" not in json.loads(lock.read_text())["archives"]
+        assert (dl / f"{name}.bad").is_file() and not (dl / name).exists()
+        server.files[name] = good
+        run()
+    assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(VOC_IMAGES)
+    assert json.loads(lock.read_text())["archives"]["mcg_voc2012"]["sha256"] == sha256(good)
+
+
+def test_checksum_mismatch_keeps_no_checksum_and_the_good_one_then_succeeds(tmp_path):
+    """A download refused for its md5 (the registry's) never locks its sha256."""
+    import hashlib
+
+    name = ARCHIVES["mcg_voc2012"].filename
+    good = voc_files()[name]
+    lock, dl = tmp_path / "downloads.lock.json", tmp_path / "dl"
+    with ArchiveServer({name: _unsafe_tgz()}) as server:
+        registry = local_registry(server, VOC_NAMES)
+        a = registry["mcg_voc2012"]
+        md5 = hashlib.md5(good, usedforsecurity=False).hexdigest()
+        registry["mcg_voc2012"] = type(a)(
+            a.name, a.urls, a.filename, None, None, a.extract_to, md5=md5
+        )
+        run = lambda: prepare_dataset(  # noqa: E731
+            "voc", tmp_path / "voc", None, dl, only=["mcg"], lock_path=lock,
+            registry=registry, download=FAST,
+        )  # fmt: skip
+        with pytest.raises(ChecksumError, match="md5 mismatch"):
+            run()
+        assert not lock.exists() or "mcg_voc2012" not in json.loads(lock.read_text())["archives"]
+        server.files[name] = good
+        run()
+    assert json.loads(lock.read_text())["archives"]["mcg_voc2012"]["sha256"] == sha256(good)
+
+
+def test_damaged_archive_from_dir_is_a_clear_error_and_keeps_no_checksum(tmp_path, monkeypatch):
+    """--from-dir: a truncated archive is named (no raw tarfile traceback) and its sha256 is
+    not locked, so the intact one put in its place is accepted."""
+    from bbam.data.records import DataError
+
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    mcg = archives / ARCHIVES["mcg_voc2012"].filename
+    mcg.write_bytes(_truncated_tgz())
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
+    lock = tmp_path / "downloads.lock.json"
+    run = lambda: prepare_dataset(  # noqa: E731
+        "voc", tmp_path / "voc", archives, tmp_path / "dl", only=["mcg"], lock_path=lock,
+        registry=local_registry(None, VOC_NAMES), download=FAST,
+    )  # fmt: skip
+    with pytest.raises(DataError, match=f"{mcg.name}: damaged archive"):
+        run()
+    assert "mcg_voc2012" not in json.loads(lock.read_text())["archives"]
+    mcg.unlink()  # a new file, as a user replacing it would (not the same inode rewritten)
+    mcg.write_bytes(voc_files()[mcg.name])
+    run()
+    assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(VOC_IMAGES)

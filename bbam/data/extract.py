@@ -11,12 +11,14 @@ sha256; a re-run with the same sha256 skips the work, a different one re-extract
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import posixpath
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from bbam.data.records import DataError
@@ -168,12 +170,16 @@ def extract_archive(path: Path, target: Path, sha256: str, *, name: str = "") ->
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        if tarfile.is_tarfile(path):
-            count = _extract_tar(path, tmp)
-        elif zipfile.is_zipfile(path):
-            count = _extract_zip(path, tmp)
-        else:
-            raise DataError(f"{path}: not a tar or zip archive")
+        try:
+            if tarfile.is_tarfile(path):
+                count = _extract_tar(path, tmp)
+            elif zipfile.is_zipfile(path):
+                count = _extract_zip(path, tmp)
+            else:
+                raise DataError(f"{path}: not a tar or zip archive")
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as exc:
+            # A header that reads but a body cut short (or corrupt): the file, not the disk.
+            raise DataError(f"{path}: damaged archive ({type(exc).__name__}: {exc})") from exc
         marker = {"archive": name or path.name, "sha256": sha256, "members": count}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if target.is_symlink() or target.is_file():

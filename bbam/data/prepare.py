@@ -97,12 +97,26 @@ def obtain_archive(
     )
     try:
         return extract_archive(path, target, sha, name=archive.name)
-    except DataError as exc:  # unsafe members, not an archive: its checksum is no reference
-        if lock.forget(archive, sha):
-            raise type(exc)(
-                f"{exc} (its sha256 is not kept in {lock.path}: put a good archive in its place)"
-            ) from exc
+    except DataError as exc:  # unsafe members, damaged, not an archive: no reference sha256
+        forgotten = lock.forget(archive, sha)
+        moved = _quarantine(path, Path(download_dir))
+        if forgotten or moved:
+            notes = [f"its sha256 is not kept in {lock.path}"] if forgotten else []
+            notes += [f"moved to {moved}, so the next run fetches it afresh"] if moved else []
+            raise type(exc)(f"{exc} ({'; '.join(notes)}: put a good archive in its place)") from exc
         raise
+
+
+def _quarantine(path: Path, download_dir: Path) -> Path | None:
+    """Rename a refused archive that lies in `download_dir` to ``<name>.bad`` (as a checksum
+    mismatch is), so that the next run fetches the file afresh instead of reusing it; a file
+    elsewhere (``--from-dir``, read-only perhaps) is the user's to replace. Returns the new
+    path, or None when the file was left where it is."""
+    if not path.is_file() or path.parent.resolve() != download_dir.resolve():
+        return None
+    moved = path.with_name(path.name + ".bad")
+    os.replace(path, moved)
+    return moved
 
 
 def link_path(dest: Path, src: Path) -> None:
