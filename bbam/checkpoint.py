@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,14 @@ from bbam.pretrained import verify_weights
 logger = logging.getLogger(__name__)
 
 
-def _short(exc: BaseException) -> str:
-    """First sentence of an exception: torch's load errors run to paragraphs of advice
-    (such as loading with weights_only=False) that is wrong for a damaged file."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+def _short(exc: BaseException, last: bool = False) -> str:
+    """First sentence of an exception (or its last line, `last`): torch's load errors run to
+    paragraphs of advice (such as loading with weights_only=False) that is wrong for a
+    damaged file, and name the actual problem only near the end."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if last:  # torch: "...Unsupported operand 0\n\nCheck the documentation of torch.load..."
+        lines = [line for line in lines if not line.startswith("Check the documentation")][-1:]
+    text = lines[0] if lines else ""
     text = text.split(". ")[0].rstrip(".:")[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -44,17 +49,32 @@ def load_weights(path: str | Path, what: str = "weights") -> Any:
     except OSError:
         raise
     except pickle.UnpicklingError as exc:
+        found = _refused_global(exc)
+        if found is None:  # torch.save's pickle cut short or bytes that are no pickle at all
+            raise ValueError(
+                f"{path}: cannot read {what}: damaged (truncated?) or not a torch weights file "
+                f"({_short(exc, last=True)}); replace it with an intact state_dict file saved "
+                "with torch.save(model.state_dict(), path)"
+            ) from exc
         raise ValueError(
-            f"{path}: refused as {what}: the file holds pickled Python objects besides tensors "
-            f"(a whole model or optimizer object, or code); loading it could run that code "
-            f"({_short(exc)}). Use a file saved with torch.save(model.state_dict(), path), "
-            "or re-save a trusted one that way"
+            f"{path}: refused as {what}: the file holds the Python object {found} besides "
+            "tensors (a whole model or optimizer object, or code); it was not loaded, since "
+            "loading it could run code. Use a file saved with "
+            "torch.save(model.state_dict(), path), or re-save a trusted one that way"
         ) from exc
     except Exception as exc:  # truncated, garbage, not a torch file at all
         raise ValueError(
             f"{path}: cannot read {what}: not a torch file or damaged (truncated?) "
             f"({_short(exc)}); replace it with an intact state_dict file"
         ) from exc
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The class or function torch's weights-only unpickler refused (``posix.system``,
+    ``torch.nn.Linear``), or None when it refused the bytes themselves (damage, garbage):
+    only the former is a file that could run code, and the message says which it is."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return match.group(1) if match else None
 
 
 def _backup(obj: Any) -> Any:
