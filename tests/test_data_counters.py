@@ -1,9 +1,10 @@
 """Every skip and repair a reader counts reaches the data stage's summary (metrics/data.json)
 and its printed line, for VOC, SBD and COCO alike, one test per counter (issue #18).
 
-The VOC cases run the stage's voc_to_coco and summarise tasks (``.fn``, no Prefect engine)
-on the fixture VOC + SBD trees, unpacked in place of the archives; the COCO cases on a
-custom COCO split."""
+Each case runs the prepare_data flow's own body (``prepare_data.fn``, its tasks as plain
+functions, no Prefect engine) and reads back metrics/data.json and the printed summary line.
+The VOC cases damage the fixture VOC + SBD trees, unpacked in place of the archives; the
+COCO cases a custom COCO split."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers.archive_server import W, sbd_tgz, voc_tar
+from helpers.archive_server import H, W, sbd_tgz, voc_tar
 from PIL import Image
 
 from bbam.data.prepare import summary_line
@@ -88,6 +89,28 @@ def _clipped_box(voc: Path) -> None:
     xml.write_text(text.replace("<xmax>50</xmax>", f"<xmax>{W + 9}</xmax>"))
 
 
+def _clipped_negative_origin(voc: Path) -> None:
+    """xmin 0 in VOC's 1-based pixels is x = -1: only the origin runs outside."""
+    xml = voc / "Annotations" / "2008_000003.xml"
+    xml.write_text(xml.read_text().replace("<xmin>6</xmin>", "<xmin>0</xmin>"))
+
+
+def _clipped_past_the_edge(voc: Path) -> None:
+    xml = voc / "Annotations" / "2008_000003.xml"
+    xml.write_text(xml.read_text().replace("<ymax>40</ymax>", f"<ymax>{H + 20}</ymax>"))
+
+
+def _duplicate_sbd_id(voc: Path) -> None:
+    """An id repeated within SBD's own train list (the lists' overlap is by design)."""
+    listed = voc.parent / "SBD" / "train.txt"
+    listed.write_text(listed.read_text() + "2008_000003\n")
+
+
+def _sbd_instance_file_missing(voc: Path) -> None:
+    """SBD lists 2008_000003 (one cat) but its inst .mat is gone: the cat has no mask."""
+    (voc.parent / "SBD" / "inst" / "2008_000003.mat").unlink()
+
+
 def _object_without_voc_mask(voc: Path) -> None:
     _add_object(voc, "2008_000001", "person", (40, 30, 60, 45))  # no index 3 in the PNG
 
@@ -103,23 +126,62 @@ VOC_CASES = {
     "object_without_mask (VOC PNG)": (_object_without_voc_mask, "train", "skipped"),
     "object_without_mask (SBD)": (_object_without_sbd_mask, "train", "skipped"),
     "clipped_box": (_clipped_box, "train", "repaired"),
+    "clipped_box (negative origin)": (_clipped_negative_origin, "train", "repaired"),
+    "clipped_box (past the edge)": (_clipped_past_the_edge, "train", "repaired"),
+    "duplicate_id (SBD list)": (_duplicate_sbd_id, "train", "skipped"),
+    "object_without_mask (SBD inst .mat missing)": (_sbd_instance_file_missing, "train", "skipped"),
 }
 
 
+class _Direct:
+    """A task run as its plain function (no Prefect engine), ``with_options`` included."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def with_options(self, **_options):
+        return self.fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def run_stage(params_path: str, monkeypatch, capsys) -> tuple[dict, str]:
+    """The prepare_data flow's own body (flows.prepare_data.prepare_data.fn), its tasks run
+    directly, the archives already unpacked: (metrics/data.json as written, printed text)."""
+    import flows.prepare_data as stage
+
+    monkeypatch.setattr(stage, "prepare", _Direct(lambda params: {}))
+    monkeypatch.setattr(stage, "voc_to_coco", _Direct(voc_to_coco.fn))
+    monkeypatch.setattr(stage, "summarise", _Direct(summarise.fn))
+    monkeypatch.setattr(stage, "cached_in_data_root", lambda params: {})
+    monkeypatch.setattr(stage, "publish_table", lambda *args, **kwargs: None)
+    capsys.readouterr()
+    stage.prepare_data.fn(load_params(params_path))
+    printed = capsys.readouterr().out
+    return json.loads(Path(stage.METRICS).read_text()), printed
+
+
+def _check_reported(data: dict, printed: str, split: str, kind: str, counter: str) -> None:
+    """The counter is in metrics/data.json and in the stage's printed summary line."""
+    assert data[split][kind] == {counter: 1}, data[split]
+    other = "skipped" if kind == "repaired" else "repaired"
+    assert data[split][other] == {}
+    line = next(line for line in printed.splitlines() if line.startswith("[bbam] prepare_data:"))
+    part = next(p for p in line.split("; ") if f"{split}: " in p)
+    assert f"{kind} {counter}=1" in part, line
+    assert part.endswith(summary_line(data[split]))
+
+
 @pytest.mark.parametrize("case", list(VOC_CASES))
-def test_voc_and_sbd_counters_reach_the_stage_summary(tmp_path, monkeypatch, case):
-    monkeypatch.chdir(tmp_path)  # the image check cache is written under ./data
+def test_voc_and_sbd_counters_reach_the_stage_summary(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.chdir(tmp_path)  # metrics/ and the image check cache are written here
     damage, split, kind = VOC_CASES[case]
     counter = case.split()[0]
     voc, params_path = voc_tree(tmp_path)
     damage(voc)
-    voc_to_coco.fn(load_params(params_path))
-    summary = summarise.fn(load_params(params_path))
-    assert summary[split][kind] == {counter: 1}
-    other = "skipped" if kind == "repaired" else "repaired"
-    assert summary[split][other] == {}
-    assert f"{kind} {counter}=1" in summary_line(summary[split])
-    json.dumps(summary)  # what metrics/data.json holds
+    data, printed = run_stage(params_path, monkeypatch, capsys)
+    _check_reported(data, printed, split, kind, counter)
 
 
 def _png(path: Path, size: tuple[int, int] = (40, 30)) -> None:
@@ -156,28 +218,33 @@ COCO_CASES = {
     "missing_bbox": ([{"id": 1, "image_id": 1, "category_id": 1}], "skipped"),
     "zero_area_box": ([_ann(1, bbox=[50, 2, 10, 10])], "skipped"),
     "clipped_box": ([_ann(1, bbox=[-3, 20, 10, 15])], "repaired"),
+    "clipped_box (negative origin)": ([_ann(1, bbox=[2, -4, 10, 10])], "repaired"),
+    "clipped_box (past the edge)": ([_ann(1, bbox=[35, 2, 10, 10])], "repaired"),
 }
 
 
-@pytest.mark.parametrize("counter", list(COCO_CASES))
-def test_coco_counters_reach_the_stage_summary(tmp_path, monkeypatch, counter):
+@pytest.mark.parametrize("case", list(COCO_CASES))
+def test_coco_counters_reach_the_stage_summary(tmp_path, monkeypatch, capsys, case):
     monkeypatch.chdir(tmp_path)
-    annotations, kind = COCO_CASES[counter]
-    summary = summarise.fn(load_params(coco_split(tmp_path, annotations)))
-    assert summary["train"][kind] == {counter: 1}
-    assert f"{kind} {counter}=1" in summary_line(summary["train"])
+    annotations, kind = COCO_CASES[case]
+    counter = case.split()[0]
+    data, printed = run_stage(coco_split(tmp_path, annotations), monkeypatch, capsys)
+    _check_reported(data, printed, "train", kind, counter)
 
 
-def test_unreadable_image_reaches_the_stage_summary(tmp_path, monkeypatch):
+def test_unreadable_image_reaches_the_stage_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     params_path = coco_split(tmp_path, [_ann(1)], images=3)
     image = tmp_path / "mydata" / "images" / "im2.png"
     image.write_bytes(image.read_bytes()[:60])  # truncated: the header still reads
-    summary = summarise.fn(load_params(params_path))
-    assert summary["train"]["skipped"] == {"unreadable_image": 1}
-    assert summary["train"]["images"] == 3 and summary["train"]["images_verified"] == 3
-    assert list(summary["train"]["unreadable_images"]) == [str(image)]
-    assert "skipped unreadable_image=1" in summary_line(summary["train"])
+    yaml_params = yaml.safe_load(Path(params_path).read_text())
+    for split in ("train", "val"):  # the splits share the images; 1 of 3 is within the limit
+        yaml_params["data"][f"max_unreadable_{split}"] = 0.5
+    Path(params_path).write_text(yaml.safe_dump(yaml_params))
+    data, printed = run_stage(params_path, monkeypatch, capsys)
+    _check_reported(data, printed, "train", "skipped", "unreadable_image")
+    assert data["train"]["images"] == 3 and data["train"]["images_verified"] == 3
+    assert list(data["train"]["unreadable_images"]) == [str(image)]
 
 
 def test_unknown_category_in_custom_coco_stops_the_stage_naming_the_file(tmp_path, monkeypatch):

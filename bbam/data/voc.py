@@ -83,21 +83,35 @@ def read_id_list(path: Path, skipped: SkipReport | None = None) -> list[str]:
     return list(ids)
 
 
-def train_aug_ids(voc_root: str | Path, sbd_root: str | Path) -> list[str]:
-    """(VOC2012 seg train ∪ SBD train ∪ SBD val) − VOC2012 seg val, sorted (10,582 on the real data)."""
+def train_aug_ids(
+    voc_root: str | Path, sbd_root: str | Path, skipped: SkipReport | None = None
+) -> list[str]:
+    """(VOC2012 seg train ∪ SBD train ∪ SBD val) − VOC2012 seg val, sorted (10,582 on the real data).
+
+    The lists overlap by design (an id in two of them is read once, silently); an id repeated
+    within one list is counted in `skipped` ("duplicate_id"), as `read_id_list` does."""
     seg = voc_dir(voc_root) / "ImageSets" / "Segmentation"
     sbd = sbd_dir(sbd_root)
-    ids = set(read_id_list(seg / "train.txt"))
-    ids |= set(read_id_list(sbd / "train.txt")) | set(read_id_list(sbd / "val.txt"))
+    ids = set(read_id_list(seg / "train.txt", skipped))
+    ids |= set(read_id_list(sbd / "train.txt", skipped))
+    ids |= set(read_id_list(sbd / "val.txt", skipped))
     ids -= set(read_id_list(seg / "val.txt"))
     return sorted(ids)
+
+
+def _sbd_listed(sbd: Path | None) -> set[str]:
+    """The ids SBD's train/val lists promise an instance .mat for (empty without SBD)."""
+    if sbd is None:
+        return set()
+    lists = (sbd / "train.txt", sbd / "val.txt")
+    return {i for path in lists if path.is_file() for i in read_id_list(path)}
 
 
 def _split_ids(voc: Path, split: str, sbd_root: Path | None, skipped: SkipReport) -> list[str]:
     if split == "train_aug":
         if sbd_root is None:
             raise DataError(f"{voc}: split 'train_aug' needs sbd_root")
-        return train_aug_ids(voc, sbd_root)
+        return train_aug_ids(voc, sbd_root, skipped)
     seg = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
     if seg.is_file():
         return read_id_list(seg, skipped)
@@ -268,8 +282,9 @@ def read_voc(
     the PNG class indices must follow it. Unknown class names: `unknown="error"` raises DataError,
     `"skip"` skips the object and counts it ("unknown_class"); names are compared after
     stripping whitespace, case-sensitively. A listed image without XML is skipped and counted
-    ("missing_annotation"), as is an id listed twice ("duplicate_id"). Instance ids run 1..N
-    over the split in order.
+    ("missing_annotation"), as is an id listed twice ("duplicate_id"). An object left without
+    a mask where the image has one (a VOC PNG, or an SBD instance .mat, which SBD's lists
+    promise) is counted ("object_without_mask"). Instance ids run 1..N over the split in order.
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"unknown must be 'error' or 'skip', got {unknown!r}")
@@ -281,6 +296,7 @@ def read_voc(
     records: list[ImageRecord] = []
     next_instance = 1
     ids = _split_ids(voc, split, sbd, skipped)
+    sbd_listed = _sbd_listed(sbd) if with_masks else set()
     for image_id in ids:
         xml = voc / "Annotations" / f"{image_id}.xml"
         if not xml.is_file():
@@ -318,6 +334,8 @@ def read_voc(
             masks = _voc_masks(voc, image_id, labels, height, width)
             if masks is None and sbd is not None:
                 masks = _sbd_masks(sbd, image_id, labels, boxes, height, width)
+            if masks is None and image_id in sbd_listed:  # SBD lists it, its inst .mat is gone
+                masks = [None] * len(labels)  # each object is counted as without a mask
         instances = []
         for j, (label, box, obj) in enumerate(zip(labels, boxes, objects, strict=True)):
             if label is None or box is None:
