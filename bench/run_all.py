@@ -152,7 +152,7 @@ def main() -> int:
     if "scale" not in args.skip:
         run(sys.executable, "-m", "bench.scale")
     if "data_check" not in args.skip:
-        run(sys.executable, "-m", "bench.data_check")
+        run(sys.executable, "-m", "bench.data_check", "--params", args.params)
     results = json.loads(RESULTS.read_text())
     print(f"\nbench finished in {time.perf_counter() - started:.0f} s -> {RESULTS}")
     for key, value in results.items():
