@@ -31,10 +31,12 @@ def test_unreadable_params_file_is_a_clear_error(tmp_path, make, problem):
     assert str(info.value).startswith(f"{path}: {problem}")
 
 
-def test_stage_cli_with_non_utf8_params_exits_without_traceback(tmp_path):
-    path = _latin1(tmp_path)
+@pytest.mark.parametrize(("make", "problem"), [(_latin1, "not UTF-8"), (_folder, "is a directory")])
+def test_stage_cli_with_unreadable_params_exits_without_traceback(tmp_path, make, problem):
+    """``--params`` naming a latin-1 file or a folder: one line naming it, exit status 1."""
+    path = make(tmp_path)
     cmd = [sys.executable, "-m", "flows.prepare_data", "--params", str(path)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert f"{path}: not UTF-8" in result.stderr
+    assert f"{path}: {problem}" in result.stderr
