@@ -252,3 +252,28 @@ def test_unknown_category_in_custom_coco_stops_the_stage_naming_the_file(tmp_pat
     params_path = coco_split(tmp_path, [_ann(1, category_id=7)])
     with pytest.raises(DataError, match=re.escape("train.json: annotation 1: unknown category")):
         summarise.fn(load_params(params_path))
+
+
+def test_unknown_class_is_counted_when_a_reader_is_told_to_skip(tmp_path):
+    """The stage stops on an unknown class (above); a reader asked to skip (``unknown="skip"``)
+    counts it instead, and the count reaches the summary and its line, VOC and COCO alike."""
+    from bbam.data.coco import read_coco
+    from bbam.data.prepare import summarize_dataset
+    from bbam.data.voc import read_voc
+
+    voc, _params_path = voc_tree(tmp_path)
+    _add_object(voc, "2008_000001", "dragon", (40, 30, 60, 45))
+    for dataset in (
+        read_voc(voc.parent, "train", unknown="skip"),
+        read_coco(*_coco_with_unknown(tmp_path), unknown="skip"),
+    ):
+        summary = summarize_dataset(dataset)
+        assert summary["skipped"] == {"unknown_class": 1}
+        assert "skipped unknown_class=1" in summary_line(summary)
+
+
+def _coco_with_unknown(tmp_path: Path) -> tuple[str, str]:
+    params = yaml.safe_load(
+        Path(coco_split(tmp_path, [_ann(1), _ann(2, category_id=7)])).read_text()
+    )
+    return params["data"]["train_json"], params["data"]["train_images"]
