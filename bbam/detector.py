@@ -96,6 +96,39 @@ def _load_into(
         )
 
 
+def build_fpn_backbone(
+    arch: str,
+    weights_backbone: str | Path | None = None,
+    trainable_layers: int = 5,
+    norm: str = "batch",
+    fpn_channels: int = 256,
+) -> nn.Module:
+    """The detector's backbone + FPN (torchvision's ``BackboneWithFPN``), also the body of
+    the semantic FPN segmenter, so a detector's ``backbone.*`` weights load into either.
+
+    ResNet archs return P2..P5 (keys "0".."3") and "pool"; MobileNet returns its 2 levels
+    and "pool". `weights_backbone` is a classification-network state_dict (head ignored).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown detector arch {arch!r}; expected one of {ARCHS}")
+    norm_layer = _norm_layer(norm)
+    if arch in RESNET_ARCHS:
+        body = RESNET_ARCHS[arch](weights=None, norm_layer=norm_layer)
+        if weights_backbone is not None:
+            _load_into(body, weights_backbone, ignore_prefixes=("fc.",))
+        backbone = _resnet_fpn_extractor(body, trainable_layers)
+    else:
+        body = mobilenet_v3_large(weights=None, norm_layer=norm_layer)
+        if weights_backbone is not None:
+            _load_into(body, weights_backbone, ignore_prefixes=("classifier.",))
+        backbone = _mobilenet_extractor(body, True, trainable_layers)
+    if fpn_channels != backbone.out_channels:
+        in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+        backbone.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, LastLevelMaxPool())
+        backbone.out_channels = fpn_channels
+    return backbone
+
+
 def build_detector(
     arch: str,
     num_classes: int,
@@ -125,27 +158,13 @@ def build_detector(
         raise ValueError(f"unknown detector arch {arch!r}; expected one of {ARCHS}")
     if num_classes < 2:
         raise ValueError(f"num_classes must include background and >=1 class, got {num_classes}")
-    norm_layer = _norm_layer(norm)
-    if arch in RESNET_ARCHS:
-        sizes = tuple(anchor_sizes) if anchor_sizes is not None else DEFAULT_ANCHOR_SIZES
-        if len(sizes) != 5:
-            raise ValueError(f"{arch}: need 5 anchor sizes (P2..P6), got {sizes}")
-        body = RESNET_ARCHS[arch](weights=None, norm_layer=norm_layer)
-        if weights_backbone is not None:
-            _load_into(body, weights_backbone, ignore_prefixes=("fc.",))
-        backbone = _resnet_fpn_extractor(body, trainable_backbone_layers)
-        per_level = tuple((s,) for s in sizes)
-    else:
-        sizes = tuple(anchor_sizes) if anchor_sizes is not None else DEFAULT_ANCHOR_SIZES
-        body = mobilenet_v3_large(weights=None, norm_layer=norm_layer)
-        if weights_backbone is not None:
-            _load_into(body, weights_backbone, ignore_prefixes=("classifier.",))
-        backbone = _mobilenet_extractor(body, True, trainable_backbone_layers)
-        per_level = (sizes,) * 3
-    if fpn_channels != backbone.out_channels:
-        in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
-        backbone.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, LastLevelMaxPool())
-        backbone.out_channels = fpn_channels
+    sizes = tuple(anchor_sizes) if anchor_sizes is not None else DEFAULT_ANCHOR_SIZES
+    if arch in RESNET_ARCHS and len(sizes) != 5:
+        raise ValueError(f"{arch}: need 5 anchor sizes (P2..P6), got {sizes}")
+    backbone = build_fpn_backbone(
+        arch, weights_backbone, trainable_backbone_layers, norm, fpn_channels
+    )
+    per_level = tuple((s,) for s in sizes) if arch in RESNET_ARCHS else (sizes,) * 3
     anchors = AnchorGenerator(per_level, (ASPECT_RATIOS,) * len(per_level))
     resolution = 7  # FasterRCNN's default MultiScaleRoIAlign output size
     model = FasterRCNN(

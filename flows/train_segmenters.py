@@ -1,4 +1,4 @@
-"""Stage 5: Mask R-CNN and DeepLabV3 under each supervision in ``segmenters.supervisions``
+"""Stage 5: Mask R-CNN and the semantic segmenter (DeepLabV3 or semantic FPN) under each supervision in ``segmenters.supervisions``
 (``full`` = GT masks, the upper bound; ``bbam`` = our pseudo labels; ``box`` = filled boxes).
 
 ``python -m flows.train_segmenters --params params.yaml``
@@ -11,15 +11,21 @@ from pathlib import Path
 
 from prefect import flow
 
+from bbam.segmenters.semantic import HEADS
 from bbam.training import LOG_NAME
 from flows.common import publish_table, stage_cli
 from tasks.segmenters import SEGMENTERS, train_segmenter
 
 ARTIFACT = "bbam-segmenter-training"
-NETWORKS = {"instance": "Mask R-CNN", "semantic": "DeepLabV3"}
 
 
-def training_table(models: dict[str, str]) -> list[dict]:
+def network_names(params: dict) -> dict[str, str]:
+    """Table names of the two networks; the semantic one follows ``segmenters.semantic.head``."""
+    head = (params["segmenters"].get("semantic") or {}).get("head", "deeplab")
+    return {"instance": "Mask R-CNN", "semantic": HEADS.get(head, head)}
+
+
+def training_table(models: dict[str, str], networks: dict[str, str]) -> list[dict]:
     """Per trained model (``<kind>_<supervision>`` -> model.pt), the last logged step of its
     ``train_log.jsonl``: a diverged or untrained model shows in the UI before evaluate runs."""
     rows = []
@@ -31,7 +37,7 @@ def training_table(models: dict[str, str]) -> list[dict]:
         last = steps[-1] if steps else {}
         rows.append(
             {
-                "model": NETWORKS.get(kind, kind),
+                "model": networks.get(kind, kind),
                 "supervision": supervision,
                 "epochs": last["epoch"] + 1 if last else None,
                 "last logged loss": last.get("loss"),
@@ -50,7 +56,7 @@ def train_segmenters_flow(params: dict) -> dict:
     print(f"[bbam] train_segmenters: {len(models)} models: {', '.join(models)}")
     publish_table(
         ARTIFACT,
-        training_table(models),
+        training_table(models, network_names(params)),
         "Segmenters trained (last logged training step; scores come with the evaluate stage).",
     )
     return models

@@ -299,3 +299,12 @@ def test_latest_report_is_found_by_its_key(workdir, monkeypatch):
     publish(2.5)
     found = read_artifacts(ArtifactFilter(key=ArtifactFilterKey(any_=["bbam-report"])), limit=1)
     assert "| semantic mIoU bbam (%) | 2.50 |" in found[0].data
+
+
+def test_training_table_names_the_configured_semantic_head():
+    names = segmenters_module.network_names
+    assert names({"segmenters": {}})["semantic"] == "DeepLabV3"
+    assert names({"segmenters": {"semantic": {"head": "fpn"}}}) == {
+        "instance": "Mask R-CNN",
+        "semantic": "semantic FPN",
+    }

@@ -385,3 +385,47 @@ def test_resnet18_deeplab_output_stride_keeps_the_detector_weights(tmp_path, out
     assert model(torch.rand(1, 3, 64, 96)).shape == (1, 3, 64, 96)
     with pytest.raises(ValueError, match="output_stride"):
         SemanticTrainConfig(arch="resnet50", output_stride=16)
+
+
+def test_semantic_fpn_head_takes_the_whole_detector_backbone(tmp_path):
+    """The semantic FPN reads the detector's FPN, so a detector file fills its backbone
+    (body and FPN, every key); it predicts at input size, trains, and refuses what it lacks."""
+    from bbam.train_detector import DetectorTrainConfig, detector_from_config
+
+    det_config = DetectorTrainConfig(min_size=64, max_size=96, fpn_channels=64)
+    detector = detector_from_config(det_config, 3)
+    path = tmp_path / "detector.pt"
+    torch.save(detector.state_dict(), path)
+    config = SemanticTrainConfig(head="fpn", fpn_channels=64, weights_backbone=str(path))
+    model = build_semantic_model(config, 3).eval()
+    backbone = model.net.backbone.state_dict()
+    detector_backbone = {
+        k.removeprefix("backbone."): v
+        for k, v in detector.state_dict().items()
+        if k.startswith("backbone.")
+    }
+    assert detector_backbone.keys() == backbone.keys()
+    assert all(torch.equal(backbone[k], v) for k, v in detector_backbone.items())
+    assert model(torch.rand(2, 3, 64, 96)).shape == (2, 3, 64, 96)
+
+    records = make_segmenter_data(tmp_path)
+    res = train_semantic(
+        records,
+        ["thing"],
+        tmp_path / "s",
+        small_semantic_config(head="fpn", fpn_channels=64),
+        pseudo_pngs(tmp_path, records),
+        progress=False,
+    )
+    assert np.mean(res.losses[-3:]) < 0.7 * np.mean(res.losses[:3])
+    ((_, label),) = list(predict_semantic(res.model, records[:1], device="cpu"))
+    assert label.shape == (64, 64)
+    narrower = SemanticTrainConfig(head="fpn", fpn_channels=32, weights_backbone=str(path))
+    with pytest.raises(ValueError, match="FPN has 64 channels.*fpn_channels is 32"):
+        build_semantic_model(narrower, 3)
+    with pytest.raises(ValueError, match="head fpn"):
+        SemanticTrainConfig(head="fpn", arch="mobilenet_v3_large")
+    with pytest.raises(ValueError, match="output_stride"):
+        SemanticTrainConfig(head="fpn", output_stride=8)
+    with pytest.raises(ValueError, match="head"):
+        SemanticTrainConfig(head="unet")

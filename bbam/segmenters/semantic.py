@@ -1,4 +1,9 @@
-"""DeepLabV3 (torchvision) trained on semantic pseudo labels, CrossEntropy with ignore_index 255.
+"""Semantic segmenters trained on semantic pseudo labels, CrossEntropy with ignore_index 255.
+
+Two heads: DeepLabV3 (torchvision; the paper's) and the semantic FPN of Panoptic FPN
+(Kirillov et al. 2019), which reads the detector's own FPN at strides 4-32 and predicts at
+stride 4, so the whole detector backbone, FPN included, carries over and thin parts survive
+on small images.
 
 Supervision:
 - full: `<gt_dir>/<image_id>.png` (VOC SegmentationClass) when given, else rendered from the
@@ -33,10 +38,13 @@ from bbam import training as T
 from bbam.data.images import load_tensor
 from bbam.data.palette import IGNORE_LABEL
 from bbam.data.records import DataError, ImageRecord, SkipReport
+from bbam.detector import build_fpn_backbone
 from bbam.device import resolve_device
 from bbam.segmenters.targets import SUPERVISIONS, semantic_target
 
 ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50", "resnet101")
+HEADS = {"deeplab": "DeepLabV3", "fpn": "semantic FPN"}  # head -> name in tables
+FPN_ARCHS = ("resnet18", "resnet50", "resnet101")  # the detector's ResNet-FPN backbones
 # torchvision's DeepLabV3 builders fix the output stride; the ResNet-18 assembled here takes 8 or 16
 NATIVE_OUTPUT_STRIDE = {"resnet18": 16, "mobilenet_v3_large": 16, "resnet50": 8, "resnet101": 8}
 MEAN = (0.485, 0.456, 0.406)
@@ -48,6 +56,10 @@ class SemanticTrainConfig(T.TrainSchedule):
     """DeepLabV3 training knobs; defaults are the small CPU setting (params.yaml overrides)."""
 
     arch: str = "resnet18"  # resnet18 (dilated, OS16, assembled here) | mobilenet_v3_large | ...
+    head: str = (
+        "deeplab"  # deeplab (DeepLabV3, the paper's) | fpn (semantic FPN on the detector's FPN)
+    )
+    fpn_channels: int = 128  # fpn head: the detector's FPN width (params: detector.fpn_channels)
     supervision: str = "bbam"  # full | bbam | box
     weights: str | None = None
     weights_backbone: str | None = None
@@ -63,7 +75,15 @@ class SemanticTrainConfig(T.TrainSchedule):
     warmup_factor: float = 0.01
 
     def __post_init__(self) -> None:
-        T.check_choices(self, arch=ARCHS, supervision=SUPERVISIONS)
+        T.check_choices(self, arch=ARCHS, supervision=SUPERVISIONS, head=HEADS)
+        if self.head == "fpn":
+            if self.arch not in FPN_ARCHS:
+                raise ValueError(
+                    f"SemanticTrainConfig.head fpn needs one of {FPN_ARCHS}, got {self.arch}"
+                )
+            if self.output_stride is not None:
+                raise ValueError("SemanticTrainConfig.output_stride applies to head deeplab only")
+            return
         allowed = (8, 16) if self.arch == "resnet18" else (NATIVE_OUTPUT_STRIDE[self.arch],)
         if self.output_stride is not None and self.output_stride not in allowed:
             raise ValueError(
@@ -72,8 +92,47 @@ class SemanticTrainConfig(T.TrainSchedule):
             )
 
 
+class SemanticFPN(nn.Module):
+    """Panoptic FPN's semantic branch on a ResNet-FPN backbone: each level P2..P5 goes
+    through conv3x3-GN-ReLU(-2x upsample) stages down to stride 4, the sum is classified
+    by a 1x1 conv and upsampled to the input; returns ``{"out": logits}`` as DeepLabV3."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 128) -> None:
+        super().__init__()
+        self.backbone = backbone
+        width = backbone.out_channels
+
+        def stage(c_in: int, upsample: bool) -> list[nn.Module]:
+            layers = [
+                nn.Conv2d(c_in, channels, 3, padding=1, bias=False),
+                nn.GroupNorm(32 if channels % 32 == 0 else 1, channels),
+                nn.ReLU(inplace=True),
+            ]
+            if upsample:
+                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            return layers
+
+        self.scale_heads = nn.ModuleList()
+        for level in range(4):  # P2 (stride 4) .. P5 (stride 32)
+            layers = stage(width, level > 0)
+            for _ in range(1, level):
+                layers += stage(channels, True)
+            self.scale_heads.append(nn.Sequential(*layers))
+        self.predictor = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = list(self.backbone(images).values())[:4]
+        x = self.scale_heads[0](features[0])
+        for head, feature in zip(self.scale_heads[1:], features[1:], strict=True):
+            y = head(feature)
+            x = x + F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.predictor(x)
+        size = images.shape[-2:]
+        return {"out": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
+
+
 class SemanticNet(nn.Module):
-    """DeepLabV3 taking [0,1] RGB, normalising inside, returning logits at input size."""
+    """DeepLabV3 or semantic FPN taking [0,1] RGB, normalising inside, returning logits at input size."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -110,9 +169,29 @@ def _dilated_resnet18(output_stride: int) -> nn.Module:
     return body
 
 
+def _check_fpn_width(state: dict[str, torch.Tensor], config: SemanticTrainConfig) -> None:
+    """A detector file whose FPN is wider or narrower than ``fpn_channels`` would load its
+    ResNet only and leave the FPN random without a word: refuse it, naming both widths."""
+    for key, value in state.items():
+        if key.endswith("fpn.inner_blocks.0.0.weight") and value.shape[0] != config.fpn_channels:
+            raise ValueError(
+                f"{config.weights_backbone}: its FPN has {value.shape[0]} channels but "
+                f"segmenters.semantic.fpn_channels is {config.fpn_channels}; set it to "
+                f"{value.shape[0]} (the detector's fpn_channels)"
+            )
+
+
 def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> SemanticNet:
-    """DeepLabV3 from scratch (weights=None, weights_backbone=None) plus optional local weights."""
-    if config.arch == "resnet18":
+    """The configured head from scratch (weights=None, weights_backbone=None) plus optional
+    local weights; ``weights_backbone`` may be a detector's file (its backbone, FPN included)."""
+    if config.head == "fpn":
+        backbone = build_fpn_backbone(f"{config.arch}_fpn", fpn_channels=config.fpn_channels)
+        if config.weights_backbone:
+            state = T.load_weights_file(config.weights_backbone, "backbone")
+            _check_fpn_width(state, config)
+            T.load_partial(backbone, state, config.weights_backbone)
+        net = SemanticFPN(backbone, num_classes)
+    elif config.arch == "resnet18":
         body = _dilated_resnet18(config.output_stride or NATIVE_OUTPUT_STRIDE["resnet18"])
         if config.weights_backbone:
             state = T.load_weights_file(config.weights_backbone, "backbone")
