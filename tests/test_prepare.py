@@ -250,6 +250,12 @@ def test_mcg_id_mapping_and_refusing_user_data(tmp_path):
             )  # fmt: skip
 
 
+def _truncated_tgz() -> bytes:
+    """A gzip'd tar whose header reads but whose body is cut short."""
+    good = voc_files()[ARCHIVES["mcg_voc2012"].filename]
+    return good[: len(good) // 2]
+
+
 def _unsafe_tgz() -> bytes:
     import io
     import tarfile
@@ -262,28 +268,36 @@ def _unsafe_tgz() -> bytes:
     return buf.getvalue()
 
 
-def test_refused_archive_leaves_no_checksum_for_the_good_one(tmp_path, monkeypatch):
-    """An archive refused at extraction (unsafe member) must not lock its sha256: the good
-    archive put in its place is then verified afresh, not failed as a mismatch."""
-    from bbam.data.extract import UnsafeArchiveError
+@pytest.mark.parametrize(
+    "bad, error",
+    [(_unsafe_tgz, "UnsafeArchiveError"), (_truncated_tgz, "damaged archive")],
+    ids=["unsafe member", "truncated"],
+)
+def test_refused_archive_leaves_no_checksum_for_the_good_one(tmp_path, monkeypatch, bad, error):
+    """--from-dir: an archive refused at extraction (unsafe member, truncated: named, no raw
+    tarfile traceback) must not lock its sha256: the good archive put in its place is then
+    verified afresh, not failed as a mismatch."""
+    from bbam.data.records import DataError
 
     archives = tmp_path / "archives"
     archives.mkdir()
     mcg = archives / ARCHIVES["mcg_voc2012"].filename
-    mcg.write_bytes(_unsafe_tgz())
+    mcg.write_bytes(bad())
     monkeypatch.setattr(urllib.request, "urlopen", _no_network)
     lock = tmp_path / "downloads.lock.json"
     run = lambda: prepare_dataset(  # noqa: E731
         "voc", tmp_path / "voc", archives, tmp_path / "dl", only=["mcg"], lock_path=lock,
         registry=local_registry(None, VOC_NAMES), download=FAST,
     )  # fmt: skip
-    with pytest.raises(UnsafeArchiveError, match="put a good archive in its place"):
+    with pytest.raises(DataError) as caught:
         run()
+    assert error in f"{type(caught.value).__name__}: {caught.value}"
+    assert mcg.name in str(caught.value) and "put a good archive in its place" in str(caught.value)
     assert "mcg_voc2012" not in json.loads(lock.read_text())["archives"]
+    mcg.unlink()  # a new file, as a user replacing it would (not the same inode rewritten)
     mcg.write_bytes(voc_files()[mcg.name])
     run()
     assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(VOC_IMAGES)
-    assert "mcg_voc2012" in json.loads(lock.read_text())["archives"]
 
 
 def _unsafe_zip() -> bytes:
@@ -294,12 +308,6 @@ def _unsafe_zip() -> bytes:
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("../../escape.mat", b"x")
     return buf.getvalue()
-
-
-def _truncated_tgz() -> bytes:
-    """A gzip'd tar whose header reads but whose body is cut short."""
-    good = voc_files()[ARCHIVES["mcg_voc2012"].filename]
-    return good[: len(good) // 2]
 
 
 REFUSED_ARCHIVES = {
@@ -360,27 +368,3 @@ def test_checksum_mismatch_keeps_no_checksum_and_the_good_one_then_succeeds(tmp_
         server.files[name] = good
         run()
     assert json.loads(lock.read_text())["archives"]["mcg_voc2012"]["sha256"] == sha256(good)
-
-
-def test_damaged_archive_from_dir_is_a_clear_error_and_keeps_no_checksum(tmp_path, monkeypatch):
-    """--from-dir: a truncated archive is named (no raw tarfile traceback) and its sha256 is
-    not locked, so the intact one put in its place is accepted."""
-    from bbam.data.records import DataError
-
-    archives = tmp_path / "archives"
-    archives.mkdir()
-    mcg = archives / ARCHIVES["mcg_voc2012"].filename
-    mcg.write_bytes(_truncated_tgz())
-    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
-    lock = tmp_path / "downloads.lock.json"
-    run = lambda: prepare_dataset(  # noqa: E731
-        "voc", tmp_path / "voc", archives, tmp_path / "dl", only=["mcg"], lock_path=lock,
-        registry=local_registry(None, VOC_NAMES), download=FAST,
-    )  # fmt: skip
-    with pytest.raises(DataError, match=f"{mcg.name}: damaged archive"):
-        run()
-    assert "mcg_voc2012" not in json.loads(lock.read_text())["archives"]
-    mcg.unlink()  # a new file, as a user replacing it would (not the same inode rewritten)
-    mcg.write_bytes(voc_files()[mcg.name])
-    run()
-    assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(VOC_IMAGES)
