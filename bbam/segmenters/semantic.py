@@ -44,6 +44,7 @@ from bbam.segmenters.targets import SUPERVISIONS, semantic_target
 
 ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50", "resnet101")
 HEADS = {"deeplab": "DeepLabV3", "fpn": "semantic FPN"}  # head -> name in tables
+PROGRESS = {"deeplab": "deeplab", "fpn": "semantic-fpn"}  # head -> progress bar label
 FPN_ARCHS = ("resnet18", "resnet50", "resnet101")  # the detector's ResNet-FPN backbones
 # torchvision's DeepLabV3 builders fix the output stride; the ResNet-18 assembled here takes 8 or 16
 NATIVE_OUTPUT_STRIDE = {"resnet18": 16, "mobilenet_v3_large": 16, "resnet50": 8, "resnet101": 8}
@@ -337,7 +338,7 @@ def train_semantic(
         return loss, {}
 
     losses, _ = T.run_epochs(
-        model, dataset, config, setup, out_dir, classes, step_loss, "deeplab", progress,
+        model, dataset, config, setup, out_dir, classes, step_loss, PROGRESS[config.head], progress,
         drop_last=len(dataset) % config.batch_size == 1,  # BN in ASPP pooling needs 2+
     )  # fmt: skip
     return T.TrainResult(model, out_dir, losses, setup.start_epoch, skipped)
