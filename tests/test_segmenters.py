@@ -407,6 +407,16 @@ def test_semantic_fpn_head_takes_the_whole_detector_backbone(tmp_path):
     assert detector_backbone.keys() == backbone.keys()
     assert all(torch.equal(backbone[k], v) for k, v in detector_backbone.items())
     assert model(torch.rand(2, 3, 64, 96)).shape == (2, 3, 64, 96)
+    # a classification ResNet (ImageNet-style keys, its fc ignored) fills the body alone
+    from torchvision.models import resnet18
+
+    classifier = resnet18(weights=None)
+    torch.save(classifier.state_dict(), tmp_path / "resnet18.pth")
+    config = SemanticTrainConfig(head="fpn", weights_backbone=str(tmp_path / "resnet18.pth"))
+    body = build_semantic_model(config, 3).net.backbone.body.state_dict()
+    assert torch.equal(
+        body["layer4.1.conv2.weight"], classifier.state_dict()["layer4.1.conv2.weight"]
+    )
 
     records = make_segmenter_data(tmp_path)
     res = train_semantic(

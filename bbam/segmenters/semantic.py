@@ -54,12 +54,11 @@ STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class SemanticTrainConfig(T.TrainSchedule):
-    """DeepLabV3 training knobs; defaults are the small CPU setting (params.yaml overrides)."""
+    """Semantic segmenter training knobs; defaults are the small CPU setting (params.yaml
+    overrides)."""
 
     arch: str = "resnet18"  # resnet18 (dilated, OS16, assembled here) | mobilenet_v3_large | ...
-    head: str = (
-        "deeplab"  # deeplab (DeepLabV3, the paper's) | fpn (semantic FPN on the detector's FPN)
-    )
+    head: str = "deeplab"  # deeplab (DeepLabV3, the paper's) | fpn (on the detector's FPN)
     fpn_channels: int = 128  # fpn head: the detector's FPN width (params: detector.fpn_channels)
     supervision: str = "bbam"  # full | bbam | box
     weights: str | None = None
@@ -133,7 +132,8 @@ class SemanticFPN(nn.Module):
 
 
 class SemanticNet(nn.Module):
-    """DeepLabV3 or semantic FPN taking [0,1] RGB, normalising inside, returning logits at input size."""
+    """DeepLabV3 or semantic FPN taking [0,1] RGB, normalising inside, returning logits at
+    input size."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -190,7 +190,9 @@ def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> Seman
         if config.weights_backbone:
             state = T.load_weights_file(config.weights_backbone, "backbone")
             _check_fpn_width(state, config)
-            T.load_partial(backbone, state, config.weights_backbone)
+            # a detector's file fills body and FPN; a classification network's, the body only
+            has_fpn = any(k.startswith("fpn.") or ".fpn." in k for k in state)
+            T.load_partial(backbone if has_fpn else backbone.body, state, config.weights_backbone)
         net = SemanticFPN(backbone, num_classes)
     elif config.arch == "resnet18":
         body = _dilated_resnet18(config.output_stride or NATIVE_OUTPUT_STRIDE["resnet18"])
