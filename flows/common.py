@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,6 +13,7 @@ from uuid import UUID
 
 from prefect.artifacts import create_table_artifact
 
+from bbam.data.records import DataError
 from bbam.device import set_torch_threads
 from tasks.params import load_params
 
@@ -35,6 +37,21 @@ def metric_rows(metrics: Mapping[str, Any], labels: Mapping[str, str]) -> list[d
     """``[{"metric": label, "value": metrics[key]}, ...]`` in the order of ``labels``
     (key -> label); a missing value is None, shown empty rather than dropped."""
     return [{"metric": label, "value": metrics.get(key)} for key, label in labels.items()]
+
+
+class BadInputWithoutTraceback(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback. For bad input (a
+    ``DataError``, whose message names the file and what is wrong) the traceback only hides
+    that message from the user, so it is dropped; any other exception keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, DataError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
 def load_checked(path: str) -> dict:
@@ -65,10 +82,12 @@ def stage_cli(description: str, flow_fn: Callable[..., Any], extra: Callable | N
     kwargs = {k: v for k, v in vars(args).items() if k != "params"}
     if "params_path" in inspect.signature(flow_fn).parameters:
         kwargs["params_path"] = str(args.params)
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).addFilter(BadInputWithoutTraceback())
     try:
         flow_fn(params=params, **kwargs)
     except KeyboardInterrupt:
         raise
-    except Exception as exc:  # the flow already logged the traceback
+    except Exception as exc:  # the flow already logged it (with its traceback unless bad input)
         print(f"[bbam] {description}: FAILED: {exc}", file=sys.stderr)
         sys.exit(1)

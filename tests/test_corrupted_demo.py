@@ -4,8 +4,9 @@ downstream fails.
 
 The copy is the synthetic demo set, small, used as a custom COCO dataset, with truncated,
 garbage and missing train images, boxes running out of the image, then (one at a time) an
-unknown category, a garbage val image and a non-UTF-8 params file. Stages run as commands
-(``python -m flows.<stage>``) with the speed settings of tests/test_messy_dataset.py.
+unknown category, a garbage val image and a non-UTF-8 params file. Single stages run as
+their commands (``python -m flows.<stage>``), the whole pipeline as ``dvc repro`` in a DVC
+project holding a copy of the code, with the speed settings of tests/test_messy_dataset.py.
 """
 
 from __future__ import annotations
@@ -18,14 +19,20 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers.project_env import custom_data_params, project_env
+from helpers.project_env import REPO, copy_code, custom_data_params, project_env, run_in
 
 from bbam.data.synthetic import SyntheticConfig, generate_synthetic
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-STAGES = ("train_detector", "attribute", "pseudo_labels", "train_segmenters", "evaluate")
+STAGES = (
+    "prepare_data",
+    "train_detector",
+    "attribute",
+    "pseudo_labels",
+    "train_segmenters",
+    "evaluate",
+)
 
 
 def _stage(project: Path, stage: str, params: str = "params.yaml") -> subprocess.CompletedProcess:
@@ -33,10 +40,6 @@ def _stage(project: Path, stage: str, params: str = "params.yaml") -> subprocess
     env["PYTHONPATH"] = str(REPO)
     cmd = [sys.executable, "-m", f"flows.{stage}", "--params", params]
     return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _ok(result: subprocess.CompletedProcess, stage: str) -> None:
-    assert result.returncode == 0, f"{stage}:\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
 
 
 def _failed_line(result: subprocess.CompletedProcess) -> str:
@@ -103,19 +106,26 @@ def test_corrupted_demo_stops_early_or_runs_with_every_problem_counted(tmp_path)
     assert "instances_train.json: annotation 10000: unknown category_id 999" in line
     ann.write_text(clean)
 
-    # A bad val image is over val's limit (0): the stage fails naming it.
+    # The whole pipeline, as a user runs it: dvc repro in a DVC project with the code.
+    copy_code(project)
+    (project / "dvc.yaml").write_bytes((REPO / "dvc.yaml").read_bytes())
+    run_in(project, "dvc", "init", "--no-scm", "-q")
+
+    # A bad val image is over val's limit (0): dvc repro stops at prepare_data, naming it.
     val_ann = json.loads((project / "mydata/annotations/instances_val.json").read_text())
     val_image = project / "mydata/VOC2012/JPEGImages" / val_ann["images"][0]["file_name"]
     good_val = val_image.read_bytes()
     val_image.write_bytes(b"not a jpeg")
-    line = _failed_line(_stage(project, "prepare_data"))
+    result = run_in(project, "dvc", "repro", check=False)
+    line = _failed_line(result)
     assert "val: 1 of 6 images are unreadable" in line and val_image.name in line
     assert "data.max_unreadable_val" in line
+    assert "Traceback" not in result.stderr and not (project / "runs/detector").exists()
     val_image.write_bytes(good_val)
 
     # Train's bad images are within its limit: every stage runs, every problem is counted.
-    result = _stage(project, "prepare_data")
-    _ok(result, "prepare_data")
+    result = run_in(project, "dvc", "repro")
+    assert all(f"Running stage '{stage}'" in result.stdout for stage in STAGES)
     assert "skipped unreadable_image=3" in result.stdout
     assert "repaired clipped_box=2" in result.stdout
     data = json.loads((project / "metrics/data.json").read_text())
@@ -124,8 +134,6 @@ def test_corrupted_demo_stops_early_or_runs_with_every_problem_counted(tmp_path)
     assert sorted(unreadable.values())[0] == "image file not found"
     assert data["train"]["repaired"] == {"clipped_box": 2}
     assert data["val"]["unreadable_images"] == {}
-    for stage in STAGES:
-        _ok(_stage(project, stage), stage)
 
     rows = pq.read_table(project / "runs/attribution/manifest.parquet").to_pylist()
     assert {r["status"] for r in rows} <= {"ok", "no_positive"}  # nothing failed
