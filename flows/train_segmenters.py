@@ -1,5 +1,6 @@
-"""Stage 5: Mask R-CNN and the semantic segmenter (DeepLabV3 or semantic FPN) under each supervision in ``segmenters.supervisions``
-(``full`` = GT masks, the upper bound; ``bbam`` = our pseudo labels; ``box`` = filled boxes).
+"""Stage 5: Mask R-CNN and the semantic segmenter (DeepLabV3 or semantic FPN) under each
+supervision in ``segmenters.supervisions`` (``full`` = GT masks, the upper bound; ``bbam`` =
+our pseudo labels; ``box`` = filled boxes).
 
 ``python -m flows.train_segmenters --params params.yaml``
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from bbam.segmenters.semantic import HEADS
+from bbam.segmenters.semantic import HEADS, SemanticTrainConfig
 from bbam.training import LOG_NAME
 from flows.common import publish_table, stage_cli
 from tasks.segmenters import SEGMENTERS, train_segmenter
@@ -21,7 +22,7 @@ ARTIFACT = "bbam-segmenter-training"
 
 def network_names(params: dict) -> dict[str, str]:
     """Table names of the two networks; the semantic one follows ``segmenters.semantic.head``."""
-    head = (params["segmenters"].get("semantic") or {}).get("head", "deeplab")
+    head = (params["segmenters"].get("semantic") or {}).get("head", SemanticTrainConfig.head)
     return {"instance": "Mask R-CNN", "semantic": HEADS.get(head, head)}
 
 

@@ -170,16 +170,13 @@ def _dilated_resnet18(output_stride: int) -> nn.Module:
     return body
 
 
-def _check_fpn_width(state: dict[str, torch.Tensor], config: SemanticTrainConfig) -> None:
-    """A detector file whose FPN is wider or narrower than ``fpn_channels`` would load its
-    ResNet only and leave the FPN random without a word: refuse it, naming both widths."""
+def _fpn_width(state: dict[str, torch.Tensor]) -> int | None:
+    """The output width of the FPN in a weights file (a detector's), None when it has no
+    FPN (a classification network's)."""
     for key, value in state.items():
-        if key.endswith("fpn.inner_blocks.0.0.weight") and value.shape[0] != config.fpn_channels:
-            raise ValueError(
-                f"{config.weights_backbone}: its FPN has {value.shape[0]} channels but "
-                f"segmenters.semantic.fpn_channels is {config.fpn_channels}; set it to "
-                f"{value.shape[0]} (the detector's fpn_channels)"
-            )
+        if key.endswith("fpn.inner_blocks.0.0.weight"):
+            return int(value.shape[0])
+    return None
 
 
 def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> SemanticNet:
@@ -189,10 +186,17 @@ def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> Seman
         backbone = build_fpn_backbone(f"{config.arch}_fpn", fpn_channels=config.fpn_channels)
         if config.weights_backbone:
             state = T.load_weights_file(config.weights_backbone, "backbone")
-            _check_fpn_width(state, config)
+            width = _fpn_width(state)
+            if width is not None and width != config.fpn_channels:
+                # loading would fill the ResNet only and leave the FPN random without a word
+                raise ValueError(
+                    f"{config.weights_backbone}: its FPN has {width} channels but "
+                    f"segmenters.semantic.fpn_channels is {config.fpn_channels}; set it to "
+                    f"{width} (the detector's fpn_channels)"
+                )
             # a detector's file fills body and FPN; a classification network's, the body only
-            has_fpn = any(k.startswith("fpn.") or ".fpn." in k for k in state)
-            T.load_partial(backbone if has_fpn else backbone.body, state, config.weights_backbone)
+            target = backbone if width is not None else backbone.body
+            T.load_partial(target, state, config.weights_backbone)
         net = SemanticFPN(backbone, num_classes)
     elif config.arch == "resnet18":
         body = _dilated_resnet18(config.output_stride or NATIVE_OUTPUT_STRIDE["resnet18"])
