@@ -36,6 +36,7 @@ _CHOICES = {
     "param": ("clamp", "sigmoid"),
     "l1_reduction": ("sum", "mean"),
     "amp_dtype": ("bfloat16", "float16"),
+    "baseline": ("mean", "blur"),
 }
 _SIGMOID_EPS = 0.01  # a 0/1 initial grid maps to logit(0.01)/logit(0.99) under "sigmoid"
 _FP16_LOSS_SCALE = 1024.0  # static loss scale, only used with amp_dtype float16 on CUDA
@@ -66,6 +67,12 @@ class AttributionConfig:
     param: str = "clamp"
     align_corners: bool = True
     baseline_value: float = 0.0
+    # What the masked-out pixels become. "mean" (the paper's and the reference's): the
+    # constant baseline_value. "blur": the image blurred by a Gaussian of sigma
+    # baseline_blur x the image's short side (Fong & Vedaldi's perturbation), so the mask's
+    # own border draws no edge a box regressor can lock onto.
+    baseline: str = "mean"
+    baseline_blur: float = 0.05
     # loss (reference T L193-213, U L16-38)
     use_box_head: bool = True
     use_cls_head: bool = True
@@ -136,6 +143,7 @@ _PROFILES: dict[str, dict[str, Any]] = {
         "l1_reduction": "sum",
         "tv_weight": 1e-4,
         "crop_context": 0.0,
+        "baseline": "mean",
     },
 }
 
@@ -252,6 +260,7 @@ class _State:
 
     item: AttributionItem
     image: torch.Tensor
+    base: torch.Tensor | None  # the blurred image of baseline "blur", else None
     gen: torch.Generator
     proposals: torch.Tensor  # (P, 4) positives, on device
     t_ref: torch.Tensor  # (P, 4) reference deltas of the class slot
@@ -283,6 +292,23 @@ def _prepare_images(x: torch.Tensor, config: AttributionConfig, device: torch.de
     if config.channels_last and device.type == "cuda":
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def blurred_baseline(image: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
+    """The "blur" baseline of a (3, H, W) image: a Gaussian of sigma ``sigma_fraction`` x
+    its short side (reflect padding), so it scales with the image, not with pixels."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    sigma = max(sigma_fraction * min(h, w), 1e-3)
+    radius = min(math.ceil(3 * sigma), (min(h, w) - 1) // 2)
+    if radius < 1:
+        return image.clone()
+    x = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    out = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    out = F.conv2d(out, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+    return out[0]
 
 
 def _valid_hw(item: AttributionItem) -> tuple[int, int]:
@@ -370,6 +396,9 @@ def _reference_pass(
     deltas = out.deltas.float().split(config.num_jitters)
     boxes = out.boxes.float().split(config.num_jitters)
     where = {k: n for n, k in enumerate(flat)}
+    bases: dict[int, torch.Tensor] = {}
+    if config.baseline == "blur":
+        bases = {i: blurred_baseline(img, config.baseline_blur) for i, img in by_id.items()}
     share = (time.perf_counter() - t0) / len(items)
 
     states: list[_State] = []
@@ -401,6 +430,7 @@ def _reference_pass(
             _State(
                 item=it,
                 image=images[k],
+                base=bases.get(id(images[k])),
                 gen=gens[k],
                 proposals=props[k][idx],
                 t_ref=deltas[n][idx, label],
@@ -437,9 +467,12 @@ def _losses(
     )
     full = (0, 0, int(hw[0]), int(hw[1]))
     cropped = any(st.window != full for st in active)
+    blur = config.baseline == "blur"
     if not cropped:
         x = images * masks
-        if config.baseline_value != 0.0:
+        if blur:
+            x = x + torch.stack([st.base for st in active]) * (1.0 - masks)
+        elif config.baseline_value != 0.0:
             x = x + config.baseline_value * (1.0 - masks)
     else:
         hc = max(st.window[2] - st.window[0] for st in active)
@@ -449,7 +482,9 @@ def _losses(
             y0, x0, y1, x1 = st.window
             m = masks[n, :, y0:y1, x0:x1]
             xi = st.image[:, y0:y1, x0:x1] * m
-            if config.baseline_value != 0.0:
+            if blur:
+                xi = xi + st.base[:, y0:y1, x0:x1] * (1.0 - m)
+            elif config.baseline_value != 0.0:
                 xi = xi + config.baseline_value * (1.0 - m)
             pad = (0, wc - (x1 - x0), 0, hc - (y1 - y0))
             parts_x.append(F.pad(xi, pad, value=config.baseline_value))

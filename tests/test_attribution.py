@@ -301,3 +301,44 @@ def test_fast_draws_the_same_proposals_as_reference(detector, scene):
     assert a.stats["positives"] == b.stats["positives"] > 0
     assert a.stats["threshold_used"] == b.stats["threshold_used"]
     np.testing.assert_array_equal(a.grid, b.grid)
+
+
+def test_blurred_baseline_scales_with_the_image():
+    from bbam.attribution import blurred_baseline
+
+    flat = torch.full((3, 40, 60), 0.7)
+    torch.testing.assert_close(blurred_baseline(flat, 0.1), flat)  # a constant stays itself
+    edge = torch.zeros(3, 40, 60)
+    edge[:, :, 30:] = 1.0
+    soft = blurred_baseline(edge, 0.1)
+    assert soft.shape == edge.shape
+    assert 0.4 < float(soft[0, 20, 30]) < 0.7 and float(soft[0, 20, 26]) > 0.0
+    # twice the image at the same fraction: the same profile at twice the length
+    big = blurred_baseline(edge.repeat_interleave(2, 1).repeat_interleave(2, 2), 0.1)
+    np.testing.assert_allclose(big[0, 40, ::2].numpy(), soft[0, 20].numpy(), atol=0.05)
+
+
+def test_blur_baseline_fills_the_masked_out_pixels(detector, scene):
+    """With baseline "blur" a pixel the mask drops shows the blurred image, not the mean."""
+    from bbam.attribution import blurred_baseline
+
+    img, box, _ = scene
+    seen = []
+
+    def heads(images, proposals):
+        seen.append(images.detach().clone())
+        return detector(images, proposals)
+
+    cfg = profile_config(
+        "fast", **{**SMALL, "iterations": 1, "early_stop": False, "baseline": "blur"}
+    )
+    (res,) = attribute_instances(heads, [AttributionItem("a", img, box, 1)], cfg, "cpu")
+    assert res.status == "ok"
+    masked = seen[1][0]
+    blurred = blurred_baseline(img, cfg.baseline_blur)
+    corner = (slice(None), slice(0, 4), slice(0, 4))  # far from the box: mask 0 at init
+    torch.testing.assert_close(masked[corner], blurred[corner])
+    assert not torch.allclose(masked[corner], torch.zeros_like(masked[corner]))
+    assert profile_config("reference").baseline == "mean"
+    with pytest.raises(ValueError, match="baseline"):
+        AttributionConfig(baseline="noise")
