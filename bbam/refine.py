@@ -19,8 +19,9 @@ Three modes:
   0.99) and whose bilateral sxy is obj_crf_sxy * s, cut at Q_fg > 0.5 (obj_cut="crf", default),
   or cv2.grabCut initialised with the bands as GC_FGD / GC_PR_FGD / GC_PR_BGD / GC_BGD, so colour
   models learnt from the map's own bands decide the boundary (obj_cut="grabcut"). An optional
-  blur has sigma obj_blur * s. not_bg = fg | (map >= obj_not_bg). A map that is empty in the box
-  gets a box-initialised GrabCut (the filled box when that keeps <= empty_accept_frac of it).
+  blur has sigma obj_blur * s. not_bg = fg | (map >= obj_not_bg) (1.0: no ignore band). A map
+  that is empty in the box gets a box-initialised GrabCut (the filled box when that keeps
+  <= empty_accept_frac of it).
   Nothing depends on the image size but the CRF's 1-px Gaussian smoothness kernel.
 
 In every mode the masks stay inside the box. Pixels in not-background but not foreground are
@@ -94,7 +95,9 @@ class RefineConfig:
     obj_cut: str = "crf"  # "crf" (DenseCRF on the band prior) | "grabcut" (seeded by the bands)
     obj_fg: float = 0.25  # map >= this: probable foreground (prior >= 0.5); below: background
     obj_sure_fg: float = 0.8  # map >= this: definite foreground (prior 0.99 / GrabCut GC_FGD)
-    obj_not_bg: float = 0.1  # not-background = fg | map >= this (inside the box)
+    # not-background = fg | map >= this (inside the box); the pixels it adds to fg are the
+    # ignore band. 1.0: no band, the cut alone labels the box
+    obj_not_bg: float = 0.1
     obj_blur: float = 0.0  # Gaussian sigma = obj_blur * s before the bands (0 = no blur)
     obj_crf_sxy: float = 0.3  # crf: bilateral sxy = obj_crf_sxy * s (srgb / compat as crf_*)
     obj_margin: float = 0.25  # crop = box + obj_margin * s on each side (background outside box)
@@ -111,11 +114,13 @@ class RefineConfig:
             raise ValueError(
                 f"RefineConfig.obj_cut must be one of {OBJECT_CUTS}, got {self.obj_cut!r}"
             )
-        if not 0.0 <= self.obj_not_bg <= self.obj_fg <= self.obj_sure_fg <= 1.0:
+        if not 0.0 <= self.obj_fg <= self.obj_sure_fg <= 1.0:
             raise ValueError(
-                "RefineConfig needs 0 <= obj_not_bg <= obj_fg <= obj_sure_fg <= 1, got "
-                f"{self.obj_not_bg}, {self.obj_fg}, {self.obj_sure_fg}"
+                "RefineConfig needs 0 <= obj_fg <= obj_sure_fg <= 1, got "
+                f"{self.obj_fg}, {self.obj_sure_fg}"
             )
+        if not 0.0 <= self.obj_not_bg <= 1.0:
+            raise ValueError(f"RefineConfig.obj_not_bg must be in [0, 1], got {self.obj_not_bg}")
         for name in ("obj_blur", "obj_margin", "obj_crf_sxy"):
             value = getattr(self, name)
             if not 0.0 <= value <= 2.0:
@@ -312,6 +317,9 @@ def seeded_grabcut(image: np.ndarray, seeds: np.ndarray, iterations: int) -> np.
     bgd = np.zeros((1, 65), dtype=np.float64)
     fgd = np.zeros((1, 65), dtype=np.float64)
     bgr = np.ascontiguousarray(image[..., ::-1], dtype=np.uint8)
+    # GrabCut's k-means draws from OpenCV's global RNG: without a seed an instance's mask would
+    # depend on what the worker process cut before it.
+    cv2.setRNGSeed(0)
     try:
         cv2.grabCut(bgr, mask, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
     except cv2.error:

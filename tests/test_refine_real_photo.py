@@ -5,6 +5,7 @@ Maps are derived from the GT masks (bench/refine_modes.py): the GT mask itself, 
 BBAM-like maps (partial coverage, coarse grid, noise)."""
 
 import importlib
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -158,11 +159,28 @@ def test_object_mode_empty_map_keeps_the_instance(photo):
 def test_object_config_validation():
     with pytest.raises(ValueError, match="obj_cut"):
         RefineConfig(mode="object", obj_cut="watershed")
-    with pytest.raises(ValueError, match="obj_not_bg <= obj_fg <= obj_sure_fg"):
+    with pytest.raises(ValueError, match="obj_fg <= obj_sure_fg"):
         RefineConfig(mode="object", obj_fg=0.9, obj_sure_fg=0.8)
-    with pytest.raises(ValueError, match="obj_not_bg <= obj_fg <= obj_sure_fg"):
-        RefineConfig(mode="object", obj_not_bg=0.5, obj_fg=0.25)
+    with pytest.raises(ValueError, match="obj_not_bg"):
+        RefineConfig(mode="object", obj_not_bg=1.5)
     with pytest.raises(ValueError, match="obj_crf_sxy"):
         RefineConfig(mode="object", obj_crf_sxy=-0.1)
     with pytest.raises(ValueError, match="obj_iterations"):
         RefineConfig(mode="object", obj_iterations=0)
+
+
+def test_object_ignore_band_follows_obj_not_bg(photo):
+    """The band is the box pixels whose map reaches obj_not_bg outside fg: a lower threshold
+    widens it, 1.0 leaves the cut alone (no band), and fg does not depend on it (nor on what
+    OpenCV's RNG drew before: GrabCut is seeded)."""
+    image, instances = photo
+    box, gt = instances[16]
+    heat = _degraded([(box, gt)], 1)[0]
+    bands = {}
+    for not_bg in (0.1, 0.5, 1.0):
+        cv2.randu(np.zeros((8, 8), np.float32), 0, 1)  # move OpenCV's global RNG
+        masks = refine_instance(heat, box, image, replace(OBJECT_GRABCUT, obj_not_bg=not_bg))
+        bands[not_bg] = masks
+    assert np.array_equal(bands[0.1].fg, bands[1.0].fg)
+    assert bands[0.1].ignore.sum() > bands[0.5].ignore.sum() > bands[1.0].ignore.sum()
+    assert bands[1.0].ignore.sum() <= 0.01 * bands[1.0].fg.sum()
