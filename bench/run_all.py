@@ -4,6 +4,8 @@ Objects written (each by its own script or step, merged into one file):
 - ``detector``: box AP of the pipeline's detector and the fraction of instances with at
   least one positive proposal (train and val);
 - ``attribution``: ``reference`` vs ``fast`` on the same instances (bench.attribution);
+- ``attribution_baseline``: the perturbation baseline, ``mean`` vs ``blur``, on the same train
+  instances: map precision and refined IoU with GT (bench.attribution_baseline);
 - ``pseudo_labels``: pseudo-mask mIoU of BBAM variants and baselines (bench.pseudo_labels);
 - ``refine_modes``: what each refinement mode keeps of GT and degraded GT-derived maps on a real
   photo and on synthetic images, next to the filled box and GrabCut (bench.refine_modes);
@@ -139,6 +141,8 @@ def main() -> int:
             "--instances", str(args.fast_instances),
             "--reference-instances", str(args.reference_instances),
         )  # fmt: skip
+    if "attribution_baseline" not in args.skip:
+        run(sys.executable, "-m", "bench.attribution_baseline", "--params", args.params)
     if "pseudo_labels" not in args.skip:
         run(
             sys.executable, "-m", "bench.pseudo_labels",
