@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bbam.attribution import AttributionItem, attribute_instances, map_to_image
+from bbam.attribution import attribute_instances, map_to_image
 from bbam.baselines import box_mask, grabcut_mask, mask_iou
-from bbam.data.images import load_rgb
 from bbam.data.masks import box_slices
 from bbam.refine import RefineConfig, normalise_in_box, refine_instance
 from bench.results import RESULTS, merge_results
@@ -35,31 +33,11 @@ BASELINES = ("mean", "blur")
 
 def load_instances(params: dict, detector: Path, n: int):
     """The detector's heads and the first ``n`` train instances with a GT mask."""
-    from bbam.detector import freeze, make_heads_fn, prepare_images
-    from bbam.train_detector import detector_from_config
-    from tasks.detector import detector_config
-    from tasks.params import load_split
+    from bbam.detector import make_heads_fn
+    from bench.attribution import detector_items
 
-    data = load_split(params, "train", with_masks=True)
-    model = freeze(detector_from_config(detector_config(params), len(data.classes) + 1, detector))
-    items, truth = [], {}
-    for record in data.records:
-        instances = [i for i in record.instances if not i.iscrowd and i.has_mask]
-        if not instances:
-            continue
-        rgb = load_rgb(record.path)
-        batch, _, sizes = prepare_images(model, [rgb])
-        h, w = sizes[0]
-        ratio = torch.tensor([w / record.width, h / record.height] * 2, dtype=torch.float32)
-        for inst in instances:
-            key = f"{record.image_id}_{inst.instance_id}"
-            box = np.asarray(inst.box, dtype=np.float32)
-            items.append(AttributionItem(key, batch[0].detach(), torch.as_tensor(box) * ratio,
-                                         int(inst.label), (h, w)))  # fmt: skip
-            truth[key] = (rgb, box, inst.mask.astype(bool))
-        if len(items) >= n:
-            break
-    return make_heads_fn(model), items[:n], truth
+    model, items, inputs = detector_items(params, detector, "train", n, with_masks=True)
+    return make_heads_fn(model), items[:n], inputs
 
 
 def score(results, truth, refine_params: RefineConfig, align: bool) -> dict[str, float]:
