@@ -118,6 +118,10 @@ class AttributionConfig:
         for name in ("num_jitters", "max_positives", "iterations", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AttributionConfig.{name} must be >= 1")
+        if not self.baseline_blur > 0:
+            raise ValueError(
+                "AttributionConfig.baseline_blur must be > 0 (a fraction of the short side)"
+            )
         if self.crop_context < 0 or self.crop_align < 1:
             raise ValueError("crop_context must be >= 0 and crop_align >= 1")
         if self.positives_per_iter < 0 or self.early_stop_patience < 1:

@@ -342,3 +342,5 @@ def test_blur_baseline_fills_the_masked_out_pixels(detector, scene):
     assert profile_config("reference").baseline == "mean"
     with pytest.raises(ValueError, match="baseline"):
         AttributionConfig(baseline="noise")
+    with pytest.raises(ValueError, match="baseline_blur"):
+        AttributionConfig(baseline="blur", baseline_blur=0.0)
