@@ -455,10 +455,12 @@ def _losses(
     heads: HeadsFn,
     active: list[_State],
     images: torch.Tensor,
+    bases: torch.Tensor | None,
     config: AttributionConfig,
     device: torch.device,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-instance losses (B,) for one batched masked forward pass."""
+    """Per-instance losses (B,) for one batched masked forward pass; ``bases`` holds the
+    active instances' blurred images under baseline "blur" (else None)."""
     hw = images.shape[-2:]
     grids = [_grid_value(st.param, config) for st in active]
     masks = torch.cat(
@@ -474,8 +476,8 @@ def _losses(
     blur = config.baseline == "blur"
     if not cropped:
         x = images * masks
-        if blur:
-            x = x + torch.stack([st.base for st in active]) * (1.0 - masks)
+        if bases is not None:
+            x = x + bases * (1.0 - masks)
         elif config.baseline_value != 0.0:
             x = x + config.baseline_value * (1.0 - masks)
     else:
@@ -581,6 +583,7 @@ def _run_group(
     ready: list[_State] = []
     active: list[_State] = []
     batch_images: torch.Tensor | None = None
+    batch_bases: torch.Tensor | None = None
     scale = (
         _FP16_LOSS_SCALE
         if (config.amp and config.amp_dtype == "float16" and device.type == "cuda")
@@ -604,8 +607,11 @@ def _run_group(
             continue
         if batch_images is None:
             batch_images = torch.stack([st.image for st in active])
+            batch_bases = (
+                torch.stack([st.base for st in active]) if config.baseline == "blur" else None
+            )
         t0 = time.perf_counter()
-        total, parts = _losses(heads, active, batch_images, config, device)
+        total, parts = _losses(heads, active, batch_images, batch_bases, config, device)
         params = [st.param for st in active]
         grads = torch.autograd.grad(total.sum() * scale, params)
         finished: list[int] = []

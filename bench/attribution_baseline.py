@@ -26,6 +26,7 @@ from bbam.attribution import attribute_instances, map_to_image
 from bbam.baselines import box_mask, grabcut_mask, mask_iou
 from bbam.data.masks import box_slices
 from bbam.refine import RefineConfig, normalise_in_box, refine_instance
+from bench.refine_modes import mode_configs
 from bench.results import RESULTS, merge_results
 
 BASELINES = ("mean", "blur")
@@ -41,7 +42,7 @@ def load_instances(params: dict, detector: Path, n: int):
 
 
 def score(results, truth, refine_params: RefineConfig, align: bool) -> dict[str, float]:
-    reference = RefineConfig(mode="reference", blur_reference_size=400.0)
+    reference = mode_configs()["reference"]
     precision, ref_iou, params_iou = [], [], []
     for r in results:
         if r.status != "ok":

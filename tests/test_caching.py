@@ -43,15 +43,19 @@ def _project_with_dvc_yaml(tmp_path: Path) -> tuple[Path, dict]:
     return tmp_path, params
 
 
+def _switch_refine_mode(params: dict) -> None:
+    """A knob that changes the pseudo labels whatever the mode: a knob of the other mode would
+    leave them as they are (and the later stages rightly cached)."""
+    params["refine"]["mode"] = "object" if params["refine"]["mode"] == "reference" else "reference"
+
+
 def test_stage_digest_follows_the_stage_params_and_deps(tmp_path):
     root, params = _project_with_dvc_yaml(tmp_path)
     base = stage_digest(params, "pseudo_labels", root)
     assert base is not None and base == stage_digest(params, "pseudo_labels", root)
     params["evaluate"]["report_samples"] += 1  # not a pseudo_labels param
     assert stage_digest(params, "pseudo_labels", root) == base
-    # a knob that changes the pseudo labels whatever the mode (a knob of the other mode would
-    # leave them as they are, and the later stages rightly cached)
-    params["refine"]["mode"] = "object" if params["refine"]["mode"] == "reference" else "reference"
+    _switch_refine_mode(params)
     changed = stage_digest(params, "pseudo_labels", root)
     assert changed != base
     (root / "bbam/refine.py").write_text("# edited\n")  # a listed code dep
@@ -101,9 +105,7 @@ def test_second_pipeline_run_is_cached_and_a_knob_reruns_what_dvc_would(tmp_path
     run_in(project, "dvc", "commit", "-f", "-q")  # DVC records this state as up to date
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    # a knob that changes the pseudo labels whatever the mode (a knob of the other mode would
-    # leave them as they are, and the later stages rightly cached)
-    params["refine"]["mode"] = "object" if params["refine"]["mode"] == "reference" else "reference"
+    _switch_refine_mode(params)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(yaml.safe_load(run_in(project, "dvc", "status", "--json").stdout or "{}"))
     after = _pipeline(project)
