@@ -102,6 +102,10 @@ class AttributionConfig:
     amp: bool = True
     amp_dtype: str = "bfloat16"
     channels_last: bool = True
+    # cuDNN times its algorithms once per input shape and keeps the fastest: pays when many
+    # instances share an image size (VOC: most images are 500x375), costs on first sight of
+    # each new size
+    cudnn_benchmark: bool = True
 
     def __post_init__(self) -> None:
         for name in ("iou_thresholds", "stride_coefs"):
@@ -680,13 +684,20 @@ def attribute_instances(
     def on_result(res: AttributionResult) -> None:
         results[res.key] = res
 
-    for idx in groups.values():
-        _run_group(
-            heads,
-            [items[k] for k in idx],
-            [moved[id(items[k].image)] for k in idx],
-            config,
-            device,
-            on_result,
-        )
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(
+        enabled=cudnn.enabled,
+        benchmark=cudnn.benchmark or (config.cudnn_benchmark and device.type == "cuda"),
+        deterministic=cudnn.deterministic,
+        allow_tf32=cudnn.allow_tf32,
+    ):
+        for idx in groups.values():
+            _run_group(
+                heads,
+                [items[k] for k in idx],
+                [moved[id(items[k].image)] for k in idx],
+                config,
+                device,
+                on_result,
+            )
     return [results[k] for k in keys]

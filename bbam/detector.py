@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models import mobilenet_v3_large, resnet
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -182,10 +183,42 @@ def build_detector(
     return model
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode and no parameter gradients: BBAM optimises a mask, never the detector."""
+def freeze(model: nn.Module, fold_norms: bool = True) -> nn.Module:
+    """Eval mode and no parameter gradients: BBAM optimises a mask, never the detector. With
+    ``fold_norms``, batch norms are folded into their convolutions (``fold_batchnorm``)."""
     model.eval()
     model.requires_grad_(False)
+    return fold_batchnorm(model) if fold_norms else model
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold each batch norm that follows a convolution (``convK``/``bnK`` siblings, or
+    neighbours in a Sequential: torchvision's ResNet and MobileNet blocks) into that
+    convolution, in place. In eval mode a batch norm is a fixed per-channel affine map, so
+    the model computes the same function with one pass over each activation less, forward
+    and backward: what BBAM's hundreds of masked passes repeat. Training-mode norms, and
+    norms without running statistics, are left as they are."""
+    norms = (nn.BatchNorm2d, misc_nn_ops.FrozenBatchNorm2d)
+    for module in list(model.modules()):
+        children = dict(module.named_children())
+        names = list(children)
+        for k, (name, norm) in enumerate(children.items()):
+            if not isinstance(norm, norms) or norm.training or norm.running_mean is None:
+                continue
+            if name.startswith("bn") and f"conv{name[2:]}" in children:
+                conv = children[f"conv{name[2:]}"]
+            elif isinstance(module, nn.Sequential) and k > 0:
+                conv = children[names[k - 1]]
+            else:
+                continue
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            weight, bias = fuse_conv_bn_weights(
+                conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
+                norm.weight, norm.bias,
+            )  # fmt: skip
+            conv.weight, conv.bias = weight, bias
+            setattr(module, name, nn.Identity())
     return model
 
 

@@ -50,7 +50,7 @@ from bbam.refine import RefineConfig, refine_instance
 from bbam.toy_detector import ToyDetector, toy_scene
 from bench.results import RESULTS, merge_results
 from tasks.params import load_params
-from tasks.pseudo_labels import refine_config
+from tasks.pseudo_label_config import refine_config
 
 
 def log(msg: str) -> None:
@@ -96,7 +96,12 @@ def toy_refine_inputs(items: list[AttributionItem]) -> RefineInputs:
 
 
 def detector_items(
-    params: dict, detector: Path | str, split: str, limit: int, with_masks: bool = False
+    params: dict,
+    detector: Path | str | None,
+    split: str,
+    limit: int,
+    with_masks: bool = False,
+    fold_norms: bool = True,
 ) -> tuple[torch.nn.Module, list[AttributionItem], dict[str, tuple]]:
     """The trained detector (frozen, CPU) and up to ``limit`` non-crowd instances of ``split``
     as items on the detector's resized images, with per key (RGB image, box in it, GT mask or
@@ -104,12 +109,12 @@ def detector_items(
     from bbam.data.images import load_rgb
     from bbam.detector import freeze, prepare_images
     from bbam.train_detector import detector_from_config
-    from tasks.detector import detector_config
+    from tasks.detector_config import detector_config
     from tasks.params import load_split
 
     data = load_split(params, split, with_masks=with_masks)
     model = detector_from_config(detector_config(params), len(data.classes) + 1, weights=detector)
-    model = freeze(model)
+    model = freeze(model, fold_norms)
     items: list[AttributionItem] = []
     inputs: dict[str, tuple] = {}
     for record in data.records:

@@ -65,7 +65,7 @@ def score(results, truth, refine_params: RefineConfig, align: bool) -> dict[str,
 def main(argv: list[str] | None = None) -> dict:
     from tasks.attribution import engine_config
     from tasks.params import load_params
-    from tasks.pseudo_labels import refine_config
+    from tasks.pseudo_label_config import refine_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")

@@ -109,7 +109,7 @@ def default_configs() -> dict:
 def params_configs(params_path: Path) -> dict:
     """The pipeline's own `refine` and `proposals` settings (the raw variant stays raw)."""
     from tasks.params import load_params
-    from tasks.pseudo_labels import proposal_config, refine_config
+    from tasks.pseudo_label_config import proposal_config, refine_config
 
     params = load_params(params_path)
     return {

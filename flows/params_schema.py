@@ -28,8 +28,8 @@ from bbam.segmenters.targets import SUPERVISIONS
 from bbam.train_detector import DetectorTrainConfig
 from tasks.attribution import engine_config
 from tasks.deployments import DispatchConfig
-from tasks.detector import detector_config
-from tasks.pseudo_labels import proposal_config, refine_config
+from tasks.detector_config import detector_config
+from tasks.pseudo_label_config import proposal_config, refine_config
 from tasks.segmenters import instance_config, semantic_config
 
 DATA_NAMES = ("synthetic", "voc", "coco", "custom")

@@ -24,7 +24,7 @@ from bbam.pretrained import export_fp16
 from bbam.train_detector import train_detector
 from bbam.training import MODEL_NAME
 from flows.common import configure_runtime, load_checked
-from tasks.detector import detector_config, detector_params_hash
+from tasks.detector_config import detector_config, detector_params_hash
 from tasks.params import load_split, params_digest
 
 DEFAULT_OUT = Path("pretrained/detector_synthetic.pt")

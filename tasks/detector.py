@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from prefect import task
 
 from bbam.detector import freeze
-from bbam.train_detector import DetectorTrainConfig, detector_from_config, train_detector
+from bbam.train_detector import detector_from_config, train_detector
 from tasks.caching import stage_cache
+from tasks.detector_config import detector_config, detector_params_hash
 from tasks.params import (
     DETECTOR_DIR,
-    file_sha256,
     load_split,
-    params_digest,
-    split_paths,
-    top_level,
 )
-
-
-def detector_config(params: dict) -> DetectorTrainConfig:
-    """``detector`` plus the top-level ``seed``/``device`` (the section's own value wins)."""
-    return DetectorTrainConfig(**{**top_level(params), **params["detector"]})
-
-
-def detector_params_hash(params: dict, config: DetectorTrainConfig) -> str:
-    """What a trained detector depends on: its resolved config, the bytes of the weights it
-    starts from and the train annotations (a replaced weights file at the same path is a new
-    run, not a resume)."""
-    start = [file_sha256(w) for w in (config.weights, config.weights_backbone) if w]
-    return params_digest(
-        dataclasses.asdict(config), *start, file_sha256(split_paths(params, "train")[0])
-    )
 
 
 def load_detector_from_params(params: dict, num_classes: int, device: torch.device):

@@ -14,24 +14,12 @@ from tqdm import tqdm
 from bbam.atomic import atomic_write, atomic_write_json
 from bbam.data.coco import coco_image_ids, load_coco_json
 from bbam.labeling import baseline_quality, label_dataset
-from bbam.mcg import MCGConfig, make_source
+from bbam.mcg import make_source
 from bbam.pseudo_labels import write_coco_pseudo_gt
-from bbam.refine import RefineConfig
 from tasks.attribution import engine_config
 from tasks.caching import stage_cache
 from tasks.params import BASELINES_NAME, PSEUDO_DIR, load_split, shard_dir, split_paths
-
-
-def refine_config(params: dict) -> RefineConfig:
-    """The pseudo-label stage's refinement settings (also what the benches measure)."""
-    return RefineConfig(**(params.get("refine") or {}))
-
-
-def proposal_config(params: dict) -> tuple[MCGConfig, str | None]:
-    """(MCGConfig, directory of MCG .mat files or None) of the ``proposals`` section."""
-    section = dict(params.get("proposals") or {})
-    mcg_dir = section.pop("mcg_dir", None)
-    return MCGConfig(**section), mcg_dir
+from tasks.pseudo_label_config import proposal_config, refine_config
 
 
 def pseudo_label_workers(params: dict) -> int:

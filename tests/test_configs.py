@@ -10,8 +10,8 @@ from bbam.attribution import profile_config
 from bbam.device import resolve_device
 from bbam.refine import RefineConfig
 from tasks.deployments import DispatchConfig
-from tasks.detector import detector_config
-from tasks.pseudo_labels import proposal_config
+from tasks.detector_config import detector_config
+from tasks.pseudo_label_config import proposal_config
 from tasks.segmenters import instance_config, semantic_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The CUDA paths: AMP (bf16 autocast), channels_last, a CPU checkpoint resumed on the GPU.
 
 Skipped without a CUDA device (CI and the 2-core dev machines have none). On a GPU machine
-`bench/gpu_check.sh` runs them with the attribution bench in one go.
+`bench/gpu_check.py` runs them with the attribution benches in one go.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Detector build, the no-RPN heads function, training, resume and weights errors (tiny sizes)."""
 
+import copy
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from helpers.builders import CLASSES, shapes_records, tiny_detector, tiny_detector_config
 from PIL import Image
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import bbam.train_detector as td
 from bbam import training as T
@@ -14,6 +16,7 @@ from bbam.data.records import Dataset
 from bbam.detector import (
     ARCHS,
     build_detector,
+    fold_batchnorm,
     freeze,
     make_heads_fn,
     prepare_images,
@@ -144,6 +147,46 @@ def test_gradient_wrt_images(records):
     assert all(p.grad is None for p in model.parameters())
 
 
+def _heads_and_image_grad(model, records):
+    rgb = np.asarray(Image.open(records[1].path))
+    raw = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255).requires_grad_()
+    batch, _, _ = prepare_images(model, [raw])
+    box = torch.from_numpy(records[1].instances[0].box)[None]
+    out = roi_head_forward(model, batch, [box.repeat(3, 1)])
+    (out.logits[:, 1].sum() + out.deltas[:, 1].abs().sum()).backward()
+    return out, raw.grad
+
+
+@pytest.mark.parametrize("norm", ["batch", "frozen"])
+def test_folding_batch_norms_keeps_the_detector_function(records, norm):
+    model = tiny_detector(norm=norm)
+    generator = torch.Generator().manual_seed(1)
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert norms
+    for m in norms:  # statistics far from the identity, so folding has work to do
+        for buffer in (m.running_mean, m.weight, m.bias):
+            buffer.data.copy_(torch.randn(buffer.shape, generator=generator) * 0.3)
+        m.running_var.data.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+    plain = freeze(copy.deepcopy(model), fold_norms=False)
+    folded = freeze(model)
+    assert not any(
+        isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for m in folded.modules()
+    )
+    out_plain, grad_plain = _heads_and_image_grad(plain, records)
+    out_folded, grad_folded = _heads_and_image_grad(folded, records)
+    for name in ("logits", "deltas"):
+        torch.testing.assert_close(
+            getattr(out_folded, name), getattr(out_plain, name), rtol=1e-4, atol=1e-4
+        )
+    torch.testing.assert_close(grad_folded, grad_plain, rtol=1e-3, atol=1e-5)
+
+
+def test_folding_leaves_training_norms_alone():
+    model = tiny_detector().train()
+    fold_batchnorm(model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
 def test_training_lowers_loss(records, tmp_path):
     train, val = _datasets(records)
     config = tiny_detector_config(
@@ -196,7 +239,7 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
     assert [epoch for epoch, _ in seen] == [1]
     restored = seen[0][1]
     assert len(restored) == len(saved_momentum)
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, saved_momentum, strict=True))
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(restored, saved_momentum, strict=True))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == metrics and set(metrics) >= {
@@ -211,7 +254,7 @@ def test_kill_and_resume(records, tmp_path, monkeypatch):
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     assert saved["meta"]["classes"] == CLASSES and saved["meta"]["config"]["epochs"] == 2
     state = saved["model"]
-    model = freeze(td.detector_from_config(config, 3, weights=tmp_path / "model.pt"))
+    model = freeze(td.detector_from_config(config, 3, weights=tmp_path / "model.pt"), False)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     for key, value in state.items():
         assert torch.equal(model.state_dict()[key], value), key

@@ -13,7 +13,7 @@ from bbam.atomic import file_sha256
 from bbam.detector import build_detector
 from bbam.pretrained import export_fp16, record_path, verify_weights
 from flows.pretrain_detector import pretrain
-from tasks.detector import detector_config
+from tasks.detector_config import detector_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from bbam.attribution import attribute_instances, profile_config
+from bbam.data.prepare import prepare_dataset
+from bench import gpu_scale
+from tasks.params import load_params
+
+torch.set_num_threads(1)
+
+TINY = {
+    "arch": "resnet18_fpn",
+    "min_size": 96,
+    "max_size": 132,
+    "anchor_sizes": [16, 32, 64, 128, 256],
+    "fpn_channels": 32,
+    "representation_size": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_params(tmp_path_factory):
+    """params.yaml on a 4-image synthetic set of its own."""
+    tmp = tmp_path_factory.mktemp("gpu_scale")
+    params = load_params("params.yaml")
+    root = tmp / "synthetic"
+    params["synthetic"].update(num_train=4, num_val=1)
+    for split in ("train", "val"):
+        params["data"][f"{split}_json"] = str(root / f"annotations/instances_{split}.json")
+        params["data"][f"{split}_images"] = str(root / "VOC2012/JPEGImages")
+    params["data"]["root"] = str(root)
+    prepare_dataset("synthetic", root, None, tmp / "downloads", synthetic=params["synthetic"])
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_random_detector_made_self_confirming_gives_every_instance_positives(tiny_params):
+    params = load_params(tiny_params)
+    params["detector"].update({**gpu_scale.PAPER_DETECTOR, **TINY})
+    model, items, _ = gpu_scale.detector_items(params, None, "train", 4)
+    items = [gpu_scale.dataclasses.replace(it, label=1) for it in items]
+    cfg = profile_config("reference", iterations=1)
+    before = attribute_instances(gpu_scale.make_heads_fn(model), items, cfg, "cpu")
+    gpu_scale.self_confirming(model, label=1)
+    after = attribute_instances(gpu_scale.make_heads_fn(model), items, cfg, "cpu")
+    assert all(r.status == "ok" for r in after)
+    assert min(r.stats["positives"] for r in after) > max(
+        r.stats.get("positives", 0) for r in before
+    )
+
+
+def test_gpu_scale_times_steps_and_projects_voc(tiny_params, tmp_path):
+    results = tmp_path / "results.json"
+    argv = [
+        "--params", str(tiny_params), "--detector", json.dumps(TINY),
+        "--batch-sizes", "1", "2", "--reference-instances", "2", "--steps", "1", "3",
+        "--peak-size", "64", "--fast-iterations", "50", "--results", str(results),
+        "--ablation-steps", "1", "2", "--profile", str(tmp_path / "profile.txt"),
+    ]  # fmt: skip
+    assert gpu_scale.main(argv) == 0
+    entry = json.loads(results.read_text())["gpu_scale"]
+    rows = entry["rows"]
+    assert set(rows) == {"reference", "fast_bs1", "fast_bs2"}
+    assert rows["reference"]["iterations_per_instance"] == 300
+    assert rows["fast_bs2"]["iterations_per_instance"] == 50
+    for row in rows.values():
+        assert row["ok"] == row["instances"] > 0
+        assert row["ms_per_instance_step"] > 0
+        per_instance = gpu_scale.seconds_per_instance(row, row["iterations_per_instance"])
+        assert row["instances_per_s"] == pytest.approx(1 / per_instance)
+    best = rows[entry["best_fast"]]
+    assert entry["speedup"] == pytest.approx(
+        best["instances_per_s"] / rows["reference"]["instances_per_s"]
+    )
+    hours = entry["voc_train_aug_gpu_hours"]
+    assert hours["fast"] == pytest.approx(
+        entry["voc_train_aug_instances"] / best["instances_per_s"] / 3600
+    )
+    assert 0 < best["fraction_of_bf16_peak"] and best["tflops_achieved"] > 0
+    variants = entry["speedups_at_largest_batch"]
+    assert len(variants) == 5 and all(v["batch_size"] == 2 for v in variants.values())
+    assert all(v["ok"] == v["instances"] == 2 for v in variants.values())
+    assert "aten::" in (tmp_path / "profile.txt").read_text()
