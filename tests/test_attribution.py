@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.builders import SIZE, SMALL, four_items
 
 from bbam.attribution import (
@@ -344,3 +345,22 @@ def test_blur_baseline_fills_the_masked_out_pixels(detector, scene):
         AttributionConfig(baseline="noise")
     with pytest.raises(ValueError, match="baseline_blur"):
         AttributionConfig(baseline="blur", baseline_blur=0.0)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize(
+    ("grid_hw", "size"), [((5, 7), (64, 96)), ((1, 3), (9, 20)), ((8, 8), (8, 8))]
+)
+def test_upsample_grid_is_bilinear_interpolation(grid_hw, size, align_corners):
+    from bbam.attribution import upsample_grid
+
+    grid = torch.rand(grid_hw, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    weight = torch.rand(size, generator=torch.Generator().manual_seed(1))
+    ours = upsample_grid(grid, size, align_corners)
+    (g_ours,) = torch.autograd.grad((ours * weight).sum(), grid)
+    theirs = F.interpolate(
+        grid[None, None], size=size, mode="bilinear", align_corners=align_corners
+    )[0, 0]
+    (g_theirs,) = torch.autograd.grad((theirs * weight).sum(), grid)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-5)

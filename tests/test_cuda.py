@@ -51,7 +51,9 @@ def test_attribution_on_cuda_with_amp_recovers_the_region_like_cpu():
     item = AttributionItem("a", img, boxes[0], 1)
     cfg = profile_config("fast", **SMALL)
     assert cfg.amp and cfg.channels_last  # what CUDA turns on
+    search = torch.backends.cudnn.benchmark
     (gpu,) = attribute_instances(ToyDetector().eval().cuda(), [item], cfg, "cuda")
+    assert torch.backends.cudnn.benchmark == search  # the engine's cuDNN search is scoped
     (cpu,) = attribute_instances(ToyDetector().eval(), [item], cfg, "cpu")
     assert gpu.status == "ok" and gpu.stats["device"].startswith("cuda")
     assert np.isfinite(gpu.grid.astype(np.float32)).all()
