@@ -150,7 +150,10 @@ def show(path: Path) -> int:
     scale = results.get("gpu_scale")
     if scale:
         print(f"{'profile':<11} {'batch':>5} {'ms/inst-step':>12} {'inst/s':>8} {'peak GiB':>8}")
-        for name, row in scale["rows"].items():
+        rows = sorted(
+            scale["rows"].items(), key=lambda kv: (kv[0] != "reference", kv[1]["batch_size"])
+        )
+        for name, row in rows:
             if "error" in row:
                 print(f"{name:<11} {row['batch_size']:>5}  {row['error']}")
             else:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,14 @@ def test_gpu_scale_times_steps_and_projects_voc(tiny_params, tmp_path):
     assert len(variants) == 5 and all(v["batch_size"] == 2 for v in variants.values())
     assert all(v["ok"] == v["instances"] == 2 for v in variants.values())
     assert "aten::" in (tmp_path / "profile.txt").read_text()
+
+
+def test_gpu_check_shows_a_kept_run(capsys):
+    from bench import gpu_check
+
+    kept = sorted(Path("bench/gpu_runs").glob("*_h200_run3.json"))
+    assert kept, "the H200 run of issue #16 is kept under bench/gpu_runs/"
+    assert gpu_check.main(["--show", str(kept[0])]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H200" in out and "fast_bs32" in out and "VOC train_aug" in out
+    assert out.index("reference") < out.index("fast_bs1") < out.index("fast_bs64")
