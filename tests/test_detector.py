@@ -134,20 +134,9 @@ def test_roi_head_forward_agrees_with_model(records):
         assert close.any()
 
 
-def test_gradient_wrt_images(records):
-    model = freeze(tiny_detector())
-    rgb = np.asarray(Image.open(records[1].path))
-    raw = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255).requires_grad_()
-    batch, _, _ = prepare_images(model, [raw])
-    box = torch.from_numpy(records[1].instances[0].box)[None]
-    out = roi_head_forward(model, batch, [box.repeat(3, 1)])
-    (out.logits[:, 1].sum() + out.deltas[:, 1].abs().sum()).backward()
-    assert raw.grad is not None and torch.isfinite(raw.grad).all()
-    assert float(raw.grad.abs().sum()) > 0
-    assert all(p.grad is None for p in model.parameters())
-
-
 def _heads_and_image_grad(model, records):
+    """The heads' outputs for 3 copies of a GT box, and the gradient of a loss on them with
+    respect to the raw image."""
     rgb = np.asarray(Image.open(records[1].path))
     raw = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255).requires_grad_()
     batch, _, _ = prepare_images(model, [raw])
@@ -155,6 +144,14 @@ def _heads_and_image_grad(model, records):
     out = roi_head_forward(model, batch, [box.repeat(3, 1)])
     (out.logits[:, 1].sum() + out.deltas[:, 1].abs().sum()).backward()
     return out, raw.grad
+
+
+def test_gradient_wrt_images(records):
+    model = freeze(tiny_detector())
+    _, grad = _heads_and_image_grad(model, records)
+    assert grad is not None and torch.isfinite(grad).all()
+    assert float(grad.abs().sum()) > 0
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("norm", ["batch", "frozen"])
