@@ -103,10 +103,10 @@ class AttributionConfig:
     amp: bool = True
     amp_dtype: str = "bfloat16"
     channels_last: bool = True
-    # cuDNN times its algorithms once per input shape and keeps the fastest: pays when many
-    # instances share an image size (VOC: most images are 500x375), costs on first sight of
-    # each new size
-    cudnn_benchmark: bool = True
+    # cuDNN's algorithm search (times its algorithms once per input shape, keeps the fastest).
+    # Off: on an H200 (R-50-FPN, 800x1120, batch 64, bench.gpu_scale) steps were 0.2-0.6 ms
+    # slower with it in two runs, and each new image size costs a search.
+    cudnn_benchmark: bool = False
 
     def __post_init__(self) -> None:
         for name in ("iou_thresholds", "stride_coefs"):

@@ -52,7 +52,8 @@ def test_attribution_on_cuda_with_amp_recovers_the_region_like_cpu():
     cfg = profile_config("fast", **SMALL)
     assert cfg.amp and cfg.channels_last  # what CUDA turns on
     search = torch.backends.cudnn.benchmark
-    (gpu,) = attribute_instances(ToyDetector().eval().cuda(), [item], cfg, "cuda")
+    with_search = dataclasses.replace(cfg, cudnn_benchmark=True)
+    (gpu,) = attribute_instances(ToyDetector().eval().cuda(), [item], with_search, "cuda")
     assert torch.backends.cudnn.benchmark == search  # the engine's cuDNN search is scoped
     (cpu,) = attribute_instances(ToyDetector().eval(), [item], cfg, "cpu")
     assert gpu.status == "ok" and gpu.stats["device"].startswith("cuda")
