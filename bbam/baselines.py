@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 
 from bbam.data.masks import box_region, box_slices
+from bbam.refine import seeded_grabcut
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -20,25 +21,16 @@ def box_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def grabcut_mask(image: np.ndarray, box: np.ndarray, iterations: int = 5) -> np.ndarray:
-    """GrabCut initialised with the box as rect; (probable) foreground inside the box.
+    """GrabCut initialised by the box: background outside, probable foreground inside (what
+    OpenCV's rect initialisation sets); (probable) foreground inside the box.
 
     Falls back to the filled box when GrabCut cannot run (a box covering the whole image leaves no
     background samples; a degenerate box)."""
     height, width = image.shape[:2]
     ys, xs = box_slices(np.asarray(box), height, width)
-    w, h = xs.stop - xs.start, ys.stop - ys.start
     filled = box_mask(box, height, width)
-    if w < 2 or h < 2 or (w >= width and h >= height):
+    if xs.stop - xs.start < 2 or ys.stop - ys.start < 2:
         return filled
-    mask = np.zeros((height, width), dtype=np.uint8)
-    bgd = np.zeros((1, 65), dtype=np.float64)
-    fgd = np.zeros((1, 65), dtype=np.float64)
-    bgr = np.ascontiguousarray(image[..., ::-1])
-    cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's RNG: same mask in any process
-    try:
-        cv2.grabCut(
-            bgr, mask, (xs.start, ys.start, w, h), bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT
-        )
-    except cv2.error:
-        return filled
-    return ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)) & filled
+    seeds = np.where(filled, cv2.GC_PR_FGD, cv2.GC_BGD).astype(np.uint8)
+    cut = seeded_grabcut(image, seeds, iterations)
+    return filled if cut is None else cut & filled

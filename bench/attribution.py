@@ -19,6 +19,9 @@ figure beside it (`reference_self_refined_agreement_iou`).
     python -m bench.attribution                                  # toy detector, synthetic
     python -m bench.attribution --detector runs/detector/model.pt --params params.yaml
 
+`--variant iterations=100,lr=0.05` (repeatable) also runs fast's profile with those changes on
+the reference's instances: what a step budget costs in agreement (`fast_variants`).
+
 With a trained torchvision detector the `detector` section of --params gives its
 architecture. `--reference-instances` bounds the slow side (the first N instances; the
 fast side runs all `--instances` and agreement is measured on the common ones).
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from bbam.attribution import (
@@ -206,6 +210,19 @@ def mask_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return float(np.mean(ious)) if ious else float("nan")
 
 
+def parse_variant(text: str) -> dict:
+    """``"iterations=100,lr=0.05"`` -> {"iterations": 100, "lr": 0.05} (YAML scalars)."""
+    changes = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in AttributionConfig.__dataclass_fields__:
+            raise SystemExit(
+                f"--variant {text!r}: {part!r} is not FIELD=VALUE of AttributionConfig"
+            )
+        changes[key.strip()] = yaml.safe_load(value)
+    return changes
+
+
 def run(heads, items, config, device) -> tuple[list[AttributionResult], float]:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -241,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also run fast's profile with these AttributionConfig changes on the reference's "
+        "instances (repeatable), e.g. iterations=100,lr=0.05",
+    )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="do not touch results.json")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge into")
     args = parser.parse_args(argv)
@@ -300,20 +322,32 @@ def main(argv: list[str] | None = None) -> int:
     # params may cap `fast` for a CPU budget; the profile's own settings (only the shared
     # ones from params) show what the cap costs in agreement.
     plain_cfg = profile_config("fast", seed=args.seed, **reference_overrides)
+
+    def on_reference_instances(cfg: AttributionConfig, overrides: dict) -> dict:
+        """`cfg` on the reference's instances: speed and agreement with the reference."""
+        res, seconds = run(heads, items[:n_ref], cfg, device)
+        return {
+            "instances_per_s": n_ref / seconds,
+            "speedup": (n_ref / seconds) / (n_ref / ref_s),
+            "agreement_iou": agreement(ref_res, res)[0],
+            "refined_agreement_iou": mask_agreement(
+                ref_masks, refined_masks(res, refine_inputs, refine, cfg.align_corners)
+            ),
+            "iterations_per_instance": sum(r.stats["iterations"] for r in res) / n_ref,
+            "overrides": overrides,
+        }
+
     plain = None
     if plain_cfg != fast_cfg:
         log("fast with the profile's own settings, on the reference's instances")
-        plain_res, plain_s = run(heads, items[:n_ref], plain_cfg, device)
-        plain = {
-            "instances_per_s": n_ref / plain_s,
-            "speedup": (n_ref / plain_s) / (n_ref / ref_s),
-            "agreement_iou": agreement(ref_res, plain_res)[0],
-            "refined_agreement_iou": mask_agreement(
-                ref_masks, refined_masks(plain_res, refine_inputs, refine, plain_cfg.align_corners)
-            ),
-            "iterations_per_instance": sum(r.stats["iterations"] for r in plain_res) / n_ref,
-            "overrides": reference_overrides,
-        }
+        plain = on_reference_instances(plain_cfg, reference_overrides)
+    variants = {}
+    for text in args.variant:
+        changes = parse_variant(text)
+        log(f"fast with {changes}, on the reference's instances")
+        variants[text] = on_reference_instances(
+            dataclasses.replace(plain_cfg, **changes), {**reference_overrides, **changes}
+        )
     log("measuring FLOPs")
 
     ref_iters = sum(r.stats["iterations"] for r in ref_res)
@@ -358,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
             f"agreement IoU {plain['agreement_iou']:.3f} "
             f"(refined masks {plain['refined_agreement_iou']:.3f})"
         )
+    for text, v in variants.items():
+        print(
+            f"fast with {text} ({v['iterations_per_instance']:.0f} iters/inst): "
+            f"{v['instances_per_s']:.3f} inst/s, speedup {v['speedup']:.1f}x, agreement IoU "
+            f"{v['agreement_iou']:.3f} (refined masks {v['refined_agreement_iou']:.3f})"
+        )
     status = {
         p: sum(r.status == "no_positive" for r in res)
         for p, res in (("ref", ref_res), ("fast", fast_res))
@@ -385,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         "instances": {"reference": n_ref, "fast": len(items), "agreement_pairs": n_pairs},
         "screened_out_no_positive": screened_out,
         "fast_profile_defaults": plain,
+        "fast_variants": variants,
         "no_positive": status,
         "source": source,
         "device": str(device),

@@ -123,12 +123,14 @@ def summary(results: dict) -> list[str]:
             f"refined agreement {attribution['refined_agreement_iou']:.3f} "
             f"(reference vs itself {attribution['reference_self_refined_agreement_iou']:.3f})"
         )
-        plain = attribution.get("fast_profile_defaults")
-        if plain:
-            lines.append(
-                f"fast without the CPU caps: {plain['iterations_per_instance']:.0f} steps/inst, "
-                f"refined agreement {plain['refined_agreement_iou']:.3f}"
-            )
+        runs = {"without the CPU caps": attribution.get("fast_profile_defaults")}
+        runs.update({f"with {k}": v for k, v in (attribution.get("fast_variants") or {}).items()})
+        for name, v in runs.items():
+            if v:
+                lines.append(
+                    f"fast {name}: {v['iterations_per_instance']:.0f} steps/inst, "
+                    f"refined agreement {v['refined_agreement_iou']:.3f}"
+                )
     if scale:
         best = scale["rows"][scale["best_fast"]]
         lines.append(
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         "--fast-iterations", type=float, default=None,
         help="fast's steps per instance for gpu_scale when the attribution step is not run",
     )  # fmt: skip
+    parser.add_argument(
+        "--variant", action="append", default=[], help="passed to bench.attribution"
+    )
     parser.add_argument("--test-timeout", type=float, default=180.0)
     parser.add_argument("--show", type=Path, default=None, help="print a kept run and exit")
     args = parser.parse_args(argv)
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--instances", str(args.instances),
                 "--reference-instances", str(args.reference_instances),
                 "--results", str(results_path),
+                *[arg for text in args.variant for arg in ("--variant", text)],
             ]
         )  # fmt: skip
 

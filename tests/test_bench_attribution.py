@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from bench import attribution as bench
@@ -53,3 +54,30 @@ def test_refined_mask_agreement_compares_the_pseudo_masks():
     assert bench.mask_agreement(masks, masks) == 1.0
     shifted = {k: np.roll(m, m.shape[1] // 3, axis=1) for k, m in masks.items()}
     assert bench.mask_agreement(masks, shifted) < 0.9
+
+
+def test_variants_run_on_the_reference_instances(tmp_path, monkeypatch):
+    results = tmp_path / "results.json"
+    monkeypatch.setattr(
+        bench,
+        "merge_results",
+        lambda key, value, *_: results.write_text(json.dumps({key: value}, default=float)),
+    )
+    argv = ["--instances", "2", "--reference-instances", "1", "--variant", "iterations=5,lr=0.05"]
+    assert bench.main(argv) == 0
+    variant = json.loads(results.read_text())["attribution"]["fast_variants"][
+        "iterations=5,lr=0.05"
+    ]
+    assert variant["iterations_per_instance"] == 5
+    assert variant["overrides"]["lr"] == 0.05
+    assert 0.0 <= variant["refined_agreement_iou"] <= 1.0
+
+
+def test_parse_variant_reads_yaml_scalars_and_refuses_unknown_fields():
+    assert bench.parse_variant("iterations=100,lr=0.05,early_stop=false") == {
+        "iterations": 100,
+        "lr": 0.05,
+        "early_stop": False,
+    }
+    with pytest.raises(SystemExit, match="no_such_knob"):
+        bench.parse_variant("no_such_knob=1")

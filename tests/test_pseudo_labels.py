@@ -190,6 +190,8 @@ def test_box_and_grabcut_baselines():
     assert not (cut & ~filled).any()
     whole = grabcut_mask(image, np.array([0.0, 0.0, w, h]))
     assert whole.all()  # no background samples: falls back to the box
+    tiny = np.array([30.0, 30.0, 33.0, 33.0])  # 9 pixels: too few for a colour model
+    assert np.array_equal(grabcut_mask(image, tiny), box_mask(tiny, h, w))
 
 
 def test_refine_record_runs_every_instance_in_order(tmp_path):
