@@ -9,15 +9,20 @@ from bench import attribution as bench
 torch.set_num_threads(1)
 
 
-def test_toy_bench_writes_the_attribution_object(tmp_path, monkeypatch):
+def _toy_bench(tmp_path, monkeypatch, *extra: str) -> dict:
+    """bench.attribution on the toy detector (2 instances, 1 for the reference): its object."""
     results = tmp_path / "results.json"
     monkeypatch.setattr(
         bench,
         "merge_results",
         lambda key, value, *_: results.write_text(json.dumps({key: value}, default=float)),
     )
-    assert bench.main(["--instances", "2", "--reference-instances", "1"]) == 0
-    entry = json.loads(results.read_text())["attribution"]
+    assert bench.main(["--instances", "2", "--reference-instances", "1", *extra]) == 0
+    return json.loads(results.read_text())["attribution"]
+
+
+def test_toy_bench_writes_the_attribution_object(tmp_path, monkeypatch):
+    entry = _toy_bench(tmp_path, monkeypatch)
     for key in (
         "reference_instances_per_s",
         "fast_instances_per_s",
@@ -57,17 +62,8 @@ def test_refined_mask_agreement_compares_the_pseudo_masks():
 
 
 def test_variants_run_on_the_reference_instances(tmp_path, monkeypatch):
-    results = tmp_path / "results.json"
-    monkeypatch.setattr(
-        bench,
-        "merge_results",
-        lambda key, value, *_: results.write_text(json.dumps({key: value}, default=float)),
-    )
-    argv = ["--instances", "2", "--reference-instances", "1", "--variant", "iterations=5,lr=0.05"]
-    assert bench.main(argv) == 0
-    variant = json.loads(results.read_text())["attribution"]["fast_variants"][
-        "iterations=5,lr=0.05"
-    ]
+    entry = _toy_bench(tmp_path, monkeypatch, "--variant", "iterations=5,lr=0.05")
+    variant = entry["fast_variants"]["iterations=5,lr=0.05"]
     assert variant["iterations_per_instance"] == 5
     assert variant["overrides"]["lr"] == 0.05
     assert 0.0 <= variant["refined_agreement_iou"] <= 1.0
