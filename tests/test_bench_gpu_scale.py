@@ -11,6 +11,7 @@ from bench import gpu_scale
 from tasks.params import load_params
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "arch": "resnet18_fpn",
@@ -26,7 +27,7 @@ TINY = {
 def tiny_params(tmp_path_factory):
     """params.yaml on a 4-image synthetic set of its own."""
     tmp = tmp_path_factory.mktemp("gpu_scale")
-    params = load_params("params.yaml")
+    params = load_params(ROOT / "params.yaml")
     root = tmp / "synthetic"
     params["synthetic"].update(num_train=4, num_val=1)
     for split in ("train", "val"):
@@ -91,7 +92,7 @@ def test_gpu_scale_times_steps_and_projects_voc(tiny_params, tmp_path):
 def test_gpu_check_shows_a_kept_run(capsys):
     from bench import gpu_check
 
-    kept = sorted(Path("bench/gpu_runs").glob("*_h200_run3.json"))
+    kept = sorted((ROOT / "bench" / "gpu_runs").glob("*_h200_run3.json"))
     assert kept, "the H200 run of issue #16 is kept under bench/gpu_runs/"
     assert gpu_check.main(["--show", str(kept[0])]) == 0
     out = capsys.readouterr().out
