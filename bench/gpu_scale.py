@@ -18,8 +18,8 @@ folded into the convolutions, cuDNN's algorithm search, the crop window), and wi
 What a step costs depends on the detector's shape and the image size, not on its weights, and
 no detector of this size can be trained inside a GPU check. So the detector is randomly
 initialised, and its two last layers are set so that every jitter is classified as the
-instance's class and regressed onto itself: each instance gets the most positives the
-reference allows (100), its worst case. How many steps `fast` takes before it stops early,
+instance's class and regressed onto itself: every jitter within the IoU thresholds is a
+positive (the table's "positives" column says how many). How many steps `fast` takes before it stops early,
 and how well its maps agree with the reference's, depend on the weights: bench.attribution
 measures those on a trained detector, and `--fast-iterations` brings its figure here.
 
@@ -33,8 +33,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,14 @@ import torch
 
 from bbam.attribution import AttributionConfig, attribute_instances, profile_config
 from bbam.detector import fold_batchnorm, make_heads_fn
-from bench.attribution import dense_flops_per_s, detector_items, flops_per_instance_iteration
+from bbam.device import resolve_device
+from bench.attribution import (
+    dense_flops_per_s,
+    detector_items,
+    flops_per_instance_iteration,
+    log,
+    run,
+)
 from bench.results import RESULTS, merge_results
 from tasks.params import load_params
 
@@ -64,10 +71,6 @@ PAPER_DETECTOR = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def self_confirming(model: torch.nn.Module, label: int) -> torch.nn.Module:
     """Set the box predictor so that every proposal is classified as ``label`` and regressed
     onto itself (zero deltas): the step's cost is unchanged, and every jitter close enough to
@@ -80,19 +83,6 @@ def self_confirming(model: torch.nn.Module, label: int) -> torch.nn.Module:
         predictor.bbox_pred.weight.zero_()
         predictor.bbox_pred.bias.zero_()
     return model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(heads, items, config: AttributionConfig, device: torch.device):
-    _sync(device)
-    t0 = time.perf_counter()
-    results = attribute_instances(heads, items, config, device)
-    _sync(device)
-    return time.perf_counter() - t0, results
 
 
 def step_costs(
@@ -108,8 +98,8 @@ def step_costs(
     attribute_instances(heads, items, fixed_steps[short], device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t_short, _ = _timed(heads, items, fixed_steps[short], device)
-    t_long, results = _timed(heads, items, fixed_steps[long], device)
+    _, t_short = run(heads, items, fixed_steps[short], device)
+    results, t_long = run(heads, items, fixed_steps[long], device)
     n = len(items)
     ok = [r for r in results if r.status == "ok"]
     step_s = max(t_long - t_short, 0.0) / (long - short) / n
@@ -153,8 +143,7 @@ def profile_step(heads, items, config: AttributionConfig, device, path: Path) ->
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
-        attribute_instances(heads, items, cfg, device)
-        _sync(device)
+        run(heads, items, cfg, device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
 
@@ -184,16 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge into")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
 
     params = copy.deepcopy(load_params(args.params))
     detector_keys = dict(PAPER_DETECTOR)
     if args.detector:
-        import json
-
         detector_keys.update(json.loads(args.detector))
     params["detector"].update(detector_keys)
     needed = max(max(args.batch_sizes) * 2, args.reference_instances, 8)
@@ -248,19 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         log(f"profiling 3 steps at batch size {largest.batch_size} -> {args.profile}")
         profile_step(heads, items[: largest.batch_size], largest, device, args.profile)
 
-    iterations = {"reference": float(reference.iterations)}
-    for name in rows:
-        if name != "reference" and "error" not in rows[name]:
-            iterations[name] = fast_iterations
     for name, row in rows.items():
-        if "error" in row:
-            continue
-        row["iterations_per_instance"] = iterations[name]
-        row["instances_per_s"] = 1.0 / seconds_per_instance(row, iterations[name])
+        if "error" not in row:
+            steps = float(reference.iterations) if name == "reference" else fast_iterations
+            row["iterations_per_instance"] = steps
+            row["instances_per_s"] = 1.0 / seconds_per_instance(row, steps)
     voc_instances = VOC_TRAIN_AUG_IMAGES * VOC_OBJECTS_PER_IMAGE
     hours = {
-        name: voc_instances * seconds_per_instance(rows[name], iterations[name]) / 3600
-        for name in ("reference", best)
+        name: voc_instances / rows[name]["instances_per_s"] / 3600 for name in ("reference", best)
     }
     speedup = rows[best]["instances_per_s"] / rows["reference"]["instances_per_s"]
 
