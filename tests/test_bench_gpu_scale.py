@@ -41,18 +41,35 @@ def tiny_params(tmp_path_factory):
 
 
 def test_random_detector_made_self_confirming_gives_every_instance_positives(tiny_params):
+    """After self_confirming, an instance's positives are exactly its jitters whose own IoU
+    with the box passes the threshold (each is classified as the label and decoded onto
+    itself), up to the cap; a random detector's are not."""
+    from bbam.jitter import box_iou_to_one, instance_generator, jitter_boxes
+
     params = load_params(tiny_params)
     params["detector"].update({**gpu_scale.PAPER_DETECTOR, **TINY})
+    torch.manual_seed(0)  # the random detector's weights, the same in any test order
     model, items, _ = gpu_scale.detector_items(params, None, "train", 4)
     items = [gpu_scale.dataclasses.replace(it, label=1) for it in items]
     cfg = profile_config("reference", iterations=1)
-    before = attribute_instances(gpu_scale.make_heads_fn(model), items, cfg, "cpu")
+
+    def expected(item, threshold: float) -> int:
+        generator = instance_generator(cfg.seed, item.key)
+        jitters = jitter_boxes(
+            item.box, cfg.num_jitters, cfg.jitter_fraction, item.valid_hw, generator
+        )
+        iou = box_iou_to_one(jitters, item.box.float(), truncate=cfg.iou_truncate)
+        return min(int((iou > threshold).sum()), cfg.max_positives)
+
+    def matches(results) -> list[bool]:
+        return [
+            r.status == "ok" and r.stats["positives"] == expected(it, r.stats["threshold_used"])
+            for it, r in zip(items, results, strict=True)
+        ]
+
+    assert not all(matches(attribute_instances(gpu_scale.make_heads_fn(model), items, cfg, "cpu")))
     gpu_scale.self_confirming(model, label=1)
-    after = attribute_instances(gpu_scale.make_heads_fn(model), items, cfg, "cpu")
-    assert all(r.status == "ok" for r in after)
-    assert min(r.stats["positives"] for r in after) > max(
-        r.stats.get("positives", 0) for r in before
-    )
+    assert all(matches(attribute_instances(gpu_scale.make_heads_fn(model), items, cfg, "cpu")))
 
 
 def test_gpu_scale_times_steps_and_projects_voc(tiny_params, tmp_path):
