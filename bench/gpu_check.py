@@ -173,7 +173,8 @@ STEPS = ("detector", "attribution", "gpu_scale", "tests")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check")))
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    # relative to the repo root, where the check runs: kept runs cite no machine's paths
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--reference-instances", type=int, default=20)
