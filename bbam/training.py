@@ -137,6 +137,21 @@ def load_partial(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
     return len(best)
 
 
+RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")  # top first
+
+
+def freeze_resnet_stages(body: torch.nn.Module, trainable: int) -> None:
+    """Keep the top ``trainable`` of a ResNet's 5 stages trainable (5: all, 0: none), as
+    torchvision's ``trainable_backbone_layers``; the rest (stem norm included) get no gradient,
+    so the backward pass also stops above them."""
+    if not 0 <= trainable <= len(RESNET_STAGES):
+        raise ValueError(f"trainable_backbone_layers must be in [0, 5], got {trainable}")
+    keep = RESNET_STAGES[:trainable] + (("bn1",) if trainable == len(RESNET_STAGES) else ())
+    for name, param in body.named_parameters():
+        if not name.startswith(keep):
+            param.requires_grad_(False)
+
+
 def iters_per_epoch(n_items: int, batch_size: int, max_iters_per_epoch: int | None) -> int:
     """Batches per epoch, capped by `max_iters_per_epoch` when set (0/None: no cap)."""
     iters = math.ceil(n_items / batch_size)

@@ -439,3 +439,32 @@ def test_semantic_fpn_head_takes_the_whole_detector_backbone(tmp_path):
         SemanticTrainConfig(head="fpn", output_stride=8)
     with pytest.raises(ValueError, match="head"):
         SemanticTrainConfig(head="unet")
+
+
+@pytest.mark.parametrize(("head", "arch"), [("fpn", "resnet18"), ("deeplab", "resnet18")])
+def test_semantic_trainable_backbone_layers_freeze_the_lower_stages(tmp_path, head, arch):
+    """3 trainable stages: the stem and layer1 get no gradient and keep their weights through
+    training, the stages above and the head learn; 5 trains everything (the stem's norm too)."""
+    records = make_segmenter_data(tmp_path)
+    frozen = small_semantic_config(head=head, arch=arch, trainable_backbone_layers=3)
+    res = train_semantic(
+        records, ["thing"], tmp_path / "s", frozen, pseudo_pngs(tmp_path, records), progress=False
+    )
+    torch.manual_seed(frozen.seed)  # train_semantic's initialisation
+    start = build_semantic_model(frozen, 2).state_dict()
+    trained = res.model.state_dict()
+    body = "net.backbone.body." if head == "fpn" else "net.backbone."
+    for name, param in res.model.named_parameters():
+        low = name.startswith(tuple(body + s for s in ("conv1", "bn1", "layer1.")))
+        assert param.requires_grad != low, name
+        if low:
+            assert torch.equal(trained[name], start[name]), name
+    assert not torch.equal(
+        trained[body + "layer4.0.conv1.weight"], start[body + "layer4.0.conv1.weight"]
+    )
+    everything = build_semantic_model(small_semantic_config(head=head, arch=arch), 2)
+    assert all(p.requires_grad for p in everything.parameters())
+    with pytest.raises(ValueError, match="trainable_backbone_layers"):
+        SemanticTrainConfig(trainable_backbone_layers=6)
+    with pytest.raises(ValueError, match="trainable_backbone_layers"):
+        SemanticTrainConfig(arch="mobilenet_v3_large", trainable_backbone_layers=3)

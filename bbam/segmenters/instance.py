@@ -98,10 +98,7 @@ def build_instance_model(config: InstanceTrainConfig, num_classes: int) -> MaskR
     """Mask R-CNN from scratch (weights=None, weights_backbone=None) plus optional local weights."""
     norm = _norm_layer(config.norm)
     body = resnet.__dict__[ARCHS[config.arch]](weights=None, norm_layer=norm)
-    layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][: config.trainable_backbone_layers]
-    for name, param in body.named_parameters():
-        if all(not name.startswith(layer) for layer in layers):
-            param.requires_grad_(False)
+    T.freeze_resnet_stages(body, config.trainable_backbone_layers)
     c = body.inplanes // 8  # channels of layer1 output
     backbone = BackboneWithFPN(
         body,

@@ -63,6 +63,9 @@ class SemanticTrainConfig(T.TrainSchedule):
     supervision: str = "bbam"  # full | bbam | box
     weights: str | None = None
     weights_backbone: str | None = None
+    # ResNet stages left trainable, top first (5: all; 3 freezes the stem and layer1, as
+    # torchvision's detection default): frozen stages need no backward pass
+    trainable_backbone_layers: int = 5
     output_stride: int | None = None  # None: the arch's own; resnet18 takes 8 (small objects) or 16
     scale: float = 0.5  # images (and labels, nearest) are resized by this for training + inference
     crop_size: int = 96  # random crop after scaling, padded with ignore where the image is smaller
@@ -76,6 +79,13 @@ class SemanticTrainConfig(T.TrainSchedule):
 
     def __post_init__(self) -> None:
         T.check_choices(self, arch=ARCHS, supervision=SUPERVISIONS, head=HEADS)
+        if not 0 <= self.trainable_backbone_layers <= 5 or (
+            not self.arch.startswith("resnet") and self.trainable_backbone_layers != 5
+        ):
+            raise ValueError(
+                "SemanticTrainConfig.trainable_backbone_layers must be in [0, 5] (ResNet archs; "
+                f"{self.arch} trains all), got {self.trainable_backbone_layers}"
+            )
         if self.head == "fpn":
             if self.arch not in FPN_ARCHS:
                 raise ValueError(
@@ -197,12 +207,14 @@ def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> Seman
             # a detector's file fills body and FPN; a classification network's, the body only
             target = backbone if width is not None else backbone.body
             T.load_partial(target, state, config.weights_backbone)
+        T.freeze_resnet_stages(backbone.body, config.trainable_backbone_layers)
         net = SemanticFPN(backbone, num_classes)
     elif config.arch == "resnet18":
         body = _dilated_resnet18(config.output_stride or NATIVE_OUTPUT_STRIDE["resnet18"])
         if config.weights_backbone:
             state = T.load_weights_file(config.weights_backbone, "backbone")
             T.load_partial(body, state, config.weights_backbone)
+        T.freeze_resnet_stages(body, config.trainable_backbone_layers)
         backbone = IntermediateLayerGetter(body, return_layers={"layer4": "out"})
         net = DeepLabV3(backbone, DeepLabHead(512, num_classes), None)
     else:
@@ -215,6 +227,8 @@ def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> Seman
         if config.weights_backbone:
             state = T.load_weights_file(config.weights_backbone, "backbone")
             T.load_partial(net.backbone, state, config.weights_backbone)
+        if config.arch.startswith("resnet"):
+            T.freeze_resnet_stages(net.backbone, config.trainable_backbone_layers)
     model = SemanticNet(net)
     if config.weights:
         state = T.load_weights_file(config.weights, "DeepLabV3")
