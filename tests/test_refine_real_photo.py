@@ -21,11 +21,13 @@ bench = importlib.import_module("bench.refine_modes")
 REFERENCE = RefineConfig(mode="reference", blur_reference_size=400.0)  # as params.yaml
 OBJECT = RefineConfig(mode="object")
 OBJECT_GRABCUT = RefineConfig(mode="object", obj_cut="grabcut")
+OBJECT_COLOUR = RefineConfig(mode="object", obj_cut="colour_crf", obj_margin=0.5)  # params.yaml
 ALL_MODES = {
     "reference": REFERENCE,
     "absolute": RefineConfig(mode="absolute", abs_crf=True),
     "object": OBJECT,
     "object_grabcut": OBJECT_GRABCUT,
+    "object_colour": OBJECT_COLOUR,
 }
 
 
@@ -65,6 +67,16 @@ def test_object_mode_keeps_a_gt_map(photo):
     maps = [gt.astype(np.float32) for _, gt in instances]
     assert _mean_iou(image, instances, OBJECT, maps) >= 0.95
     assert _mean_iou(image, instances, OBJECT_GRABCUT, maps) >= 0.5
+
+
+def test_colour_crf_keeps_a_gt_map_on_both_real_photos():
+    """object + colour_crf (the demo's refinement) keeps a GT map: mean IoU >= 0.75 on the VOC
+    photo (measured 0.79; object + grabcut 0.56, reference 0.47) and >= 0.85 on the ARC photo
+    (measured 0.94): the colours may overrule the map, and on the VOC photo's occluded chairs
+    they do."""
+    for (image, instances), floor in zip(bench.real_photo(), (0.75, 0.85), strict=True):
+        maps = [gt.astype(np.float32) for _, gt in instances]
+        assert _mean_iou(image, instances, OBJECT_COLOUR, maps) >= floor
 
 
 def test_reference_mode_keeps_a_gt_map_of_large_objects(photo):
