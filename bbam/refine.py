@@ -18,7 +18,9 @@ Three modes:
   on a crop (box + margin) whose unary is the band prior (0 -> 0, obj_fg -> 0.5, obj_sure_fg ->
   0.99) and whose bilateral sxy is obj_crf_sxy * s, cut at Q_fg > 0.5 (obj_cut="crf", default),
   or cv2.grabCut initialised with the bands as GC_FGD / GC_PR_FGD / GC_PR_BGD / GC_BGD, so colour
-  models learnt from the map's own bands decide the boundary (obj_cut="grabcut"). An optional
+  models learnt from the map's own bands decide the boundary (obj_cut="grabcut"), or a soft
+  GrabCut: the map as a prior that is never 0 or 1, times colour likelihoods learnt from the
+  estimate, cut by a DenseCRF, a few rounds (obj_cut="colour_crf"; colour_crf_cut). An optional
   blur has sigma obj_blur * s. not_bg = fg | (map >= obj_not_bg) (1.0: no ignore band). A map
   that is empty in the box gets a box-initialised GrabCut (the filled box when that keeps
   <= empty_accept_frac of it).
