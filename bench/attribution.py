@@ -49,6 +49,7 @@ from bbam.attribution import (
     profile_config,
     profile_fields,
 )
+from bbam.device import resolve_device, set_torch_threads
 from bbam.heads import HeadsFn
 from bbam.refine import RefineConfig, refine_instance
 from bbam.toy_detector import ToyDetector, toy_scene
@@ -266,12 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not touch results.json")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge into")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    set_torch_threads(args.threads)
+    device = resolve_device(args.device)
 
     if args.detector is not None:
         heads, items, overrides, refine_inputs = real_setup(args, device)
