@@ -365,10 +365,8 @@ def band_prior(m: np.ndarray, cfg: RefineConfig) -> np.ndarray:
 def map_prior(m: np.ndarray, cfg: RefineConfig) -> np.ndarray:
     """Piecewise-linear map -> P(fg) for colour_crf: 0 -> obj_prior_lo, obj_fg -> 0.5, 1 ->
     obj_prior_hi. Never 0 or 1: the colours may overrule the map anywhere in the box."""
-    lo, hi, mid = cfg.obj_prior_lo, cfg.obj_prior_hi, max(cfg.obj_fg, 1e-6)
-    below = lo + (0.5 - lo) * np.clip(m / mid, 0.0, 1.0)
-    above = 0.5 + (hi - 0.5) * np.clip((m - mid) / max(1.0 - mid, 1e-6), 0.0, 1.0)
-    return np.where(m < mid, below, above)
+    mid = min(max(cfg.obj_fg, 1e-6), 1.0 - 1e-6)
+    return np.interp(m, (0.0, mid, 1.0), (cfg.obj_prior_lo, 0.5, cfg.obj_prior_hi))
 
 
 def colour_likelihood(index: np.ndarray, weights: np.ndarray, bins: int) -> np.ndarray:

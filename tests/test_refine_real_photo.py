@@ -21,7 +21,7 @@ bench = importlib.import_module("bench.refine_modes")
 REFERENCE = RefineConfig(mode="reference", blur_reference_size=400.0)  # as params.yaml
 OBJECT = RefineConfig(mode="object")
 OBJECT_GRABCUT = RefineConfig(mode="object", obj_cut="grabcut")
-OBJECT_COLOUR = RefineConfig(mode="object", obj_cut="colour_crf", obj_margin=0.5)  # params.yaml
+OBJECT_COLOUR = bench.mode_configs()["object_colour"]  # params.yaml's cut, as the bench runs it
 ALL_MODES = {
     "reference": REFERENCE,
     "absolute": RefineConfig(mode="absolute", abs_crf=True),

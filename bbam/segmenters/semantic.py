@@ -207,14 +207,12 @@ def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> Seman
             # a detector's file fills body and FPN; a classification network's, the body only
             target = backbone if width is not None else backbone.body
             T.load_partial(target, state, config.weights_backbone)
-        T.freeze_resnet_stages(backbone.body, config.trainable_backbone_layers)
         net = SemanticFPN(backbone, num_classes)
     elif config.arch == "resnet18":
         body = _dilated_resnet18(config.output_stride or NATIVE_OUTPUT_STRIDE["resnet18"])
         if config.weights_backbone:
             state = T.load_weights_file(config.weights_backbone, "backbone")
             T.load_partial(body, state, config.weights_backbone)
-        T.freeze_resnet_stages(body, config.trainable_backbone_layers)
         backbone = IntermediateLayerGetter(body, return_layers={"layer4": "out"})
         net = DeepLabV3(backbone, DeepLabHead(512, num_classes), None)
     else:
@@ -227,8 +225,9 @@ def build_semantic_model(config: SemanticTrainConfig, num_classes: int) -> Seman
         if config.weights_backbone:
             state = T.load_weights_file(config.weights_backbone, "backbone")
             T.load_partial(net.backbone, state, config.weights_backbone)
-        if config.arch.startswith("resnet"):
-            T.freeze_resnet_stages(net.backbone, config.trainable_backbone_layers)
+    if config.arch.startswith("resnet"):  # the ResNet under either head (same stage names)
+        resnet = net.backbone.body if config.head == "fpn" else net.backbone
+        T.freeze_resnet_stages(resnet, config.trainable_backbone_layers)
     model = SemanticNet(net)
     if config.weights:
         state = T.load_weights_file(config.weights, "DeepLabV3")
