@@ -54,7 +54,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
 
 def rgb_to_tensor(rgb: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H, W) float32 in [0, 1], on ``device`` (moved as uint8)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(rgb))
+    tensor = torch.from_numpy(np.require(rgb, requirements=["C", "W"]))  # copies only if needed
     if device is not None:
         tensor = tensor.to(device)
     return tensor.permute(2, 0, 1).float().div_(255)
