@@ -30,12 +30,15 @@ pretrain: $(STAMP)
 bench: $(STAMP)
 	$(RUN) python -m bench.run_all
 
-# What bench.gpu_check needs on a lent GPU machine that its image (Python 3.12, torch) lacks
-# (pydensecrf only for the CRF refinement, which the demo's params do not use).
+# What bench.gpu_check needs on a lent GPU machine that its image (Python 3.12, torch) lacks.
+# pydensecrf2 (the demo's colour_crf refinement) has no binary wheel: built here by a
+# local Python 3.12 (PY312=...), as the GPU machine may have no compiler.
+PY312 ?= python3.12
 gpu-wheels: $(STAMP)
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl pycocotools==2.0.11 defusedxml==0.7.1
+	$(PY312) -m pip wheel -q --no-deps -w .whl pydensecrf2==1.1
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,7 +14,8 @@
 
 Each step runs even when an earlier one failed; the summary says which did.
 
-The GPU image lacks pycocotools and defusedxml: `make gpu-wheels` puts them in .whl/ here
+The GPU image lacks pycocotools, defusedxml and pydensecrf2 (the demo's colour_crf
+refinement): `make gpu-wheels` puts them in .whl/ here
 (see README, "Checking on a GPU"); this script installs them there first.
 
     python3 -m bench.gpu_check --out "$OUT"
