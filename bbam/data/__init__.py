@@ -1,0 +1,1 @@
+"""Datasets: readers (VOC, COCO), the synthetic default, downloads, checks and writers."""
