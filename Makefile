@@ -38,6 +38,9 @@ gpu-wheels: $(STAMP)
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl pycocotools==2.0.11 defusedxml==0.7.1
+	@$(PY312) -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || { \
+		echo "gpu-wheels: PY312=$(PY312) is not a working Python 3.12 (pass PY312=/path/to/python3.12)"; \
+		exit 1; }
 	$(PY312) -m pip wheel -q --no-deps -w .whl pydensecrf2==1.1
 
 lint: $(STAMP)
