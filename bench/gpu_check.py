@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variant", action="append", default=[], help="passed to bench.attribution"
     )
+    parser.add_argument("--compile", action="store_true", help="gpu_scale's torch.compile row")
     parser.add_argument("--test-timeout", type=float, default=180.0)
     parser.add_argument("--show", type=Path, default=None, help="print a kept run and exit")
     args = parser.parse_args(argv)
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     def scale() -> int:
         argv = ["--params", str(args.params), "--results", str(results_path)]
         argv += ["--profile", str(args.out / "profile.txt")]
+        if args.compile:
+            argv.append("--compile")
         measured = {}
         if results_path.exists():
             measured = json.loads(results_path.read_text()).get("attribution", {})

@@ -116,9 +116,14 @@ def step_costs(
     }
 
 
-def ablation(plain_model, items, config: AttributionConfig, device, steps) -> dict[str, dict]:
-    """Per-step cost with and without each of the engine's speed-ups."""
-    folded = make_heads_fn(fold_batchnorm(copy.deepcopy(plain_model)).to(device))
+def ablation(
+    plain_model, items, config: AttributionConfig, device, steps, compile_backbone: bool = False
+) -> dict[str, dict]:
+    """Per-step cost with and without each of the engine's speed-ups; with
+    ``compile_backbone``, also the folded backbone under torch.compile (a candidate, not
+    used by the engine: its compile time is in the warm-up, not in the figures)."""
+    folded_model = fold_batchnorm(copy.deepcopy(plain_model)).to(device)
+    folded = make_heads_fn(folded_model)
     plain = make_heads_fn(plain_model.to(device))
     variants = {
         "batch norms as layers": (plain, config),
@@ -127,10 +132,17 @@ def ablation(plain_model, items, config: AttributionConfig, device, steps) -> di
         "folded + crop window 1.0": (folded, dataclasses.replace(config, crop_context=1.0)),
         "folded + crop window 0.5": (folded, dataclasses.replace(config, crop_context=0.5)),
     }
-    return {
-        name: step_costs(heads, items, cfg, device, steps)
-        for name, (heads, cfg) in variants.items()
-    }
+    if compile_backbone:
+        compiled = copy.deepcopy(folded_model)
+        compiled.backbone = torch.compile(compiled.backbone)
+        variants["folded + torch.compile(backbone)"] = (make_heads_fn(compiled), config)
+    out = {}
+    for name, (heads, cfg) in variants.items():
+        try:
+            out[name] = step_costs(heads, items, cfg, device, steps)
+        except Exception as exc:  # a candidate that fails must not cost the measured rows
+            out[name] = {"batch_size": cfg.batch_size, "error": f"{type(exc).__name__}: {exc}"}
+    return out
 
 
 def profile_step(heads, items, config: AttributionConfig, device, path: Path) -> None:
@@ -168,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-size", type=int, default=8192, help="matmul size for the peak")
     parser.add_argument("--ablation-steps", type=int, nargs=2, default=[2, 8])
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     parser.add_argument("--profile", type=Path, default=None, help="write the kernel table here")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to merge into")
@@ -226,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ablation:
         log(f"speed-ups one by one at batch size {largest.batch_size}")
         variants = ablation(
-            plain_model, items[: largest.batch_size], largest, device, tuple(args.ablation_steps)
-        )
+            plain_model, items[: largest.batch_size], largest, device,
+            tuple(args.ablation_steps), compile_backbone=args.compile,
+        )  # fmt: skip
     if args.profile:
         log(f"profiling 3 steps at batch size {largest.batch_size} -> {args.profile}")
         profile_step(heads, items[: largest.batch_size], largest, device, args.profile)
@@ -265,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         )  # fmt: skip
     for name, row in variants.items():
+        if "error" in row:
+            print(f"  bs {largest.batch_size}, {name:<40} {row['error'][:200]}")
+            continue
         print(
             f"  bs {largest.batch_size}, {name:<40} {row['ms_per_instance_step']:7.2f} ms/inst-step"
             f"  fixed {row['fixed_ms_per_instance']:6.1f} ms  peak {row['peak_memory_gib'] or 0:.1f} GiB"
