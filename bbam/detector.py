@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models import mobilenet_v3_large, resnet
@@ -23,8 +24,10 @@ from torchvision.models.detection.backbone_utils import (
     _resnet_fpn_extractor,
 )
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops.poolers import _setup_scales
 
 from bbam.data.images import rgb_to_tensor
 from bbam.heads import HeadsFn, RoIHeadOutputs
@@ -267,12 +270,14 @@ def roi_head_forward(
     images: torch.Tensor,
     proposals: list[torch.Tensor],
     image_sizes: list[tuple[int, int]] | None = None,
+    body: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> RoIHeadOutputs:
     """Second-stage outputs for given proposals: backbone, RoIAlign, box head, predictor.
 
     `images` come from `prepare_images`; proposals are xyxy in resized coordinates. Without
     `image_sizes` the padded batch size is used to infer the FPN level scales (same result
     except in degenerate cases). Boxes are decoded with the model's box coder, unclipped.
+    `body` replaces the FPN backbone's body (e.g. a compiled one; see `make_heads_fn`).
     """
     if images.ndim != 4 or len(proposals) != images.shape[0]:
         raise ValueError(
@@ -283,8 +288,10 @@ def roi_head_forward(
         image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
     heads = model.roi_heads
     proposals = [p.to(device=images.device, dtype=images.dtype) for p in proposals]
-    features = model.backbone(images)
-    pooled = heads.box_roi_pool(features, proposals, image_sizes)
+    pooled = _pool_used_levels(model, images, proposals, image_sizes, body)
+    if pooled is None:
+        features = model.backbone(images)
+        pooled = heads.box_roi_pool(features, proposals, image_sizes)
     logits, regression = heads.box_predictor(heads.box_head(pooled))
     boxes = heads.box_coder.decode(regression, proposals)
     return RoIHeadOutputs(
@@ -292,10 +299,82 @@ def roi_head_forward(
     )
 
 
-def make_heads_fn(model: FasterRCNN) -> HeadsFn:
-    """Bind a model to the HeadsFn protocol the attribution engine consumes."""
+def _pool_used_levels(
+    model: FasterRCNN,
+    images: torch.Tensor,
+    proposals: list[torch.Tensor],
+    image_sizes: list[tuple[int, int]],
+    body: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
+) -> torch.Tensor | None:
+    """RoIAlign of ``proposals`` as torchvision's FPN + MultiScaleRoIAlign compute it, but
+    building only the pyramid levels the proposals are pooled from (and the top-down path
+    down to the finest of them). BBAM's proposals are jitters of one box, so they fall on one
+    or two levels: the finest level's 3x3 output convolution alone is a quarter of a
+    ResNet-50-FPN's forward FLOPs, and torchvision runs it (forward and backward, with zero
+    gradients) even when no proposal uses it. None where the backbone is not a torchvision
+    ``BackboneWithFPN`` pooled by ``MultiScaleRoIAlign`` (the caller then runs them as is)."""
+    backbone, pooler = model.backbone, model.roi_heads.box_roi_pool
+    fpn = getattr(backbone, "fpn", None)
+    if not (
+        isinstance(fpn, FeaturePyramidNetwork)
+        and isinstance(pooler, MultiScaleRoIAlign)
+        and isinstance(getattr(backbone, "body", None), nn.Module)
+        and isinstance(fpn.extra_blocks, LastLevelMaxPool | None)  # extras feed no pooled level
+    ):
+        return None
+    inputs = (body or backbone.body)(images)
+    names = list(inputs)
+    pooled_names = [name for name in names if name in pooler.featmap_names]
+    if len(names) != len(fpn.inner_blocks) or not pooled_names:
+        return None
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = _setup_scales(
+            [inputs[name] for name in pooled_names], image_sizes,
+            pooler.canonical_scale, pooler.canonical_level,
+        )  # fmt: skip
+    levels = (
+        pooler.map_levels(proposals)
+        if len(pooled_names) > 1
+        else torch.zeros(sum(len(p) for p in proposals), dtype=torch.int64, device=images.device)
+    )
+    used = sorted(set(levels.unique().tolist())) or [len(pooled_names) - 1]
+    used_index = {names.index(pooled_names[level]): level for level in used}
+    # FeaturePyramidNetwork.forward, from the coarsest level down to the finest one used
+    x = [inputs[name] for name in names]
+    inner = fpn.get_result_from_inner_blocks(x[-1], -1)
+    features: dict[int, torch.Tensor] = {}
+    for idx in range(len(x) - 1, min(used_index) - 1, -1):
+        if idx < len(x) - 1:
+            lateral = fpn.get_result_from_inner_blocks(x[idx], idx)
+            top_down = F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+            inner = lateral + top_down
+        if idx in used_index:
+            features[used_index[idx]] = fpn.get_result_from_layer_blocks(inner, idx)
+    # torchvision's _multiscale_roi_align over the used levels only
+    rois = torch.cat(
+        [torch.cat([torch.full_like(p[:, :1], k), p], dim=1) for k, p in enumerate(proposals)]
+    )
+    first = features[used[0]]
+    result = first.new_zeros((rois.shape[0], first.shape[1], *pooler.output_size))
+    for level in used:
+        idx = torch.where(levels == level)[0]
+        result[idx] = roi_align(
+            features[level], rois[idx], pooler.output_size, pooler.scales[level],
+            pooler.sampling_ratio,
+        ).to(result.dtype)  # fmt: skip
+    return result
+
+
+def make_heads_fn(model: FasterRCNN, compile_backbone: bool = False) -> HeadsFn:
+    """Bind a model to the HeadsFn protocol the attribution engine consumes. With
+    ``compile_backbone`` its FPN backbone's body runs under ``torch.compile`` (the model itself
+    is left as it is, so its state_dict keeps its keys); the first calls of each new batch shape
+    pay the compilation."""
+    body = None
+    if compile_backbone and isinstance(getattr(model.backbone, "body", None), nn.Module):
+        body = torch.compile(model.backbone.body)
 
     def heads(images: torch.Tensor, proposals: list[torch.Tensor]) -> RoIHeadOutputs:
-        return roi_head_forward(model, images, proposals)
+        return roi_head_forward(model, images, proposals, body=body)
 
     return heads

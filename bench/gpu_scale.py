@@ -40,9 +40,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bbam.attribution import AttributionConfig, attribute_instances, profile_config
+from bbam.attribution import (
+    AttributionConfig,
+    AttributionItem,
+    attribute_instances,
+    profile_config,
+)
 from bbam.detector import fold_batchnorm, make_heads_fn
 from bbam.device import resolve_device
+from bbam.heads import RoIHeadOutputs
 from bench.attribution import (
     dense_flops_per_s,
     detector_items,
@@ -59,6 +65,9 @@ VOC_TRAIN_AUG_IMAGES = 10_582
 VOC_OBJECTS_PER_IMAGE = 27_450 / 11_540
 # The reference code's cost estimated from its settings, not measured: ~250 V100-hours.
 REFERENCE_CODE_V100_HOURS = 250.0
+# A small object's side in the 800-px image (torchvision pools boxes under 112 px from P2).
+SMALL_SIDE = 80.0
+SMALL_ROW = "fast_small"
 PAPER_DETECTOR = {
     "arch": "resnet50_fpn",
     "weights": None,
@@ -132,10 +141,10 @@ def ablation(
         "folded + crop window 1.0": (folded, dataclasses.replace(config, crop_context=1.0)),
         "folded + crop window 0.5": (folded, dataclasses.replace(config, crop_context=0.5)),
     }
+    variants["folded, every pyramid level built"] = (every_level_heads(folded_model), config)
     if compile_backbone:
-        compiled = copy.deepcopy(folded_model)
-        compiled.backbone = torch.compile(compiled.backbone)
-        variants["folded + torch.compile(backbone)"] = (make_heads_fn(compiled), config)
+        compiled = make_heads_fn(copy.deepcopy(folded_model), compile_backbone=True)
+        variants["folded + torch.compile(backbone body)"] = (compiled, config)
     out = {}
     for name, (heads, cfg) in variants.items():
         try:
@@ -143,6 +152,29 @@ def ablation(
         except Exception as exc:  # a candidate that fails must not cost the measured rows
             out[name] = {"batch_size": cfg.batch_size, "error": f"{type(exc).__name__}: {exc}"}
     return out
+
+
+def every_level_heads(model: torch.nn.Module):
+    """The heads as torchvision runs them: every FPN level built, and pooled from."""
+
+    def heads(images: torch.Tensor, proposals: list[torch.Tensor]) -> RoIHeadOutputs:
+        proposals = [p.to(device=images.device, dtype=images.dtype) for p in proposals]
+        box = model.roi_heads
+        sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        pooled = box.box_roi_pool(model.backbone(images), proposals, sizes)
+        logits, regression = box.box_predictor(box.box_head(pooled))
+        deltas = regression.reshape(regression.shape[0], -1, 4)
+        return RoIHeadOutputs(logits, deltas, box.box_coder.decode(regression, proposals))
+
+    return heads
+
+
+def shrunk(item: AttributionItem, side: float) -> AttributionItem:
+    """``item`` with its box replaced by a ``side`` x ``side`` box on the same centre: small
+    objects, whose proposals pool from the finest pyramid level (the dearest)."""
+    x0, y0, x1, y1 = item.box.reshape(4).tolist()
+    cx, cy, h = (x0 + x1) / 2, (y0 + y1) / 2, side / 2
+    return dataclasses.replace(item, box=torch.tensor([cx - h, cy - h, cx + h, cy + h]))
 
 
 def profile_step(heads, items, config: AttributionConfig, device, path: Path) -> None:
@@ -220,8 +252,20 @@ def main(argv: list[str] | None = None) -> int:
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             rows[f"fast_bs{bs}"] = {"batch_size": bs, "error": "out of GPU memory"}
+    small_bs = max(args.batch_sizes)
+    log(f"fast, batch size {small_bs}, boxes shrunk to {SMALL_SIDE} px (finest pyramid level)")
+    small_items = [shrunk(it, SMALL_SIDE) for it in items[: 2 * small_bs]]
+    try:
+        small = step_costs(
+            heads, small_items, dataclasses.replace(fast, batch_size=small_bs), device,
+            tuple(args.steps),
+        )  # fmt: skip
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        small = {"batch_size": small_bs, "error": "out of GPU memory"}
     fast_rows = {k: v for k, v in rows.items() if k != "reference" and "error" not in v}
     best = min(fast_rows, key=lambda k: seconds_per_instance(fast_rows[k], fast_iterations))
+    rows[SMALL_ROW] = small
 
     log("FLOPs per instance-step and the bf16 matmul peak")
     use_amp = fast.amp and device.type == "cuda"
@@ -255,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     hours = {
         name: voc_instances / rows[name]["instances_per_s"] / 3600 for name in ("reference", best)
     }
+    if "error" not in small:
+        hours["fast_small_objects"] = voc_instances / small["instances_per_s"] / 3600
     speedup = rows[best]["instances_per_s"] / rows["reference"]["instances_per_s"]
 
     fmt = "{:<11} {:>5} {:>9} {:>9} {:>8} {:>12} {:>6} {:>8} {:>8} {:>8} {:>8}"
@@ -292,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{hours['reference']:.1f} GPU-hours, fast {hours[best]:.2f} GPU-hours "
         f"(the reference code's own estimate: ~{REFERENCE_CODE_V100_HOURS:.0f} V100-hours)"
     )
+    if "fast_small_objects" in hours:
+        print(
+            f"if every instance were a small object ({SMALL_ROW}): fast "
+            f"{hours['fast_small_objects']:.2f} GPU-hours"
+        )
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "detector": detector_keys,
@@ -303,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": speedup,
         "fast_iterations_source": "measured" if args.fast_iterations else "profile cap",
         "voc_train_aug_instances": voc_instances,
-        "voc_train_aug_gpu_hours": {"reference": hours["reference"], "fast": hours[best]},
+        "voc_train_aug_gpu_hours": {
+            "reference": hours["reference"],
+            "fast": hours[best],
+            "fast_small_objects": hours.get("fast_small_objects"),
+        },
         "reference_code_v100_hours_estimate": REFERENCE_CODE_V100_HOURS,
     }
     if not args.no_write:

@@ -134,6 +134,39 @@ def test_roi_head_forward_agrees_with_model(records):
         assert close.any()
 
 
+@pytest.mark.parametrize("arch", ["resnet18_fpn", "mobilenet_v3_large_fpn"])
+def test_roi_head_forward_builds_only_the_pyramid_levels_it_pools(arch):
+    """Same outputs and image gradients as torchvision's backbone + MultiScaleRoIAlign, and
+    the finest level's output convolution runs only when a proposal is pooled from it (for
+    ResNet-FPN, not for large proposals)."""
+    sizes = (16, 32, 64, 128, 256) if arch != "mobilenet_v3_large_fpn" else (32, 64)
+    model = freeze(build_detector(arch, 3, 224, 288, sizes, fpn_channels=32,
+                                  representation_size=64))  # fmt: skip
+    calls = []
+    model.backbone.fpn.layer_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 224, 288, generator=generator, requires_grad=True)
+    small_and_large = [torch.tensor([[8.0, 8, 30, 40], [0, 0, 220, 280]]),
+                       torch.tensor([[50.0, 40, 120, 150]])]  # fmt: skip
+    large = [torch.tensor([[0.0, 0, 200, 260]]), torch.tensor([[30.0, 20, 224, 288]])]
+    for proposals in (small_and_large, large):
+        calls.clear()
+        out = roi_head_forward(model, images, proposals)
+        (grad,) = torch.autograd.grad(out.logits.sum() + out.deltas.sum(), images)
+        finest_used = 0 in model.roi_heads.box_roi_pool.map_levels(proposals).tolist()
+        assert calls == ([1] if finest_used else [])
+        heads = model.roi_heads
+        pooled = heads.box_roi_pool(model.backbone(images), proposals, [(224, 288)] * 2)
+        logits, regression = heads.box_predictor(heads.box_head(pooled))
+        (expected,) = torch.autograd.grad(logits.sum() + regression.sum(), images)
+        torch.testing.assert_close(out.logits, logits)
+        torch.testing.assert_close(out.deltas.flatten(1), regression)
+        torch.testing.assert_close(grad, expected)
+        assert float(grad.abs().sum()) > 0
+        if arch == "resnet18_fpn":
+            assert finest_used == (proposals is small_and_large)
+
+
 def _heads_and_image_grad(model, records):
     """The heads' outputs for 3 copies of a GT box, and the gradient of a loss on them with
     respect to the raw image."""
