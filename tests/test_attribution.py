@@ -104,6 +104,24 @@ def test_batched_matches_one_at_a_time(detector):
         np.testing.assert_allclose(b.grid.astype(np.float32), s.grid.astype(np.float32), atol=1e-2)
 
 
+def test_a_batch_holds_boxes_of_like_size(detector):
+    """Largest boxes first, so a pyramid detector's batch pools from the same levels; the
+    results keep the items' order."""
+    items = four_items()  # box sides 28, 32, 40, 20 px
+    widths = []
+
+    def heads(images, proposals):
+        if images.requires_grad:  # a masked pass: the mean proposal width of each instance
+            widths.append(sorted(float((p[:, 2] - p[:, 0]).mean()) for p in proposals))
+        return detector(images, proposals)
+
+    cfg = profile_config("fast", **{**SMALL, "iterations": 2, "batch_size": 2})
+    results = attribute_instances(heads, items, cfg, "cpu")
+    assert [r.key for r in results] == [it.key for it in items]
+    assert len(widths) == 4 and all(len(w) == 2 for w in widths)
+    assert min(widths[0]) > 34 and max(widths[-1]) < 34  # {40, 32} first, then {28, 20}
+
+
 @pytest.mark.parametrize("switch", ["use_box_head", "use_cls_head"])
 def test_each_head_alone(detector, scene, switch):
     img, box, region = scene
