@@ -132,9 +132,11 @@ def summary(results: dict) -> list[str]:
         runs.update({f"with {k}": v for k, v in (attribution.get("fast_variants") or {}).items()})
         for name, v in runs.items():
             if v:
+                second = v.get("refined_agreement_iou_next_seed")
                 lines.append(
                     f"fast {name}: {v['iterations_per_instance']:.0f} steps/inst, "
                     f"refined agreement {v['refined_agreement_iou']:.3f}"
+                    + ("" if second is None else f" (next seed: {second:.3f})")
                 )
     if scale:
         best = scale["rows"][scale["best_fast"]]

@@ -67,6 +67,7 @@ def test_variants_run_on_the_reference_instances(tmp_path, monkeypatch):
     assert variant["iterations_per_instance"] == 5
     assert variant["overrides"]["lr"] == 0.05
     assert 0.0 <= variant["refined_agreement_iou"] <= 1.0
+    assert 0.0 <= variant["refined_agreement_iou_next_seed"] <= 1.0
 
 
 def test_parse_variant_reads_yaml_scalars_and_refuses_unknown_fields():
