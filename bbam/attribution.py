@@ -208,6 +208,11 @@ class AttributionResult:
     valid_hw: tuple[int, int] | None = None  # unpadded part of resized_hw (None: all of it)
 
 
+def _box_area(box: torch.Tensor) -> float:
+    x0, y0, x1, y1 = box.reshape(4).tolist()
+    return max(x1 - x0, 0.0) * max(y1 - y0, 0.0)
+
+
 def mask_stride(
     box: torch.Tensor,
     image_hw: tuple[int, int],
@@ -220,9 +225,7 @@ def mask_stride(
     ``reference_size`` > 0 the stride is scaled by short side / ``reference_size``, so a
     detector run at another resolution gets a grid of the same shape (0: pixels as is).
     """
-    b = box.reshape(4).tolist()
-    area = max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
-    stride = coefs[0] + coefs[1] * math.sqrt(area / float(image_hw[0] * image_hw[1]))
+    stride = coefs[0] + coefs[1] * math.sqrt(_box_area(box) / float(image_hw[0] * image_hw[1]))
     if reference_size > 0:
         stride *= min(image_hw) / float(reference_size)
     return float(max(stride, 1.0))
@@ -689,11 +692,6 @@ def _run_group(
                 on_result(_finish(active[n], config, device))
             active = [st for n, st in enumerate(active) if n not in finished]
             batch_images = None
-
-
-def _box_area(box: torch.Tensor) -> float:
-    x0, y0, x1, y1 = box.reshape(4).tolist()
-    return max(x1 - x0, 0.0) * max(y1 - y0, 0.0)
 
 
 def attribute_instances(

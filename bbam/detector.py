@@ -271,6 +271,7 @@ def roi_head_forward(
     proposals: list[torch.Tensor],
     image_sizes: list[tuple[int, int]] | None = None,
     body: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    all_levels: bool = False,
 ) -> RoIHeadOutputs:
     """Second-stage outputs for given proposals: backbone, RoIAlign, box head, predictor.
 
@@ -278,6 +279,7 @@ def roi_head_forward(
     `image_sizes` the padded batch size is used to infer the FPN level scales (same result
     except in degenerate cases). Boxes are decoded with the model's box coder, unclipped.
     `body` replaces the FPN backbone's body (e.g. a compiled one; see `make_heads_fn`).
+    `all_levels` builds and pools every pyramid level, as torchvision does (for comparison).
     """
     if images.ndim != 4 or len(proposals) != images.shape[0]:
         raise ValueError(
@@ -288,7 +290,7 @@ def roi_head_forward(
         image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
     heads = model.roi_heads
     proposals = [p.to(device=images.device, dtype=images.dtype) for p in proposals]
-    pooled = _pool_used_levels(model, images, proposals, image_sizes, body)
+    pooled = None if all_levels else _pool_used_levels(model, images, proposals, image_sizes, body)
     if pooled is None:
         features = model.backbone(images)
         pooled = heads.box_roi_pool(features, proposals, image_sizes)
@@ -315,18 +317,18 @@ def _pool_used_levels(
     ``BackboneWithFPN`` pooled by ``MultiScaleRoIAlign`` (the caller then runs them as is)."""
     backbone, pooler = model.backbone, model.roi_heads.box_roi_pool
     fpn = getattr(backbone, "fpn", None)
+    # torchvision's IntermediateLayerGetter names its outputs in return_layers, in order
+    names = list(getattr(getattr(backbone, "body", None), "return_layers", {}).values())
+    pooled_names = [name for name in names if name in getattr(pooler, "featmap_names", ())]
     if not (
         isinstance(fpn, FeaturePyramidNetwork)
         and isinstance(pooler, MultiScaleRoIAlign)
-        and isinstance(getattr(backbone, "body", None), nn.Module)
         and isinstance(fpn.extra_blocks, LastLevelMaxPool | None)  # extras feed no pooled level
+        and len(names) == len(fpn.inner_blocks)
+        and pooled_names
     ):
         return None
     inputs = (body or backbone.body)(images)
-    names = list(inputs)
-    pooled_names = [name for name in names if name in pooler.featmap_names]
-    if len(names) != len(fpn.inner_blocks) or not pooled_names:
-        return None
     if pooler.scales is None or pooler.map_levels is None:
         pooler.scales, pooler.map_levels = _setup_scales(
             [inputs[name] for name in pooled_names], image_sizes,
@@ -337,7 +339,7 @@ def _pool_used_levels(
         if len(pooled_names) > 1
         else torch.zeros(sum(len(p) for p in proposals), dtype=torch.int64, device=images.device)
     )
-    used = sorted(set(levels.unique().tolist())) or [len(pooled_names) - 1]
+    used = levels.unique().tolist() or [len(pooled_names) - 1]  # sorted
     used_index = {names.index(pooled_names[level]): level for level in used}
     # FeaturePyramidNetwork.forward, from the coarsest level down to the finest one used
     x = [inputs[name] for name in names]
@@ -365,16 +367,18 @@ def _pool_used_levels(
     return result
 
 
-def make_heads_fn(model: FasterRCNN, compile_backbone: bool = False) -> HeadsFn:
+def make_heads_fn(
+    model: FasterRCNN, compile_backbone: bool = False, all_levels: bool = False
+) -> HeadsFn:
     """Bind a model to the HeadsFn protocol the attribution engine consumes. With
     ``compile_backbone`` its FPN backbone's body runs under ``torch.compile`` (the model itself
     is left as it is, so its state_dict keeps its keys); the first calls of each new batch shape
-    pay the compilation."""
+    pay the compilation. ``all_levels``: see `roi_head_forward`."""
     body = None
     if compile_backbone and isinstance(getattr(model.backbone, "body", None), nn.Module):
         body = torch.compile(model.backbone.body)
 
     def heads(images: torch.Tensor, proposals: list[torch.Tensor]) -> RoIHeadOutputs:
-        return roi_head_forward(model, images, proposals, body=body)
+        return roi_head_forward(model, images, proposals, body=body, all_levels=all_levels)
 
     return heads

@@ -48,7 +48,6 @@ from bbam.attribution import (
 )
 from bbam.detector import fold_batchnorm, make_heads_fn
 from bbam.device import resolve_device
-from bbam.heads import RoIHeadOutputs
 from bench.attribution import (
     dense_flops_per_s,
     detector_items,
@@ -141,7 +140,8 @@ def ablation(
         "folded + crop window 1.0": (folded, dataclasses.replace(config, crop_context=1.0)),
         "folded + crop window 0.5": (folded, dataclasses.replace(config, crop_context=0.5)),
     }
-    variants["folded, every pyramid level built"] = (every_level_heads(folded_model), config)
+    every_level = make_heads_fn(folded_model, all_levels=True)
+    variants["folded, every pyramid level built"] = (every_level, config)
     if compile_backbone:
         compiled = make_heads_fn(copy.deepcopy(folded_model), compile_backbone=True)
         variants["folded + torch.compile(backbone body)"] = (compiled, config)
@@ -152,21 +152,6 @@ def ablation(
         except Exception as exc:  # a candidate that fails must not cost the measured rows
             out[name] = {"batch_size": cfg.batch_size, "error": f"{type(exc).__name__}: {exc}"}
     return out
-
-
-def every_level_heads(model: torch.nn.Module):
-    """The heads as torchvision runs them: every FPN level built, and pooled from."""
-
-    def heads(images: torch.Tensor, proposals: list[torch.Tensor]) -> RoIHeadOutputs:
-        proposals = [p.to(device=images.device, dtype=images.dtype) for p in proposals]
-        box = model.roi_heads
-        sizes = [tuple(images.shape[-2:])] * images.shape[0]
-        pooled = box.box_roi_pool(model.backbone(images), proposals, sizes)
-        logits, regression = box.box_predictor(box.box_head(pooled))
-        deltas = regression.reshape(regression.shape[0], -1, 4)
-        return RoIHeadOutputs(logits, deltas, box.box_coder.decode(regression, proposals))
-
-    return heads
 
 
 def shrunk(item: AttributionItem, side: float) -> AttributionItem:
