@@ -19,8 +19,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -116,6 +116,9 @@ class AttributionConfig:
     # Off: on an H200 (R-50-FPN, 800x1120, batch 64, bench.gpu_scale) steps were 0.2-0.6 ms
     # slower with it in two runs, and each new image size costs a search.
     cudnn_benchmark: bool = False
+    # TF32 convolutions and matmuls (Ampere and later): fp32 inputs at a 10-bit mantissa.
+    # `reference` turns them off, as its V100s computed in true fp32.
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         for name in ("iou_thresholds", "stride_coefs"):
@@ -153,6 +156,7 @@ _PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 1,
         "early_stop": False,
         "amp": False,
+        "tf32": False,
         "channels_last": False,
         "grid_rounding": "floor",
         "init": "box_union",
@@ -694,6 +698,26 @@ def _run_group(
             batch_images = None
 
 
+@contextmanager
+def _backend_flags(config: AttributionConfig, device: torch.device) -> Iterator[None]:
+    """cuDNN search and TF32 as the config asks, on CUDA only; the caller's flags come back."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    on_cuda = device.type == "cuda"
+    matmul_tf32 = matmul.allow_tf32
+    try:
+        if on_cuda and not config.tf32:
+            matmul.allow_tf32 = False
+        with cudnn.flags(
+            enabled=cudnn.enabled,
+            benchmark=cudnn.benchmark or (config.cudnn_benchmark and on_cuda),
+            deterministic=cudnn.deterministic,
+            allow_tf32=cudnn.allow_tf32 and (config.tf32 or not on_cuda),
+        ):
+            yield
+    finally:
+        matmul.allow_tf32 = matmul_tf32
+
+
 def attribute_instances(
     heads: HeadsFn,
     items: list[AttributionItem],
@@ -735,13 +759,7 @@ def attribute_instances(
     def on_result(res: AttributionResult) -> None:
         results[res.key] = res
 
-    cudnn = torch.backends.cudnn
-    with cudnn.flags(
-        enabled=cudnn.enabled,
-        benchmark=cudnn.benchmark or (config.cudnn_benchmark and device.type == "cuda"),
-        deterministic=cudnn.deterministic,
-        allow_tf32=cudnn.allow_tf32,
-    ):
+    with _backend_flags(config, device):
         for idx in groups.values():
             _run_group(
                 heads,

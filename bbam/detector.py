@@ -136,7 +136,7 @@ def build_fpn_backbone(
 def build_detector(
     arch: str,
     num_classes: int,
-    min_size: int,
+    min_size: int | tuple[int, ...],
     max_size: int,
     anchor_sizes: tuple[int, ...] | None = None,
     weights: str | Path | None = None,
@@ -149,7 +149,9 @@ def build_detector(
 ) -> FasterRCNN:
     """Faster R-CNN with an FPN backbone, 2-FC box head, class-specific regression.
 
-    `num_classes` includes background. `anchor_sizes`: one size per FPN level for the
+    `num_classes` includes background. `min_size` is a short side, or several for
+    multi-scale training (torchvision picks one per image; evaluation uses the last).
+    `anchor_sizes`: one size per FPN level for the
     ResNet archs (5 levels, P2..P6); for mobilenet_v3_large_fpn the same sizes are used on
     each of its 3 levels (torchvision's layout). `weights` is a whole-detector state_dict,
     `weights_backbone` a classification-network state_dict (its head is ignored).

@@ -125,7 +125,8 @@ def label_image(
         )
     image = load_rgb(record.path)
     crowd_free = ImageRecord(record.image_id, record.path, record.width, record.height, instances)
-    masks = refine_record(crowd_free, image, maps, settings.refine, settings.mcg, settings.source)
+    refined = refine_record(crowd_free, image, maps, settings.refine, settings.mcg, settings.source)
+    masks = refined.instance
     annotations, out_rows = build_instance_annotations(
         coco_id, instances, masks, category_ids=settings.category_ids or None
     )
@@ -158,7 +159,10 @@ def label_image(
     label = semantic_label(
         record.height,
         record.width,
-        [(i.label, i.box, m.fg, m.ignore) for i, m in zip(instances, masks, strict=True)],
+        [
+            (i.label, i.box, m.fg, m.ignore)
+            for i, m in zip(instances, refined.semantic, strict=True)
+        ],
     )
     mark_crowd_ignore(label, record.instances)
     semantic_path = settings.semantic_dir / f"{record.image_id}.png"

@@ -47,6 +47,9 @@ class MCGConfig:
     containment: float = 0.95
     min_box_area: int = 32 * 32
     count: str = "pixels"  # "pixels" | "coordinate_sum" (the reference's bug)
+    # The semantic PNGs are drawn from the masks before this refinement, as the reference's
+    # (its semantic labels read the non-MCG masks); true draws them from the refined ones.
+    refine_semantic: bool = False
     # SuperpixelSource settings (source="superpixel")
     sp_method: str = "felzenszwalb"  # "felzenszwalb" | "slic"
     sp_scales: tuple[float, ...] = (100.0, 300.0, 1000.0)
@@ -309,7 +312,10 @@ def apply_proposals(
     source_output: Proposals | None,
     cfg: MCGConfig = MCGConfig(),  # noqa: B008 (frozen dataclass)
 ) -> InstanceMasks:
-    """Refine fg with proposals, union it into not_bg, recompute ignore and the stats."""
+    """Refine fg and not_bg with proposals, each on its own, as the reference does (§6e).
+
+    Each mask gets its own best-IoU proposal plus the proposals inside it; the refined fg is then
+    unioned into not_bg, so fg stays inside it. A mask whose refinement is skipped is kept."""
     stats = dict(masks.stats)
     if not cfg.enabled:
         stats.update(mcg_used=False, mcg_reason="disabled")
@@ -318,21 +324,25 @@ def apply_proposals(
         stats.update(mcg_used=False, mcg_reason="no_proposal_file")
         return InstanceMasks(masks.fg, masks.not_bg, masks.ignore, stats)
     superpixels, proposals = source_output
-    result = refine_with_proposals(masks.fg, box, superpixels, proposals, cfg)
-    if result.mask is None:
-        stats.update(mcg_used=False, mcg_reason=result.reason)
+    fg_result = refine_with_proposals(masks.fg, box, superpixels, proposals, cfg)
+    nb_result = refine_with_proposals(masks.not_bg, box, superpixels, proposals, cfg)
+    if fg_result.mask is None and nb_result.mask is None:
+        stats.update(
+            mcg_used=False, mcg_reason=fg_result.reason, mcg_not_bg_reason=nb_result.reason
+        )
         return InstanceMasks(masks.fg, masks.not_bg, masks.ignore, stats)
-    fg = result.mask
-    not_bg = masks.not_bg | fg
+    fg = masks.fg if fg_result.mask is None else fg_result.mask
+    not_bg = (masks.not_bg if nb_result.mask is None else nb_result.mask) | fg
     ignore = not_bg & ~fg
     stats.update(
         fg_area=int(fg.sum()),
         not_bg_area=int(not_bg.sum()),
         ignore_area=int(ignore.sum()),
-        mcg_used=True,
-        mcg_reason="used",
-        mcg_best_iou=result.best_iou,
-        mcg_extra=result.n_extra,
+        mcg_used=fg_result.mask is not None,
+        mcg_reason=fg_result.reason,
+        mcg_best_iou=fg_result.best_iou,
+        mcg_extra=fg_result.n_extra,
+        mcg_not_bg_reason=nb_result.reason,
     )
     return InstanceMasks(fg, not_bg, ignore, stats)
 

@@ -5,17 +5,20 @@ mask's tight box), an extra `ignore` RLE (not-background minus foreground) and `
 Unlike the reference (which drops instances with an empty mask or no polygon), an empty fg is kept
 with an empty RLE and flagged `bbam.empty_fg = true`, so boxes and masks never misalign.
 
-Semantic labels follow the reference (§6f): per-class union of fg masks, pixels claimed by two
-or more classes -> 255; a box lying entirely inside another re-assigns its own mask pixels to its
-class (largest to smallest box); finally every instance's ignore band -> 255. Crowd regions
-(COCO `iscrowd`) are 255 too: they hold objects of their class that no box singles out, so
-neither background nor a class is a safe target there (`mark_crowd_ignore`).
+Semantic labels follow the reference (§6f): drawn from the masks before proposal refinement
+(``MCGConfig.refine_semantic`` opts into the refined ones); per-class union of fg masks,
+pixels claimed by two or more classes -> 255; a box lying entirely inside another (not the
+same box) re-assigns its own mask pixels to its class (largest to smallest box); finally every
+instance's ignore band -> 255. Crowd regions (COCO `iscrowd`) are 255 too: they hold objects
+of their class that no box singles out, so neither background nor a class is a safe target
+there (`mark_crowd_ignore`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,6 +30,15 @@ from bbam.mcg import MCGConfig, ProposalSource, apply_proposals
 from bbam.refine import InstanceMasks, RefineConfig, refine_instance
 
 
+class RefinedMasks(NamedTuple):
+    """An image's masks, in record order: the instance pseudo GT's (proposal-refined when
+    proposals are on) and the semantic labels' (before that refinement, unless
+    ``MCGConfig.refine_semantic``)."""
+
+    instance: list[InstanceMasks]
+    semantic: list[InstanceMasks]
+
+
 def refine_record(
     record: ImageRecord,
     image: np.ndarray,
@@ -34,8 +46,8 @@ def refine_record(
     refine_cfg: RefineConfig = RefineConfig(),  # noqa: B008 (frozen dataclass)
     mcg_cfg: MCGConfig | None = None,
     source: ProposalSource | None = None,
-) -> list[InstanceMasks]:
-    """Masks for every instance of one image, in record order.
+) -> RefinedMasks:
+    """Masks for every instance of one image.
 
     maps: instance_id -> attribution map at original resolution (missing / None = empty map, which
     takes the empty-map fallback). Proposals are computed once per image when mcg_cfg is enabled."""
@@ -43,14 +55,14 @@ def refine_record(
     use_mcg = mcg_cfg is not None and mcg_cfg.enabled and source is not None
     if use_mcg:
         proposals = source.proposals(record.image_id, image)
-    out = []
+    instance, semantic = [], []
     for inst in record.instances:
         masks = refine_instance(maps.get(inst.instance_id), inst.box, image, refine_cfg)
-        if use_mcg:
-            masks = apply_proposals(masks, inst.box, proposals, mcg_cfg)
         masks.stats["instance_id"] = int(inst.instance_id)
-        out.append(masks)
-    return out
+        refined = apply_proposals(masks, inst.box, proposals, mcg_cfg) if use_mcg else masks
+        instance.append(refined)
+        semantic.append(refined if use_mcg and mcg_cfg.refine_semantic else masks)
+    return RefinedMasks(instance, semantic)
 
 
 def coco_image_id(image_id: str) -> int:
@@ -151,8 +163,11 @@ def write_coco_pseudo_gt(
 
 
 def _box_inside(inner: np.ndarray, outer: np.ndarray) -> bool:
+    """inner lies within outer and is not the same box: two instances with one box are not
+    nested, so their conflicting pixels stay ignored (the reference's check_entire_overlap)."""
     return bool(
-        inner[0] >= outer[0]
+        not np.array_equal(inner, outer)
+        and inner[0] >= outer[0]
         and inner[1] >= outer[1]
         and inner[2] <= outer[2]
         and inner[3] <= outer[3]
@@ -181,11 +196,7 @@ def semantic_label(
         label[union] = c
     label[claims >= 2] = IGNORE_LABEL
     boxes = [np.asarray(b, dtype=np.float64) for _, b, _, _ in instances]
-    nested = [
-        i
-        for i, b in enumerate(boxes)
-        if any(j != i and _box_inside(b, boxes[j]) for j in range(len(boxes)))
-    ]
+    nested = [i for i, b in enumerate(boxes) if any(_box_inside(b, other) for other in boxes)]
     areas = {i: (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]) for i in nested}
     for i in sorted(nested, key=lambda k: -areas[k]):
         lab, _, fg, _ = instances[i]

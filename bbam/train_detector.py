@@ -48,7 +48,7 @@ class DetectorTrainConfig:
     arch: str = "resnet18_fpn"
     norm: Literal["batch", "group", "frozen"] = "batch"  # as segmenters.instance.norm
     trainable_backbone_layers: int = 5
-    min_size: int = 160
+    min_size: int | tuple[int, ...] = 160  # a list: multi-scale training, tested at the last
     max_size: int = 224
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
     fpn_channels: int = 128  # torchvision: 256
@@ -77,6 +77,7 @@ class DetectorTrainConfig:
     weights_backbone: str | None = None
 
     def __post_init__(self) -> None:
+        T.check_min_size(self)
         for name in ("anchor_sizes", "lr_steps"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         for name in ("weights", "weights_backbone"):

@@ -58,6 +58,21 @@ def check_choices(config: Any, **allowed: Iterable[str]) -> None:
             raise ValueError(f"{type(config).__name__}.{name}: {value!r} not in {tuple(choices)}")
 
 
+def check_min_size(config: Any) -> None:
+    """Normalise ``config.min_size``: a short side, or several for multi-scale training (each
+    training image takes one at random, evaluation the last), as torchvision's
+    GeneralizedRCNNTransform reads it. Raise ValueError naming the field when it is not."""
+    value = config.min_size
+    sizes = (value,) if isinstance(value, int) else tuple(value)
+    if not sizes or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes
+    ):
+        raise ValueError(
+            f"{type(config).__name__}.min_size: {value!r} is not a positive int or a list of them"
+        )
+    object.__setattr__(config, "min_size", value if isinstance(value, int) else sizes)
+
+
 def params_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
     """Stable hash of the config (and data identity) deciding whether a checkpoint may resume."""
     config_dict = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED}

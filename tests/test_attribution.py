@@ -382,3 +382,24 @@ def test_upsample_grid_is_bilinear_interpolation(grid_hw, size, align_corners):
     (g_theirs,) = torch.autograd.grad((theirs * weight).sum(), grid)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_turns_tf32_off_on_cuda_and_restores_the_flags():
+    """TF32 would run `reference`'s fp32 convolutions at a 10-bit mantissa on Ampere+ GPUs."""
+    from bbam.attribution import _backend_flags
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    matmul.allow_tf32 = True
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, allow_tf32=True):
+            with _backend_flags(profile_config("reference"), torch.device("cuda")):
+                assert not cudnn.allow_tf32 and not matmul.allow_tf32
+            assert cudnn.allow_tf32 and matmul.allow_tf32
+            with _backend_flags(profile_config("fast"), torch.device("cuda")):
+                assert cudnn.allow_tf32 and matmul.allow_tf32
+            with _backend_flags(profile_config("reference"), torch.device("cpu")):
+                assert cudnn.allow_tf32 and matmul.allow_tf32  # nothing to change on CPU
+    finally:
+        matmul.allow_tf32 = before[1]
+    assert cudnn.allow_tf32 == before[0]

@@ -11,7 +11,7 @@ from bbam.device import resolve_device
 from bbam.refine import RefineConfig
 from tasks.deployments import DispatchConfig
 from tasks.detector_config import detector_config
-from tasks.pseudo_label_config import proposal_config
+from tasks.pseudo_label_config import proposal_config, refine_config
 from tasks.segmenters import instance_config, semantic_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,13 @@ def test_real_data_configs_follow_the_paper():
     for params, dataset in ((voc, "voc"), (coco, "coco")):
         assert params["data"]["name"] == dataset and params["device"] == "auto"
         det = detector_config(params)
-        assert (det.norm, det.min_size, det.max_size) == ("frozen", 800, 1333)
+        test_size = det.min_size if isinstance(det.min_size, int) else det.min_size[-1]
+        assert (det.norm, test_size, det.max_size) == ("frozen", 800, 1333)
+        assert det.clip_grad_norm is None  # maskrcnn-benchmark clips no gradients
+        assert refine_config(params).crf_on_crop is False  # the reference's whole-image CRF
+        for supervision in params["segmenters"]["supervisions"]:
+            assert instance_config(params, supervision).clip_grad_norm is None
+            assert semantic_config(params, supervision).clip_grad_norm is None
         assert det.anchor_sizes == (32, 64, 128, 256, 512)
         assert det.weights_backbone and det.weights_backbone.startswith("weights/")
         assert params["proposals"]["source"] == "mcg"
@@ -82,6 +88,11 @@ def test_real_data_configs_follow_the_paper():
     assert profile_config("reference") == profile_config(voc["attribution"]["profile"])
     assert voc["attribution"]["num_shards"] == 24
     assert coco["attribution"]["profile"] == "fast"
+    # the reference configs' multi-scale training: detector 480-800, Mask R-CNN 416-512
+    assert detector_config(voc).min_size == tuple(range(480, 801, 32))
+    voc_instance = instance_config(voc, "bbam")
+    assert voc_instance.min_size == (416, 440, 464, 488, 512) and voc_instance.max_size == 800
+    assert tuple(voc_instance.lr_steps) == (12,)  # iteration 16k of 20k at batch 8
     assert instance_config(voc, "bbam").arch == "resnet101_fpn"
     assert semantic_config(voc, "bbam").arch == "resnet101"
 

@@ -377,3 +377,27 @@ def test_backbone_weights_from_classifier(tmp_path):
     assert torch.equal(
         model.backbone.body.layer1[0].bn1.running_var, classifier.layer1[0].bn1.running_var
     )
+
+
+def test_a_list_of_min_sizes_trains_multi_scale_and_tests_at_the_last():
+    """The reference trains its detector at short sides 480-800 and Mask R-CNN at 416-512."""
+    from bbam.segmenters.instance import InstanceTrainConfig, build_instance_model
+
+    config = DetectorTrainConfig(min_size=[48, 64, 80], max_size=200)
+    assert config.min_size == (48, 64, 80)
+    assert DetectorTrainConfig(min_size=64).min_size == 64
+    model = td.detector_from_config(config, 3)
+    instance = build_instance_model(InstanceTrainConfig(min_size=[48, 64, 80], max_size=200), 3)
+    torch.manual_seed(0)
+    image = torch.rand(3, 40, 60)
+    for transform in (model.transform, instance.transform):
+        transform.train()
+        seen = {transform([image])[0].image_sizes[0][0] for _ in range(40)}
+        assert seen == {48, 64, 80}
+        transform.eval()
+        assert transform([image])[0].image_sizes[0][0] == 80
+    for bad in ([], [64, 0], "800", [64.5]):
+        with pytest.raises(ValueError, match="min_size"):
+            DetectorTrainConfig(min_size=bad)
+        with pytest.raises(ValueError, match="min_size"):
+            InstanceTrainConfig(min_size=bad)

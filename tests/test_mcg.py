@@ -90,12 +90,33 @@ def test_apply_proposals_updates_masks_and_stats():
     masks = InstanceMasks(fg, not_bg, not_bg & ~fg, {"fg_area": int(fg.sum()), "mcg_used": False})
     out = apply_proposals(masks, BOX, (SP, list(PROPOSALS.values())), CFG)
     assert out.stats["mcg_used"] is True
-    assert np.array_equal(out.not_bg, not_bg | out.fg)
+    assert out.stats["mcg_not_bg_reason"] == "used"
+    # not_bg gets its own best proposal (P2, IoU 0.5 with it) plus the one inside it (P7),
+    # then the refined fg, as the reference's 0.2 mask does: not the old not_bg grown by fg.
+    region = np.zeros((H, W), dtype=bool)
+    region[8:30, 8:30] = True
+    own = block_mask(np.concatenate([PROPOSALS["P2_best"], PROPOSALS["P7_extra"]])) & region
+    assert np.array_equal(out.not_bg, own | out.fg)
+    assert not np.array_equal(out.not_bg, not_bg | out.fg)
     assert np.array_equal(out.ignore, out.not_bg & ~out.fg)
     assert out.stats["fg_area"] == int(out.fg.sum())
+    assert out.stats["not_bg_area"] == int(out.not_bg.sum())
     skipped = apply_proposals(masks, BOX, None, CFG)
     assert skipped.stats["mcg_used"] is False and skipped.stats["mcg_reason"] == "no_proposal_file"
     assert np.array_equal(skipped.fg, fg)
+
+
+def test_apply_proposals_refines_not_bg_when_fg_is_skipped():
+    """An empty fg skips its own refinement, but not_bg is still refined (reference §6e)."""
+    empty = np.zeros((H, W), dtype=bool)
+    not_bg = block_mask(blocks(range(2, 6), range(2, 7)))
+    masks = InstanceMasks(empty, not_bg, not_bg.copy(), {})
+    out = apply_proposals(masks, BOX, (SP, list(PROPOSALS.values())), CFG)
+    assert out.stats["mcg_used"] is False and out.stats["mcg_reason"] == "empty_fg"
+    assert out.stats["mcg_not_bg_reason"] == "used"
+    assert not out.fg.any()
+    assert not np.array_equal(out.not_bg, not_bg)
+    assert np.array_equal(out.ignore, out.not_bg)
 
 
 def test_mcg_mat_source_reads_reference_layout(tmp_path):

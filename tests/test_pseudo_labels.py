@@ -67,6 +67,10 @@ def test_nested_boxes_reassign_inner_mask_largest_to_smallest():
         ring = rect(h, w, 8, 28, 8, 28) & ~rect(h, w, 12, 18, 12, 18)
         assert np.all(label[ring] == 5)
         assert np.all(label[0:8, :] == 1)
+    # one box for two classes is not nesting: the conflict stays ignored, in either order
+    twin = (5, np.array([0, 0, 40, 40.0]), rect(h, w, 8, 28, 8, 28), none)
+    for order in ([outer, twin], [twin, outer]):
+        assert np.all(semantic_label(h, w, order)[8:28, 8:28] == IGNORE_LABEL)
     # without nesting the conflicts stay ignored
     shifted = (5, np.array([5, 5, 45, 30.0]), rect(h, w, 8, 28, 8, 28), none)
     label = semantic_label(h, w, [outer, shifted])
@@ -210,15 +214,29 @@ def test_refine_record_runs_every_instance_in_order(tmp_path):
     record = ImageRecord("img", tmp_path / "img.png", w, h, insts)
     heat = np.zeros((h, w), np.float32)
     heat[12:36, 12:26] = 1.0
-    out = refine_record(
+    source = SuperpixelSource(scales=(50.0, 200.0))
+    refined = refine_record(
+        record, image, {1: heat}, RefineConfig(), MCGConfig(min_box_area=0), source
+    )
+    out = refined.instance
+    assert [m.stats["instance_id"] for m in out] == [1, 2]
+    # The semantic labels read the masks from before the proposals (the reference's non-MCG
+    # masks), unless refine_semantic asks for the refined ones.
+    assert [m.stats["instance_id"] for m in refined.semantic] == [1, 2]
+    assert not any("mcg_reason" in m.stats for m in refined.semantic)
+    plain = refine_record(record, image, {1: heat}, RefineConfig())
+    for before, semantic in zip(plain.instance, refined.semantic, strict=True):
+        assert np.array_equal(before.fg, semantic.fg)
+        assert np.array_equal(before.ignore, semantic.ignore)
+    both = refine_record(
         record,
         image,
         {1: heat},
         RefineConfig(),
-        MCGConfig(min_box_area=0),
-        SuperpixelSource(scales=(50.0, 200.0)),
+        MCGConfig(min_box_area=0, refine_semantic=True),
+        source,
     )
-    assert [m.stats["instance_id"] for m in out] == [1, 2]
+    assert all(s is i for s, i in zip(both.semantic, both.instance, strict=True))
     assert out[0].stats["fallback"] == "none" and out[1].stats["fallback"] == "empty_map"
     assert all("mcg_reason" in m.stats for m in out)
     red = np.zeros((h, w), bool)

@@ -47,9 +47,9 @@ class InstanceTrainConfig(T.TrainSchedule):
     weights: str | None = None  # full-model state dict (local file)
     weights_backbone: str | None = None  # backbone.body state dict, e.g. ImageNet ResNet (local)
     trainable_backbone_layers: int = 5
-    min_size: int = (
-        96  # torchvision transform resizes (short side), predictions come back full size
-    )
+    # Short side the torchvision transform resizes to (predictions come back full size); a
+    # list trains multi-scale, one size per image at random, and evaluates at the last.
+    min_size: int | tuple[int, ...] = 96
     max_size: int = 136
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
     fpn_channels: int = 128  # torchvision: 256
@@ -74,6 +74,7 @@ class InstanceTrainConfig(T.TrainSchedule):
     warmup_factor: float = 0.001
 
     def __post_init__(self) -> None:
+        T.check_min_size(self)
         T.check_choices(
             self,
             arch=sorted(ARCHS),
