@@ -102,6 +102,15 @@ class MCGMatSource:
         labels = data["labels"]
         cells = labels.ravel() if labels.dtype == object else list(labels)
         props = [np.asarray(c, dtype=np.int64).ravel() for c in cells]
+        ids = np.concatenate(props) if props else np.zeros(0, np.int64)
+        unknown = np.setdiff1d(ids, superpixels)
+        if unknown.size:
+            # Proposals of another image, or ids re-based by a tool: using them would refine
+            # with the wrong regions.
+            raise DataError(
+                f"{path}: labels name superpixel ids not in 'superpixels' "
+                f"({unknown[:5].tolist()}{' ...' if unknown.size > 5 else ''})"
+            )
         return superpixels, props
 
 

@@ -134,9 +134,20 @@ def build_instance_annotations(
                 "empty_fg": fg_area == 0,
                 "fallback": str(m.stats.get("fallback", "none")),
                 "mcg_used": bool(m.stats.get("mcg_used", False)),
+                "mcg_reason": str(m.stats.get("mcg_reason", "disabled")),
             }
         )
     return annotations, rows
+
+
+def proposal_skip_counts(rows: Sequence[Mapping]) -> dict[str, int]:
+    """Instances whose foreground proposals did not refine, by reason (e.g. no_proposal_file:
+    the image has no MCG file and keeps its BBAM mask), so a gap in the proposal files shows."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if not row["mcg_used"] and row["mcg_reason"] != "disabled":
+            counts[row["mcg_reason"]] = counts.get(row["mcg_reason"], 0) + 1
+    return counts
 
 
 def _jsonable(value: object) -> object:

@@ -15,7 +15,7 @@ from bbam.atomic import atomic_write, atomic_write_json
 from bbam.data.coco import coco_image_ids, load_coco_json
 from bbam.labeling import baseline_quality, label_dataset
 from bbam.mcg import make_source
-from bbam.pseudo_labels import write_coco_pseudo_gt
+from bbam.pseudo_labels import proposal_skip_counts, write_coco_pseudo_gt
 from tasks.attribution import engine_config
 from tasks.caching import stage_cache
 from tasks.params import BASELINES_NAME, PSEUDO_DIR, load_split, shard_dir, split_paths
@@ -101,4 +101,5 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
         "empty_fg": sum(bool(r["empty_fg"]) for r in rows),
         "fallbacks": fallbacks,
         "mcg_used": sum(bool(r["mcg_used"]) for r in rows),
+        "mcg_skipped": proposal_skip_counts(rows),
     }

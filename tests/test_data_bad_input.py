@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bbam.data.coco import read_coco
-from bbam.data.images import load_rgb
+from bbam.data.images import image_size, load_rgb
 from bbam.data.records import DataError
 from bbam.data.voc import read_voc
 
@@ -66,6 +68,25 @@ def test_truncated_image_names_file(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="cut.jpg"):
         load_rgb(path)
+
+
+def _bomb_header_bmp(path: Path) -> Path:
+    """A 4x4 BMP whose header claims 20000x10000 pixels (a corrupt header, or a huge scan):
+    over Pillow's decompression-bomb limit."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "BMP")
+    raw = bytearray(buffer.getvalue())
+    raw[18:26] = struct.pack("<ii", 20000, 10000)  # width, height in the DIB header
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_image_over_pillows_pixel_limit_names_file(tmp_path):
+    """DecompressionBombError (not an OSError) escaped without the file's name."""
+    path = _bomb_header_bmp(tmp_path / "big.bmp")
+    for read in (load_rgb, image_size):
+        with pytest.raises(DataError, match=r"big\.bmp: unreadable or corrupt image .*pixels"):
+            read(path)
 
 
 def test_grayscale_image_becomes_rgb(tmp_path):

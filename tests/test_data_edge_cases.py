@@ -183,6 +183,27 @@ def test_coco_polygon_with_odd_coordinate_count_raises(tmp_path):
         read_coco(path, tmp_path / "imgs")
 
 
+@pytest.mark.parametrize(
+    "polygon",
+    [[10, 10, 20, 10, 30, 10], [10.1, 10.1, 10.3, 10.1, 10.3, 10.3, 10.1, 10.3]],
+    ids=["collinear", "sub-pixel"],
+)
+def test_coco_polygon_covering_no_pixel_means_no_mask_and_is_counted(tmp_path, polygon):
+    """3+ points that rasterise to nothing used to leave an empty GT mask (has_mask True)."""
+    ds = read_coco(_coco(tmp_path, annotations=[_ann(segmentation=[polygon])]), tmp_path / "imgs")
+    (instance,) = ds.records[0].instances
+    assert not instance.has_mask and ds.skipped.counts == {"empty_mask": 1}
+
+
+@pytest.mark.parametrize("points", [4, 8])
+def test_coco_polygon_as_point_pairs_raises(tmp_path, points):
+    """[[x, y], ...] (labelme) was counted as degenerate (<= 5 points) or failed obscurely."""
+    pairs = [[2 + i, 2 + (i * 7) % 10] for i in range(points)]
+    path = _coco(tmp_path, annotations=[_ann(segmentation=[pairs])])
+    with pytest.raises(DataError, match=r"ann\.json: annotation 1: polygon must be a flat \["):
+        read_coco(path, tmp_path / "imgs")
+
+
 def test_coco_rle_counts_must_cover_the_whole_mask(tmp_path):
     """Counts that fall short left the rest of the mask as uninitialised memory."""
     rle = mask_to_rle(_square())
@@ -308,6 +329,29 @@ def test_voc_filename_outside_jpeg_images_raises(tmp_path, filename):
     xml = _voc(tmp_path, _object())
     xml.write_text(xml.read_text().replace("<filename>im.jpg", f"<filename>{filename}"))
     with pytest.raises(DataError, match=r"im\.xml: file name .* is outside the image folder"):
+        read_voc(tmp_path, "train", classes=CLASSES)
+
+
+@pytest.mark.parametrize("codec", ["gb2312", "GBK", "shift_jis"])
+def test_voc_xml_in_a_multi_byte_encoding_is_decoded(tmp_path, codec):
+    """CJK labelling tools declare GBK/Shift_JIS, which expat refuses with a bare ValueError."""
+    xml = _voc(tmp_path, _object(name="star"))
+    body = xml.read_text().replace("<filename>im.jpg", "<filename>猫.jpg")
+    xml.write_bytes(f'<?xml version="1.0" encoding="{codec}"?>\n{body}'.encode(codec))
+    (instance,) = read_voc(tmp_path, "train", classes=CLASSES).records[0].instances
+    assert instance.label == 2
+
+
+@pytest.mark.parametrize(
+    ("declaration", "problem"),
+    [("x-no-such-codec", "the XML declares an unknown encoding"),
+     ("gb2312", "not readable as its declared encoding 'gb2312'")],
+)  # fmt: skip
+def test_voc_xml_not_in_its_declared_encoding_names_file(tmp_path, declaration, problem):
+    xml = _voc(tmp_path, _object())
+    data = f'<?xml version="1.0" encoding="{declaration}"?>{xml.read_text()}'.encode()
+    xml.write_bytes(data.replace(b"ring", b"\xff\xffring") if declaration == "gb2312" else data)
+    with pytest.raises(DataError, match=rf"im\.xml: {problem}"):
         read_voc(tmp_path, "train", classes=CLASSES)
 
 

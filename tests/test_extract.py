@@ -10,6 +10,7 @@ from helpers.archive_server import tar_bytes, zip_bytes
 
 import bbam.data.extract as extract_mod
 from bbam.data.extract import MARKER, UnsafeArchiveError, extract_archive, extraction_done
+from bbam.data.records import DataError
 
 MEMBERS = {"top/a.txt": b"alpha", "top/sub/b.bin": os.urandom(3000), "top/c.txt": b"gamma"}
 
@@ -108,6 +109,14 @@ def test_killed_extraction_never_looks_finished(tmp_path, monkeypatch):
             ],
             id="symlink-chain",
         ),
+        pytest.param(  # each fine when written; b -> . then makes a -> b/b/../.. = ../..
+            [
+                ({"name": "a", "type": tarfile.SYMTYPE, "linkname": "b/b/../.."}, None),
+                ({"name": "b", "type": tarfile.SYMTYPE, "linkname": "."}, None),
+                _file("ok.txt"),
+            ],
+            id="symlink-redirected-later",
+        ),
         pytest.param(
             [({"name": "h", "type": tarfile.LNKTYPE, "linkname": "../evil_target"}, None)],
             id="hardlink-up",
@@ -181,6 +190,22 @@ def test_zip_traversal_and_symlink_escape_are_refused(tmp_path):
         zf.writestr("esc/evil.txt", b"x")
     with pytest.raises(UnsafeArchiveError, match="outside"):
         extract_archive(link, work / "out", "s")
+    _assert_clean(work, work / "out")
+
+
+@pytest.mark.parametrize("kind", ["w:gz", "w:bz2", "w:xz"])
+def test_damaged_compressed_archive_is_refused(tmp_path, kind):
+    """tarfile never read the gzip trailer, so a flipped bit in a stored deflate block (random
+    data: MCG proposals) extracted silently; bz2's damage escaped as a bare OSError."""
+    members = {f"MCG/{i}.mat": os.urandom(400_000) for i in range(3)}
+    raw = bytearray(tar_bytes(members, kind))
+    raw[len(raw) * 3 // 4] ^= 0x10  # past bz2's first 900 kB block: the header still reads
+    src = tmp_path / "mcg.tgz"
+    src.write_bytes(bytes(raw))
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(DataError, match=r"mcg\.tgz: damaged archive"):
+        extract_archive(src, work / "out", "s")
     _assert_clean(work, work / "out")
 
 

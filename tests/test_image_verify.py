@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,24 @@ def test_full_decode_finds_truncated_garbage_and_missing_files(tmp_path):
     assert found[str(files["missing"])] == "image file not found"
     assert "truncated" in found[str(files["truncated"])]
     assert found[str(files["garbage"])].startswith("unreadable or corrupt image")
+
+
+def test_image_over_pillows_pixel_limit_is_recorded_not_fatal(tmp_path):
+    """A header claiming 200 Mpx raised DecompressionBombError out of the reader and the check,
+    stopping the data stage; now the reader takes the JSON's size and the check records it."""
+    from bbam.data.coco import read_coco
+
+    image = tmp_path / "img" / "big.bmp"
+    image.parent.mkdir()
+    Image.new("RGB", (4, 4)).save(image)
+    raw = bytearray(image.read_bytes())
+    raw[18:26] = struct.pack("<ii", 20000, 10000)  # width, height in the DIB header
+    image.write_bytes(bytes(raw))
+    ann = {"images": [{"id": 1, "file_name": "big.bmp", "width": 20000, "height": 10000}]}
+    (tmp_path / "a.json").write_text(json.dumps(ann | {"categories": [], "annotations": []}))
+    assert read_coco(tmp_path / "a.json", tmp_path / "img").records[0].path == image
+    found = verify.verify_images([image], cache=None)
+    assert found[str(image)].startswith("unreadable or corrupt image (Image size (200000000 pix")
 
 
 def test_parallel_workers_give_the_same_answer(tmp_path, monkeypatch):

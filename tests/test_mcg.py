@@ -183,3 +183,14 @@ def test_make_source(tmp_path):
     assert isinstance(src, SuperpixelSource) and src.method == "slic" and src.scales == (200.0,)
     with pytest.raises(ValueError):
         make_source(MCGConfig(source="mcg"))
+
+
+def test_mcg_mat_source_refuses_ids_its_superpixels_lack(tmp_path):
+    """Proposals naming superpixels the map does not have are another image's (or re-based by a
+    tool): refining with them would use the wrong regions, so the file is refused by name."""
+    cells = np.empty((2, 1), dtype=object)
+    cells[0, 0] = np.array([[1, 2]], np.uint16)
+    cells[1, 0] = np.array([[1, 101]], np.uint16)  # SP holds ids 1..100
+    scipy.io.savemat(tmp_path / "img.mat", {"superpixels": SP.astype(np.uint16), "labels": cells})
+    with pytest.raises(DataError, match=r"img\.mat: labels name superpixel ids .*\[101\]"):
+        MCGMatSource(tmp_path).proposals("img", np.zeros((H, W, 3), np.uint8))

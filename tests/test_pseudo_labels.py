@@ -16,6 +16,7 @@ from bbam.pseudo_labels import (
     coco_image_entry,
     coco_image_id,
     mark_crowd_ignore,
+    proposal_skip_counts,
     semantic_label,
     write_coco_pseudo_gt,
     write_semantic_png,
@@ -143,7 +144,7 @@ def test_coco_json_roundtrip_keeps_empty_instances(tmp_path):
     empty = np.zeros((h, w), bool)
     masks = [
         _masks(fg0, ign0, fallback="none", mcg_used=True, box_area=216),
-        _masks(empty, empty, fallback="empty_map", mcg_used=False),
+        _masks(empty, empty, fallback="empty_map", mcg_used=False, mcg_reason="no_proposal_file"),
     ]
     coco_id = coco_image_id(record.image_id)
     assert coco_id == 2007000032
@@ -164,6 +165,8 @@ def test_coco_json_roundtrip_keeps_empty_instances(tmp_path):
     assert by_id[12]["bbam"]["empty_fg"] is True and by_id[12]["area"] == 0
     assert not coco.annToMask(by_id[12]).any()
     assert rows[1]["fallback"] == "empty_map" and rows[1]["empty_fg"]
+    assert [r["mcg_reason"] for r in rows] == ["disabled", "no_proposal_file"]
+    assert proposal_skip_counts(rows) == {"no_proposal_file": 1}  # "disabled" is no skip
     assert rows[0]["fg_fraction"] == pytest.approx(fg0.sum() / (18 * 12))
     assert rows[0]["ignore_fraction"] == pytest.approx(ign0.sum() / (18 * 12))
     json.dumps(rows)

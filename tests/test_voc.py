@@ -167,3 +167,93 @@ def test_missing_annotation_is_counted_and_empty_split_raises(trees):
     (root / "VOC2012/ImageSets/Segmentation/val.txt").write_text("zz\n")
     with pytest.raises(DataError, match="none of the 1 images"):
         read_voc(root, "val")
+
+
+def test_image_is_the_ids_file_not_a_stale_filename(trees):
+    """b.xml copied from a.xml kept <filename>a.jpg: both records used to read a.jpg."""
+    root, _ = trees
+    images = root / "VOC2012/JPEGImages"
+    xml = root / "VOC2012/Annotations/b.xml"
+    xml.write_text(xml.read_text().replace("<filename>b.jpg", "<filename>a.jpg"))
+    ds = read_voc(root, "val", with_masks=False)
+    assert ds.records[0].path == images / "b.jpg"
+    assert ds.repaired.counts == {"filename_mismatch": 1}
+    assert "b.xml: <filename> a.jpg" in ds.repaired.examples["filename_mismatch"][0]
+    # <filename> is the fallback when no <id> image exists; another extension of <id> is found
+    (images / "b.jpg").rename(images / "b_photo.jpg")
+    xml.write_text(xml.read_text().replace("<filename>a.jpg", "<filename>b_photo.jpg"))
+    ds = read_voc(root, "val", with_masks=False)
+    assert ds.records[0].path == images / "b_photo.jpg" and ds.repaired.total == 0
+    Image.new("RGB", (W, H)).save(images / "b.png")
+    ds = read_voc(root, "val", with_masks=False)
+    assert ds.records[0].path == images / "b.png"
+    assert ds.repaired.counts == {"filename_mismatch": 1}
+
+
+@pytest.mark.parametrize("gone", ["SegmentationClass", "SegmentationObject"])
+def test_one_mask_png_without_its_pair_names_the_missing_file(trees, gone):
+    """Either PNG alone used to drop the image's GT masks silently."""
+    root, _ = trees
+    (root / "VOC2012" / gone / "a.png").unlink()
+    with pytest.raises(DataError, match=rf"{gone}/a\.png: mask file not found"):
+        read_voc(root, "train")
+
+
+def test_listed_image_without_mask_pngs_is_counted(trees):
+    """b is in ImageSets/Segmentation/val.txt but has neither PNG."""
+    root, _ = trees
+    ds = read_voc(root, "val")
+    assert not ds.records[0].instances[0].has_mask
+    assert ds.skipped.counts == {"missing_mask_png": 1}
+    assert ds.skipped.examples["missing_mask_png"][0].endswith("SegmentationObject/b.png")
+    for sub in ("SegmentationClass", "SegmentationObject"):  # a box-only dataset: no promise
+        for png in (root / "VOC2012" / sub).iterdir():
+            png.unlink()
+        (root / "VOC2012" / sub).rmdir()
+    assert read_voc(root, "val").skipped.total == 0
+
+
+def test_png_instance_without_an_xml_object_is_counted(trees):
+    """SegmentationObject index 3 with only two XML objects used to vanish silently."""
+    root, _ = trees
+    voc = root / "VOC2012"
+    obj = np.array(Image.open(voc / "SegmentationObject/a.png"))
+    cls = np.array(Image.open(voc / "SegmentationClass/a.png"))
+    obj[30:38, 40:48], cls[30:38, 40:48] = 3, CAT
+    save_palette_png(voc / "SegmentationObject/a.png", obj)
+    save_palette_png(voc / "SegmentationClass/a.png", cls)
+    ds = read_voc(root, "train")
+    assert len(ds.records[0].instances) == 2
+    assert ds.skipped.counts == {"unannotated_mask_instance": 1}
+    assert ds.skipped.examples["unannotated_mask_instance"][0].endswith("a.png: instance 3")
+
+
+def _v73_mat(path: Path) -> None:
+    """MATLAB -v7.3: an HDF5 file behind the 128-byte MAT header scipy reads."""
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 ."
+    path.write_bytes(
+        header.ljust(116) + b"\0" * 8 + b"\x00\x02IM" + b"\x89HDF\r\n\x1a\n" + bytes(64)
+    )
+
+
+@pytest.mark.parametrize(
+    ("write", "problem"),
+    [
+        (_v73_mat, r"MATLAB v7\.3 \(HDF5\) \.mat is not supported"),
+        (
+            lambda p: scipy.io.savemat(p, {"GTinst": {"Segmentation": np.zeros((H, W))}}),
+            "GTinst is not a struct with field.s. Categories",
+        ),
+        (
+            lambda p: scipy.io.savemat(p, {"GTinst": np.zeros((H, W))}),
+            "GTinst is not a struct with field.s. Segmentation, Categories",
+        ),
+    ],
+    ids=["v7.3", "no Categories", "plain array"],
+)
+def test_sbd_mat_of_another_layout_names_the_file(trees, write, problem):
+    """NotImplementedError / AttributeError used to escape without the file's name."""
+    root, sbd = trees
+    write(sbd / "dataset/inst/c.mat")
+    with pytest.raises(DataError, match=rf"inst/c\.mat: {problem}"):
+        read_voc(root, "train_aug", sbd_root=sbd)

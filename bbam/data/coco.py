@@ -105,6 +105,14 @@ def _degenerate(polygon) -> bool:
     return isinstance(polygon, list) and len(polygon) < 6
 
 
+def _check_polygons(segm: list, where: str) -> None:
+    """Refuse polygons given as point pairs ([[x, y], ...], as labelme writes them): counted as
+    degenerate (<= 5 points) or failing inside pycocotools, they would never reach a mask."""
+    for polygon in segm:  # the first value only: a whole-split read checks ~10^7 of them
+        if not isinstance(polygon, list) or (polygon and isinstance(polygon[0], list | dict)):
+            raise DataError(f"{where}: polygon must be a flat [x1, y1, x2, y2, ...] list")
+
+
 def _rle_length(counts: str | bytes) -> int:
     """Pixels a compressed RLE string covers (maskApi.c's rleFrString, vectorised).
 
@@ -131,7 +139,8 @@ def segmentation_rle(segm, height: int, width: int, where: str) -> CompressedMas
     (an odd one is a truncated list that pycocotools would silently close differently)."""
     try:
         if isinstance(segm, list):
-            if any(isinstance(p, list) and len(p) % 2 for p in segm):
+            _check_polygons(segm, where)
+            if any(len(p) % 2 for p in segm):
                 raise DataError(f"{where}: polygon with an odd number of coordinates")
             polys = [p for p in segm if len(p) >= 6]
             if not polys:
@@ -180,7 +189,9 @@ def read_coco(
     ("zero_area_box"), non-finite ones raise. Counts a converter stored in the file's
     ``info`` (`writers.SOURCE_REPORTS`: what the VOC reader skipped) are added to both. A missing bbox is taken from the
     segmentation. Polygons of fewer than 3 points are dropped and counted
-    ("degenerate_polygon"); an instance left without a polygon keeps its box but has no mask.
+    ("degenerate_polygon"); an instance left without a polygon keeps its box but has no mask,
+    as does a non-crowd one whose polygons cover no pixel ("empty_mask"). Polygons
+    must be flat [x1, y1, x2, y2, ...] lists (point pairs raise DataError).
     Masks are kept as compressed RLE (`CompressedMask`). Annotations of unknown images are
     skipped and counted; unknown category ids raise DataError (`unknown="skip"` counts them
     instead). Instance ids are the annotation ids, so they must be unique, as must image ids
@@ -246,6 +257,9 @@ def read_coco(
             skipped.add("unknown_class", where)
             continue
         segm = ann.get("segmentation") or None  # box-only exports write "segmentation": []
+        iscrowd = _flag(ann, "iscrowd", where)
+        if isinstance(segm, list):
+            _check_polygons(segm, where)
         if isinstance(segm, list) and any(_degenerate(p) for p in segm):
             # An empty GT mask would teach "background" and score IoU 0: no mask instead.
             skipped.add("degenerate_polygon", where)
@@ -272,13 +286,17 @@ def read_coco(
             continue
         if not np.array_equal(box, np.float32([x, y, x + w, y + h])):
             repaired.add("clipped_box", f"{where}: bbox {[x, y, w, h]}")
+        if mask is not None and isinstance(segm, list) and not iscrowd and not mask.area():
+            # Collinear or sub-pixel polygons rasterise to no pixel: no mask, as above.
+            skipped.add("empty_mask", where)
+            mask = None
         record.instances.append(
             Instance(
                 instance_id=instance_id,
                 label=label,
                 box=box,
                 mask=mask if with_masks else None,
-                iscrowd=_flag(ann, "iscrowd", where),
+                iscrowd=iscrowd,
                 difficult=_flag(ann, "difficult", where),
             )
         )

@@ -129,6 +129,10 @@ def _extract_tar(path: Path, root: Path) -> int:
                 with fobj:
                     _write_stream(fobj, _dest(root, rel, path), m.mode)
             n += 1
+        # tarfile stops at the end-of-archive blocks and never reads the gzip/bz2/xz trailer,
+        # so a damaged body would extract silently: reading to EOF makes the CRC be checked.
+        while tf.fileobj.read(1 << 20):
+            pass
     return n
 
 
@@ -153,6 +157,22 @@ def _extract_zip(path: Path, root: Path) -> int:
                     _write_stream(src, _dest(root, rel, path), mode or None)
             n += 1
     return n
+
+
+def _check_links(root: Path, archive: Path) -> None:
+    """Refuse links that resolve outside `root` once all are written: each is checked when
+    written, but a later one can redirect an earlier one (a -> b/b/../.., then b -> .)."""
+    real_root = os.path.realpath(root)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            link = os.path.join(folder, name)
+            if not os.path.islink(link):
+                continue
+            if os.path.commonpath([os.path.realpath(link), real_root]) != real_root:
+                rel = os.path.relpath(link, root)
+                raise UnsafeArchiveError(
+                    f"{archive}: link '{rel}' -> '{os.readlink(link)}' resolves outside the target"
+                )
 
 
 def extract_archive(path: Path, target: Path, sha256: str, *, name: str = "") -> Path:
@@ -180,6 +200,13 @@ def extract_archive(path: Path, target: Path, sha256: str, *, name: str = "") ->
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as exc:
             # A header that reads but a body cut short (or corrupt): the file, not the disk.
             raise DataError(f"{path}: damaged archive ({type(exc).__name__}: {exc})") from exc
+        except OSError as exc:
+            # gzip's CRC/length check (BadGzipFile) and bz2's "Invalid data stream" are
+            # OSErrors without an errno; a disk error (ENOSPC, EIO) has one and stays as it is.
+            if exc.errno is not None:
+                raise
+            raise DataError(f"{path}: damaged archive ({type(exc).__name__}: {exc})") from exc
+        _check_links(tmp, path)
         marker = {"archive": name or path.name, "sha256": sha256, "members": count}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if target.is_symlink() or target.is_file():

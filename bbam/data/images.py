@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,24 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bbam.data.records import DataError
+
+# What Pillow raises on a corrupt or hostile file: its plugins let struct/index errors out on
+# bad headers, and a header claiming over 2 x Image.MAX_IMAGE_PIXELS raises
+# DecompressionBombError (an Exception, not an OSError). Each becomes a DataError naming the
+# file, so the data stage records the image as unreadable instead of stopping. The limit
+# itself stays: a real image that large would not fit the pipeline's memory either.
+_PIL_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    Image.DecompressionBombError,
+)
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -45,7 +64,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
             ):
                 image = image.convert("RGBA")
             rgb = np.array(image.convert("RGB"))  # a writable copy: C extensions (CRF) need one
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _PIL_ERRORS as exc:
         raise DataError(f"{path}: unreadable or corrupt image ({exc})") from exc
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DataError(f"{path}: unexpected image shape {rgb.shape}")
@@ -73,7 +92,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
             return image.size
     except FileNotFoundError as exc:
         raise DataError(f"{path}: image file not found") from exc
-    except (UnidentifiedImageError, OSError) as exc:
+    except _PIL_ERRORS as exc:
         raise DataError(f"{path}: unreadable or corrupt image ({exc})") from exc
 
 

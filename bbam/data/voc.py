@@ -8,6 +8,7 @@ names the file.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from bbam.data.images import checked_size, clip_box, path_in_root
 from bbam.data.masks import box_iou
 from bbam.data.palette import load_index_png
 from bbam.data.records import CompressedMask, DataError, Dataset, ImageRecord, Instance, SkipReport
+
+# The encoding an XML declaration names (read as ASCII: CJK codecs keep ASCII as is).
+_XML_ENCODING = re.compile(
+    rb"""^(?:\xef\xbb\xbf)?\s*<\?xml[^>]*?\bencoding\s*=\s*["']([A-Za-z0-9._:-]+)["']"""
+)
+# Image files tried for <id> in JPEGImages, in this order (VOC itself has only .jpg).
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -107,6 +115,15 @@ def _sbd_listed(sbd: Path | None) -> set[str]:
     return {i for path in lists if path.is_file() for i in read_id_list(path)}
 
 
+def _seg_listed(voc: Path) -> set[str]:
+    """The ids ImageSets/Segmentation lists promise SegmentationObject/Class PNGs for (none
+    when the dataset has no mask folders at all: a box-only dataset using those lists)."""
+    if not any((voc / sub).is_dir() for sub in ("SegmentationObject", "SegmentationClass")):
+        return set()
+    lists = sorted((voc / "ImageSets" / "Segmentation").glob("*.txt"))
+    return {i for path in lists for i in read_id_list(path)}
+
+
 def _split_ids(voc: Path, split: str, sbd_root: Path | None, skipped: SkipReport) -> list[str]:
     if split == "train_aug":
         if sbd_root is None:
@@ -146,17 +163,39 @@ def _flag(node, tag: str, xml: Path) -> bool:
     return value in ("1", "true")
 
 
-def parse_voc_xml(xml: Path) -> tuple[str | None, int, int, list[dict]]:
-    """(filename, width, height, objects) from one VOC XML; objects keep file order.
-    Entity declarations (billion laughs etc.) are refused by defusedxml -> DataError."""
+def _parse_xml(data: bytes | str, xml: Path):
+    """The root element, parsed by defusedxml; a multi-byte declared encoding (GBK, Shift_JIS:
+    CJK labelling tools write them) is decoded here, since expat only handles single-byte ones."""
     try:
-        root = SafeET.parse(str(xml)).getroot()
-    except FileNotFoundError as exc:
-        raise DataError(f"{xml}: annotation file not found") from exc
+        return SafeET.fromstring(data)
     except DefusedXmlException as exc:
         raise DataError(f"{xml}: forbidden XML construct ({type(exc).__name__})") from exc
     except SafeET.ParseError as exc:
         raise DataError(f"{xml}: malformed XML ({exc})") from exc
+    except LookupError as exc:
+        raise DataError(f"{xml}: the XML declares an unknown encoding ({exc})") from exc
+    except ValueError as exc:  # "multi-byte encodings are not supported"
+        declared = _XML_ENCODING.match(data) if isinstance(data, bytes) else None
+        if declared is None:
+            raise DataError(f"{xml}: cannot parse XML ({exc})") from exc
+        codec = declared[1].decode("ascii")
+        try:
+            text = data.decode(codec)
+        except (LookupError, UnicodeDecodeError) as decode_exc:
+            raise DataError(
+                f"{xml}: not readable as its declared encoding {codec!r}"
+            ) from decode_exc
+    return _parse_xml(text, xml)  # a str is parsed as UTF-8 whatever the declaration says
+
+
+def parse_voc_xml(xml: Path) -> tuple[str | None, int, int, list[dict]]:
+    """(filename, width, height, objects) from one VOC XML; objects keep file order.
+    Entity declarations (billion laughs etc.) are refused by defusedxml -> DataError."""
+    try:
+        data = xml.read_bytes()
+    except FileNotFoundError as exc:
+        raise DataError(f"{xml}: annotation file not found") from exc
+    root = _parse_xml(data, xml)
     filename_node = root.find("filename")
     filename = (
         filename_node.text.strip() if filename_node is not None and filename_node.text else None
@@ -181,19 +220,54 @@ def parse_voc_xml(xml: Path) -> tuple[str | None, int, int, list[dict]]:
     return filename, width, height, objects
 
 
+def _image_path(
+    voc: Path, image_id: str, filename: str | None, xml: Path, repaired: SkipReport
+) -> Path:
+    """JPEGImages/<id>.<ext>, as the VOC devkit reads it: a <filename> copied along with an
+    annotation (augmentation scripts, LabelImg "save as") can name another image. <filename> is
+    used only when no <id> image exists; one naming a different existing file is counted
+    ("filename_mismatch")."""
+    images = voc / "JPEGImages"
+    named = path_in_root(images, filename, xml) if filename else None
+    candidates = (images / f"{image_id}{ext}" for ext in _IMAGE_EXTENSIONS)
+    by_id = next((p for p in candidates if p.is_file()), None)
+    if by_id is None:
+        return named or images / f"{image_id}.jpg"
+    if named is not None and named.is_file() and not named.samefile(by_id):
+        repaired.add("filename_mismatch", f"{xml}: <filename> {filename} (read {by_id.name})")
+    return by_id
+
+
 def _voc_masks(
-    voc: Path, image_id: str, labels: list[int | None], height: int, width: int
+    voc: Path,
+    image_id: str,
+    labels: list[int | None],
+    height: int,
+    width: int,
+    skipped: SkipReport,
 ) -> list[np.ndarray | None] | None:
-    """Masks per XML object (index k in SegmentationObject = k-th object), or None if no PNGs."""
+    """Masks per XML object (index k in SegmentationObject = k-th object), or None if no PNGs.
+
+    One PNG without the other is a broken dataset (DataError). PNG instances past the XML's
+    objects have no class or box to attach to: counted ("unannotated_mask_instance")."""
     obj_png = voc / "SegmentationObject" / f"{image_id}.png"
     cls_png = voc / "SegmentationClass" / f"{image_id}.png"
-    if not (obj_png.is_file() and cls_png.is_file()):
+    has_obj, has_cls = obj_png.is_file(), cls_png.is_file()
+    if not (has_obj or has_cls):
         return None
+    if not (has_obj and has_cls):
+        missing, present = (cls_png, obj_png) if has_obj else (obj_png, cls_png)
+        raise DataError(
+            f"{missing}: mask file not found ({present.parent.name}/{present.name} exists)"
+        )
     obj, cls = load_index_png(obj_png), load_index_png(cls_png)
     if obj.shape != (height, width) or cls.shape != (height, width):
         raise DataError(
             f"{obj_png}: mask size {obj.shape} differs from annotation ({height}, {width})"
         )
+    present_ids = np.flatnonzero(np.bincount(obj.reshape(-1), minlength=256))
+    for k in present_ids[(present_ids > len(labels)) & (present_ids != 255)]:
+        skipped.add("unannotated_mask_instance", f"{obj_png}: instance {int(k)}")
     masks: list[np.ndarray | None] = []
     for k, label in enumerate(labels, start=1):
         mask = obj == k
@@ -211,14 +285,20 @@ def _voc_masks(
     return masks
 
 
-def _mat_struct(path: Path, key: str):
+def _mat_fields(path: Path, key: str, fields: tuple[str, ...]) -> list[np.ndarray]:
+    """`fields` of the `key` struct of an SBD .mat file, or DataError naming the file."""
     try:
         data = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
-    except (OSError, ValueError, TypeError) as exc:
+    except NotImplementedError as exc:  # scipy reads MAT v4-v7.2, not v7.3 (HDF5)
+        raise DataError(f"{path}: MATLAB v7.3 (HDF5) .mat is not supported; save with -v7") from exc
+    except (OSError, ValueError, TypeError, scipy.io.matlab.MatReadError) as exc:
         raise DataError(f"{path}: unreadable .mat file ({exc})") from exc
     if key not in data:
         raise DataError(f"{path}: no {key} struct")
-    return data[key]
+    missing = [f for f in fields if not hasattr(data[key], f)]
+    if missing:
+        raise DataError(f"{path}: {key} is not a struct with field(s) {', '.join(missing)}")
+    return [np.asarray(getattr(data[key], f)) for f in fields]
 
 
 def _sbd_masks(
@@ -234,13 +314,17 @@ def _sbd_masks(
     inst_mat = sbd / "inst" / f"{image_id}.mat"
     if not inst_mat.is_file():
         return None
-    gt = _mat_struct(inst_mat, "GTinst")
-    seg = np.asarray(gt.Segmentation)
-    cats = np.atleast_1d(np.asarray(gt.Categories)).astype(int).reshape(-1)
+    seg, cats = _mat_fields(inst_mat, "GTinst", ("Segmentation", "Categories"))
+    try:
+        cats = np.atleast_1d(cats).astype(int).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{inst_mat}: GTinst.Categories is not a list of class indices") from exc
     if seg.shape != (h, w):
         raise DataError(f"{inst_mat}: mask size {seg.shape} differs from annotation ({h}, {w})")
     cls_mat = sbd / "cls" / f"{image_id}.mat"
-    cls_seg = np.asarray(_mat_struct(cls_mat, "GTcls").Segmentation) if cls_mat.is_file() else None
+    cls_seg = _mat_fields(cls_mat, "GTcls", ("Segmentation",))[0] if cls_mat.is_file() else None
+    if cls_seg is not None and cls_seg.shape != (h, w):
+        raise DataError(f"{cls_mat}: mask size {cls_seg.shape} differs from annotation ({h}, {w})")
     candidates = []
     for k, cat in enumerate(cats, start=1):
         mask = seg == k
@@ -284,7 +368,11 @@ def read_voc(
     stripping whitespace, case-sensitively. A listed image without XML is skipped and counted
     ("missing_annotation"), as is an id listed twice ("duplicate_id"). An object left without
     a mask where the image has one (a VOC PNG, or an SBD instance .mat, which SBD's lists
-    promise) is counted ("object_without_mask"). Instance ids run 1..N over the split in order.
+    promise) is counted ("object_without_mask"), as is an image an ImageSets/Segmentation list
+    names without its PNGs ("missing_mask_png") and a PNG instance with no XML object
+    ("unannotated_mask_instance"). The image is JPEGImages/<id>.jpg (or .png, ...); <filename>
+    is read only when there is none, and one naming another image is counted in `repaired`
+    ("filename_mismatch"). Instance ids run 1..N over the split in order.
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"unknown must be 'error' or 'skip', got {unknown!r}")
@@ -297,15 +385,14 @@ def read_voc(
     next_instance = 1
     ids = _split_ids(voc, split, sbd, skipped)
     sbd_listed = _sbd_listed(sbd) if with_masks else set()
+    seg_listed = _seg_listed(voc) if with_masks else set()
     for image_id in ids:
         xml = voc / "Annotations" / f"{image_id}.xml"
         if not xml.is_file():
             skipped.add("missing_annotation", str(xml))
             continue
         filename, width, height, objects = parse_voc_xml(xml)
-        path = path_in_root(voc / "JPEGImages", filename or f"{image_id}.jpg", xml)
-        if not path.is_file() and (voc / "JPEGImages" / f"{image_id}.jpg").is_file():
-            path = voc / "JPEGImages" / f"{image_id}.jpg"
+        path = _image_path(voc, image_id, filename, xml, repaired)
         width, height = checked_size(path, width, height, xml)
         labels: list[int | None] = []
         boxes: list[np.ndarray | None] = []
@@ -331,11 +418,14 @@ def read_voc(
             boxes.append(box)
         masks: list[np.ndarray | None] | None = None
         if with_masks:
-            masks = _voc_masks(voc, image_id, labels, height, width)
+            masks = _voc_masks(voc, image_id, labels, height, width, skipped)
             if masks is None and sbd is not None:
                 masks = _sbd_masks(sbd, image_id, labels, boxes, height, width)
             if masks is None and image_id in sbd_listed:  # SBD lists it, its inst .mat is gone
                 masks = [None] * len(labels)  # each object is counted as without a mask
+            if masks is None and image_id in seg_listed:  # a Segmentation list promised PNGs
+                png = voc / "SegmentationObject" / f"{image_id}.png"
+                skipped.add("missing_mask_png", str(png))
         instances = []
         for j, (label, box, obj) in enumerate(zip(labels, boxes, objects, strict=True)):
             if label is None or box is None:
