@@ -27,6 +27,11 @@ from bbam.data.prepare import main, mcg_image_id, prepare_dataset, summarize_dat
 
 FAST = DownloadConfig(retries=2, backoff_s=0.0, timeout_s=10.0, progress=False)
 MCG_VOC_FOLDER = "MCG-Pascal-Main_trainvaltest_2012-proposals"
+MCG_VOC_SEG_FOLDER = "MCG-Pascal-Segmentation_trainvaltest_2012-proposals"
+# As the real archives: Main lacks the segmentation set's 2007_* images (played here by
+# 2008_000001), which only Segmentation has; both have 2008_000002 (Main's file is linked).
+MCG_VOC_MAIN_IDS = ["2008_000002", "2008_000003", "2008_000004"]
+MCG_VOC_SEG_IDS = ["2008_000001", "2008_000002"]
 MCG_COCO = {
     "mcg_coco_train2014": ("MCG-COCO-train2014-proposals", ["COCO_train2014_000000000009"]),
     "mcg_coco_val2014": (
@@ -45,7 +50,8 @@ def voc_files() -> dict[str, bytes]:
     return {
         ARCHIVES["voc2012_trainval"].filename: voc_tar(),
         ARCHIVES["sbd"].filename: sbd_tgz(),
-        ARCHIVES["mcg_voc2012"].filename: mcg_tgz(MCG_VOC_FOLDER, list(VOC_IMAGES)),
+        ARCHIVES["mcg_voc2012"].filename: mcg_tgz(MCG_VOC_FOLDER, MCG_VOC_MAIN_IDS),
+        ARCHIVES["mcg_voc2012_segmentation"].filename: mcg_tgz(MCG_VOC_SEG_FOLDER, MCG_VOC_SEG_IDS),
     }
 
 
@@ -66,7 +72,7 @@ def local_registry(server: ArchiveServer | None, names) -> dict:
     return reg
 
 
-VOC_NAMES = ("voc2012_trainval", "sbd", "mcg_voc2012")
+VOC_NAMES = ("voc2012_trainval", "sbd", "mcg_voc2012", "mcg_voc2012_segmentation")
 COCO_NAMES = tuple(MCG_COCO) + ("coco_train2017", "coco_val2017", "coco_annotations2017")
 
 
@@ -96,6 +102,9 @@ def test_voc_download_extract_layout_and_summary(tmp_path):
     for f in ("cls", "inst", "train.txt", "val.txt"):
         assert (root / "SBD" / f).exists()
     assert sorted(p.stem for p in (root / "MCG").glob("*.mat")) == sorted(VOC_IMAGES)
+    # an id in both MCG archives takes Main's file; Segmentation fills what Main lacks
+    assert MCG_VOC_FOLDER in str((root / "MCG" / "2008_000002.mat").resolve())
+    assert MCG_VOC_SEG_FOLDER in str((root / "MCG" / "2008_000001.mat").resolve())
     mat = scipy.io.loadmat(root / "MCG" / "2008_000003.mat")
     assert mat["superpixels"].shape == (48, 64) and mat["labels"].size == 3
     # Summary numbers from the fixture definition.
@@ -167,6 +176,8 @@ def test_from_dir_without_network_and_cli(tmp_path, monkeypatch):
     assert rc == 0
     assert len(list((tmp_path / "cli" / "MCG").glob("*.mat"))) == len(VOC_IMAGES)
     assert not (tmp_path / "cli" / "VOC2012").exists()
+    with pytest.raises(ValueError, match=r"--only \['mcgx'\]: not part of voc"):
+        prepare_dataset("voc", tmp_path / "v", archives, tmp_path / "dl4", only=["mcgx"])
     # A missing archive is a clean CLI error, still without network.
     rc = main(
         ["--dataset", "coco", "--root", str(tmp_path / "c"), "--from-dir", str(archives),
@@ -286,7 +297,7 @@ def test_refused_archive_leaves_no_checksum_for_the_good_one(tmp_path, monkeypat
     monkeypatch.setattr(urllib.request, "urlopen", _no_network)
     lock = tmp_path / "downloads.lock.json"
     run = lambda: prepare_dataset(  # noqa: E731
-        "voc", tmp_path / "voc", archives, tmp_path / "dl", only=["mcg"], lock_path=lock,
+        "voc", tmp_path / "voc", archives, tmp_path / "dl", only=["mcg_voc2012"], lock_path=lock,
         registry=local_registry(None, VOC_NAMES), download=FAST,
     )  # fmt: skip
     with pytest.raises(DataError) as caught:
@@ -297,7 +308,7 @@ def test_refused_archive_leaves_no_checksum_for_the_good_one(tmp_path, monkeypat
     mcg.unlink()  # a new file, as a user replacing it would (not the same inode rewritten)
     mcg.write_bytes(voc_files()[mcg.name])
     run()
-    assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(VOC_IMAGES)
+    assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(MCG_VOC_MAIN_IDS)
 
 
 def _unsafe_zip() -> bytes:
@@ -330,7 +341,7 @@ def test_refused_download_keeps_no_checksum_and_the_good_one_then_succeeds(tmp_p
     lock, dl = tmp_path / "downloads.lock.json", tmp_path / "dl"
     with ArchiveServer({name: REFUSED_ARCHIVES[case]()}) as server:
         run = lambda: prepare_dataset(  # noqa: E731
-            "voc", tmp_path / "voc", None, dl, only=["mcg"], lock_path=lock,
+            "voc", tmp_path / "voc", None, dl, only=["mcg_voc2012"], lock_path=lock,
             registry=local_registry(server, VOC_NAMES), download=FAST,
         )  # fmt: skip
         with pytest.raises(DataError, match="put a good archive in its place") as info:
@@ -340,7 +351,7 @@ def test_refused_download_keeps_no_checksum_and_the_good_one_then_succeeds(tmp_p
         assert (dl / f"{name}.bad").is_file() and not (dl / name).exists()
         server.files[name] = good
         run()
-    assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(VOC_IMAGES)
+    assert len(list((tmp_path / "voc" / "MCG").glob("*.mat"))) == len(MCG_VOC_MAIN_IDS)
     assert json.loads(lock.read_text())["archives"]["mcg_voc2012"]["sha256"] == sha256(good)
 
 
@@ -359,7 +370,7 @@ def test_checksum_mismatch_keeps_no_checksum_and_the_good_one_then_succeeds(tmp_
             a.name, a.urls, a.filename, None, None, a.extract_to, md5=md5
         )
         run = lambda: prepare_dataset(  # noqa: E731
-            "voc", tmp_path / "voc", None, dl, only=["mcg"], lock_path=lock,
+            "voc", tmp_path / "voc", None, dl, only=["mcg_voc2012"], lock_path=lock,
             registry=registry, download=FAST,
         )  # fmt: skip
         with pytest.raises(ChecksumError, match="md5 mismatch"):

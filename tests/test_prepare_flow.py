@@ -65,7 +65,10 @@ def voc_archives(folder: Path) -> Path:
         {
             ARCHIVES["voc2012_trainval"].filename: voc_tar(),
             ARCHIVES["sbd"].filename: sbd_tgz(),
-            ARCHIVES["mcg_voc2012"].filename: mcg_tgz("MCG-Pascal-Main", list(VOC_IMAGES)),
+            ARCHIVES["mcg_voc2012"].filename: mcg_tgz("MCG-Pascal-Main", list(VOC_IMAGES)[1:]),
+            ARCHIVES["mcg_voc2012_segmentation"].filename: mcg_tgz(
+                "MCG-Pascal-Segmentation", list(VOC_IMAGES)[:2]
+            ),
         },
     )
 

@@ -100,7 +100,9 @@ ARCHIVES: dict[str, Archive] = {
             md5="f4bbac642086de4f52a3fdda2de5fa2c",
         ),
         # MCG segment proposals (superpixels + labels), Pont-Tuset et al. project page.
-        # "Main" covers all VOC2012 detection trainval+test images, hence the 10,582 train_aug.
+        # "Main" covers the VOC2012 detection trainval+test images, which are 2008-2012 ones:
+        # train_aug's 2007_* images come from the segmentation set only (the reference reads
+        # them from a separate VOC2007 folder). "Segmentation" covers that set, 2007_* included.
         Archive(
             name="mcg_voc2012",
             urls=(
@@ -145,7 +147,12 @@ ARCHIVES: dict[str, Archive] = {
 
 # Which archives each dataset needs, by role (the keys prepare.py lays out).
 DATASET_ARCHIVES: dict[str, dict[str, str]] = {
-    "voc": {"voc": "voc2012_trainval", "sbd": "sbd", "mcg": "mcg_voc2012"},
+    "voc": {
+        "voc": "voc2012_trainval",
+        "sbd": "sbd",
+        "mcg": "mcg_voc2012",
+        "mcg_seg": "mcg_voc2012_segmentation",
+    },
     "coco": {
         "train": "coco_train2017",
         "val": "coco_val2017",

@@ -146,14 +146,19 @@ def mcg_image_id(stem: str) -> str:
 
 
 def link_mcg(mcg_dir: Path, sources: Iterable[Path]) -> int:
-    """Link every .mat found under `sources` as `mcg_dir/<image_id>.mat`; duplicate ids fail."""
+    """Link every .mat found under `sources` as `mcg_dir/<image_id>.mat`.
+
+    An id in several sources takes the first source's file (VOC: Main, then Segmentation for
+    the 2007_* images Main lacks); an id twice within one source is ambiguous and fails."""
     seen: dict[str, Path] = {}
     for src_root in sources:
+        own: dict[str, Path] = {}
         for mat in sorted(Path(src_root).rglob("*.mat")):
             image_id = mcg_image_id(mat.stem)
-            if image_id in seen and seen[image_id] != mat:
-                raise DataError(f"{mat}: MCG id {image_id} also in {seen[image_id]}")
-            seen[image_id] = mat
+            if image_id in own:
+                raise DataError(f"{mat}: MCG id {image_id} also in {own[image_id]}")
+            own[image_id] = mat
+        seen = {**own, **seen}
     if not seen:
         raise DataError(f"{', '.join(map(str, sources))}: no MCG .mat files found")
     for image_id, mat in seen.items():
@@ -229,9 +234,9 @@ def prepare_dataset(
 ) -> dict:
     """Make `root` ready for the readers; return (and optionally write) the summary.
 
-    `only` restricts to some archives (registry names or roles such as "mcg"); the summary
-    is then computed only if the readers' inputs are all present. `registry` overrides the
-    archive table (tests point it at a local server). `lock_path` defaults to
+    `only` restricts to some archives (registry names, or roles: "mcg" selects every mcg_*
+    role too); the summary is then computed only if the readers' inputs are all present.
+    `registry` overrides the archive table (tests point it at a local server). `lock_path` defaults to
     `<download_dir>/../downloads.lock.json`.
     """
     if name not in DATASETS:
@@ -249,12 +254,17 @@ def prepare_dataset(
         lock = LockFile.load(Path(lock_path or download_dir.parent / "downloads.lock.json"))
         roles = DATASET_ARCHIVES[name]
         wanted = set(only) if only is not None else None
-        unknown = (wanted or set()) - set(roles) - set(roles.values())
+
+        def asked(role: str, archive_name: str, word: str) -> bool:
+            # "mcg" also names every mcg_* role: VOC's two MCG archives, COCO's train and val.
+            return word in (role, archive_name) or role.startswith(f"{word}_")
+
+        unknown = {w for w in wanted or () if not any(asked(*ra, w) for ra in roles.items())}
         if unknown:
             raise ValueError(f"--only {sorted(unknown)}: not part of {name} ({roles})")
         folders: dict[str, Path] = {}
         for role, archive_name in roles.items():
-            if wanted is None or role in wanted or archive_name in wanted:
+            if wanted is None or any(asked(role, archive_name, w) for w in wanted):
                 folders[role] = obtain_archive(
                     registry[archive_name],
                     download_dir,
@@ -274,8 +284,9 @@ def _layout_voc(root: Path, folders: dict[str, Path]) -> dict:
         link_path(root / "VOC2012", _one_subdir(folders["voc"] / "VOCdevkit", "VOC2012"))
     if "sbd" in folders:
         link_path(root / "SBD", _one_subdir(folders["sbd"], "dataset"))
-    if "mcg" in folders:
-        link_mcg(root / "MCG", [folders["mcg"]])
+    mcg = [folders[r] for r in ("mcg", "mcg_seg") if r in folders]
+    if mcg:
+        link_mcg(root / "MCG", mcg)
     return _summaries_voc(root) if (root / "VOC2012").exists() else {}
 
 
