@@ -143,6 +143,42 @@ class AttributionConfig:
             raise ValueError("crop_context must be >= 0 and crop_align >= 1")
         if self.positives_per_iter < 0 or self.early_stop_patience < 1:
             raise ValueError("positives_per_iter must be >= 0 and early_stop_patience >= 1")
+        # YAML reads .nan and .inf as floats: a NaN lr or weight turns every mask to NaN (Adam
+        # refuses a NaN lr only when the engine starts), a NaN stride crashes in int()
+        for name, value in vars(self).items():
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"AttributionConfig.{name} must be finite, got {value}")
+        # 0 keeps each grid at its init (tests compare profiles' proposals that way); a params
+        # file may not ask for it (flows.params_schema)
+        if self.lr < 0:
+            raise ValueError(f"AttributionConfig.lr must be >= 0, got {self.lr}")
+        # a positive needs IoU > threshold: at 1 or above none ever is, below 0 any box is
+        if not all(0.0 <= t < 1.0 for t in self.iou_thresholds):
+            raise ValueError(
+                "AttributionConfig.iou_thresholds must be in [0, 1), got "
+                f"{list(self.iou_thresholds)}"
+            )
+        # a negative weight rewards the term it should penalise (a negative l1_weight grows
+        # the mask to the whole image)
+        for name in ("box_weight", "cls_weight", "l1_weight", "tv_weight", "jitter_fraction"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"AttributionConfig.{name} must be >= 0, got {getattr(self, name)}"
+                )
+        # |d|^beta has an infinite gradient at d = 0 below 1, so the total variation turns NaN
+        if self.tv_weight > 0 and self.tv_beta < 1:
+            raise ValueError(f"AttributionConfig.tv_beta must be >= 1, got {self.tv_beta}")
+        if min(self.stride_coefs) < 0 or self.stride_reference_size < 0:
+            raise ValueError(
+                "AttributionConfig.stride_coefs and stride_reference_size must be >= 0, got "
+                f"{list(self.stride_coefs)}, {self.stride_reference_size}"
+            )
+        if not 0.0 <= self.init_value <= 1.0:
+            raise ValueError(
+                "AttributionConfig.init_value must be in [0, 1] (a mask value), got "
+                f"{self.init_value}"
+            )
 
 
 _PROFILES: dict[str, dict[str, Any]] = {

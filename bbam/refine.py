@@ -156,6 +156,18 @@ class RefineConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"RefineConfig.{name} must be in [0, 1], got {value}")
+        # the loose not-background cut must not be tighter than the foreground one: swapped,
+        # not_bg (forced to include fg) equals fg and the ignore band silently vanishes
+        for fg, bg in (("th_fg", "th_bg"), ("abs_fg", "abs_bg")):
+            if getattr(self, bg) > getattr(self, fg):
+                raise ValueError(
+                    f"RefineConfig needs {bg} <= {fg} (the ignore band lies between them), "
+                    f"got {bg} {getattr(self, bg)} > {fg} {getattr(self, fg)}"
+                )
+        # YAML reads .nan and .inf as floats; no knob here means anything by them
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"RefineConfig.{name} must be a finite number, got {value}")
         # YAML gives lists; keep the dataclass hashable
         object.__setattr__(self, "small_priors", tuple(float(p) for p in self.small_priors))
         object.__setattr__(self, "empty_priors", tuple(float(p) for p in self.empty_priors))

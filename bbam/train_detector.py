@@ -87,8 +87,7 @@ class DetectorTrainConfig:
             raise ValueError(f"detector arch {self.arch!r} not in {ARCHS}")
         if self.norm not in NORMS:
             raise ValueError(f"detector norm {self.norm!r} not in {NORMS}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        T.check_schedule(self)
 
 
 def detector_from_config(

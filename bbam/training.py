@@ -22,6 +22,7 @@ from tqdm import tqdm
 from bbam.atomic import atomic_torch_save
 from bbam.checkpoint import load_weights, resume_checkpoint
 from bbam.data.records import ImageRecord, SkipReport
+from bbam.device import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,12 @@ MODEL_NAME = "model.pt"
 LOG_NAME = "train_log.jsonl"
 # Knobs that do not change the result: a run may resume on another device or worker count.
 NOT_HASHED = frozenset({"device", "num_workers", "log_every"})
+# Knobs a run may resume across: raising ``epochs`` continues a checkpoint, since nothing
+# before the last epoch reads it (`make_scheduler`'s warm-up and MultiStep milestones, the
+# detector's MultiStepLR and first-epoch warm-up, `seed_epoch`). A schedule that reads the
+# total (poly, cosine) must take ``epochs`` back into the hash. Lowering it below the
+# checkpoint's finished epochs starts over (see `setup_training`).
+RESUMABLE = frozenset({"epochs"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,46 @@ class TrainSchedule:
     seed: int = 0
     max_iters_per_epoch: int | None = None
     log_every: int = 10
+
+
+def check_schedule(config: Any) -> None:
+    """Range checks of the loop knobs every trainer config shares (the detector's and both
+    segmenters'), raising ValueError naming ``<Config>.<field>``.
+
+    Why: out of range they fail late and obscurely (batch_size 0 divides by zero, a
+    warmup_factor of 0 is refused by torch's LinearLR) or train silently wrong (epochs 0
+    writes an untrained model, a negative clip_grad_norm flips the gradients, a NaN lr
+    trains to NaN). Fields a config lacks are skipped."""
+    name = type(config).__name__
+    rules: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "epochs": (lambda v: v >= 1, ">= 1"),
+        "batch_size": (lambda v: v >= 1, ">= 1"),
+        # 0 is a freeze (the test projects keep a detector's random init with it)
+        "lr": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        "momentum": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        "lr_gamma": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+        "warmup_iters": (lambda v: v >= 0, ">= 0"),
+        "warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "lr_steps": (lambda v: all(s >= 1 for s in v), "epoch numbers >= 1"),
+        "clip_grad_norm": (
+            lambda v: v is None or (math.isfinite(v) and v >= 0),
+            "null, 0 (off) or a finite number > 0",
+        ),
+        "num_workers": (lambda v: v >= 0, ">= 0"),
+        "max_iters_per_epoch": (lambda v: v is None or v >= 0, "null, 0 (no cap) or >= 1"),
+        "max_size": (lambda v: v >= 1, ">= 1"),
+        "crop_size": (lambda v: v >= 1, ">= 1"),
+        "scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    }
+    for field, (ok, wanted) in rules.items():
+        if hasattr(config, field) and not ok(getattr(config, field)):
+            raise ValueError(f"{name}.{field} must be {wanted}, got {getattr(config, field)!r}")
+    if hasattr(config, "device"):
+        try:
+            check_device(config.device)
+        except ValueError as exc:
+            raise ValueError(f"{name}.{exc}") from None
 
 
 def check_choices(config: Any, **allowed: Iterable[str]) -> None:
@@ -73,9 +120,17 @@ def check_min_size(config: Any) -> None:
     object.__setattr__(config, "min_size", value if isinstance(value, int) else sizes)
 
 
+def hashed_config(config: Any) -> dict[str, Any]:
+    """The config fields that decide a resume (``epochs`` included), as JSON values: stored in
+    each checkpoint so a refused one can say which fields changed."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED}
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
 def params_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
-    """Stable hash of the config (and data identity) deciding whether a checkpoint may resume."""
-    config_dict = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED}
+    """Stable hash of the config (and data identity) deciding whether a checkpoint may resume
+    (`RESUMABLE` fields left out)."""
+    config_dict = {k: v for k, v in hashed_config(config).items() if k not in RESUMABLE}
     payload = {"config": config_dict, "extra": extra or {}}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -284,11 +339,14 @@ def setup_training(
 
     A checkpoint in `out_dir` made with `phash` is loaded into the model, optimizer,
     scheduler and scaler ("resume" event); any other one (another hash, unreadable,
-    foreign) starts over ("restart" event with its reason, and a warning naming the file);
-    no checkpoint is a "start" event. Skipped records are logged once, as a "skipped"
-    event. ``schedule``: "iteration" is `make_scheduler` (the segmenters); "epoch" is
-    torchvision's detection reference (the detector): MultiStepLR stepped per epoch after a
-    linear warm-up over the first epoch's iterations.
+    foreign) starts over ("restart" event with its reason, and a warning naming the file;
+    for another hash, the config fields that changed, as ``changed``: field -> [was, now]).
+    One with more finished epochs than ``config.epochs`` also starts over, rather than
+    write a model trained longer than asked. No checkpoint is a "start" event. Skipped
+    records are logged once, as a "skipped" event. ``schedule``: "iteration" is
+    `make_scheduler` (the segmenters); "epoch" is torchvision's detection reference (the
+    detector): MultiStepLR stepped per epoch after a linear warm-up over the first epoch's
+    iterations.
     """
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
     max_iters = getattr(config, "max_iters_per_epoch", None)
@@ -308,7 +366,10 @@ def setup_training(
         )
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    ckpt, why = _resume(out_dir, phash, model, optimizer, scheduler, scaler)
+    path = Path(out_dir) / CHECKPOINT_NAME
+    ckpt, why, changed = None, *_refusal(path, phash, config)
+    if not why:
+        ckpt, why = _resume(out_dir, phash, model, optimizer, scheduler, scaler)
     start = 0 if ckpt is None else int(ckpt["epoch"]) + 1
     spent = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0
     spent = float(spent) if isinstance(spent, int | float) else 0.0  # older checkpoints: none
@@ -320,7 +381,8 @@ def setup_training(
         logger.info("resuming from %s after epoch %d", Path(out_dir) / CHECKPOINT_NAME, start - 1)
         log.write({"event": "resume", "epoch": start})
     else:
-        log.write({"event": "restart", "reason": why} if why else {"event": "start"})
+        event = {"event": "restart", "reason": why} if why else {"event": "start"}
+        log.write({**event, "changed": changed} if changed else event)
     if skipped is not None and skipped.total:
         log.write({"event": "skipped", "counts": skipped.counts, "examples": skipped.examples})
     return TrainingSetup(
@@ -350,6 +412,63 @@ def _first_epoch_warmup(
     return torch.optim.lr_scheduler.LinearLR(
         optimizer, start_factor=config.warmup_factor, total_iters=warmup_iters
     )
+
+
+def _peek(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's numbers and stored config without reading its tensors (mmap), or None
+    when there is none or it cannot be read (`resume_checkpoint` then says why)."""
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return ckpt if isinstance(ckpt, dict) and "params_hash" in ckpt else None
+
+
+def _config_changes(was: Any, now: dict[str, Any]) -> dict[str, list[Any]]:
+    """Field -> [was, now] for each hashed config field that differs ({} when `was` is not a
+    stored config)."""
+    if not isinstance(was, dict):
+        return {}
+    keys = sorted(set(was) | set(now))
+    return {k: [was.get(k), now.get(k)] for k in keys if was.get(k) != now.get(k)}
+
+
+def _refusal(path: Path, phash: str, config: Any) -> tuple[str, dict[str, list[Any]]]:
+    """(why, changed fields) when a readable checkpoint must not be resumed: made with another
+    params hash, or with more finished epochs than ``config.epochs`` asks for (resuming it
+    would write a model trained longer than asked). ("", {}) otherwise."""
+    ckpt = _peek(path)
+    if ckpt is None:
+        return "", {}
+    changed = _config_changes(ckpt.get("config"), hashed_config(config))
+    if ckpt["params_hash"] != phash:
+        if changed:
+            what = ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in changed.items())
+        elif "config" in ckpt:
+            what = "no config field; the data, classes or weights it trains on"
+        else:
+            what = "unknown (a checkpoint without its config)"
+        logger.warning(
+            "%s was made with params_hash %s, not %s (changed: %s): starting over",
+            path,
+            ckpt["params_hash"],
+            phash,
+            what,
+        )
+        return "params_hash changed", changed
+    done = ckpt.get("epoch")
+    if isinstance(done, int) and done + 1 > config.epochs:
+        logger.warning(
+            "%s has %d finished epochs, more than epochs=%d: starting over, so that the model "
+            "is trained for the epochs asked",
+            path,
+            done + 1,
+            config.epochs,
+        )
+        return "checkpoint has more epochs than asked", changed
+    return "", {}
 
 
 def _resume(
@@ -390,12 +509,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any,
+    config: dict[str, Any] | None = None,
     **numbers: float,
 ) -> None:
     """An atomic ``checkpoint.pt``; ``epoch`` is the last finished one (a resume runs +1).
-    ``numbers`` (e.g. ``train_seconds``) are stored beside it."""
+    ``config`` (`hashed_config`) and ``numbers`` (e.g. ``train_seconds``) are stored beside
+    it; the config lets a refused resume name the fields that changed."""
     state = {
         **numbers,
+        **({} if config is None else {"config": config}),
         "params_hash": phash,
         "epoch": epoch,
         "model": model.state_dict(),
@@ -530,6 +652,7 @@ def run_epochs(
             setup.optimizer,
             setup.scheduler,
             setup.scaler,
+            config=hashed_config(config),
             train_seconds=seconds,
         )
     save_model(out_dir, model, classes, config)

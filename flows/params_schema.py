@@ -20,6 +20,7 @@ from typing import Any
 
 from bbam.attribution import AttributionConfig
 from bbam.data.synthetic import SyntheticConfig
+from bbam.device import DEVICE_NAMES, check_device
 from bbam.mcg import MCGConfig
 from bbam.refine import RefineConfig
 from bbam.segmenters.instance import InstanceTrainConfig
@@ -226,6 +227,8 @@ def _check_attribution(params: dict) -> list[str]:
     errors = _check_keys(overrides, "attribution.overrides", _dataclass_hints(AttributionConfig))
     if section.get("executor", "local") not in EXECUTORS:
         errors.append(f"attribution.executor: {section['executor']!r} is not one of {EXECUTORS}")
+    if isinstance(overrides, dict) and overrides.get("lr") == 0:  # the library takes it
+        errors.append("attribution.overrides.lr: must be > 0 (0 leaves every map at its init)")
     for key in ("num_shards", "concurrent_shards", "chunk_size", "max_attempts"):
         if key in section and section[key] < 1:
             errors.append(f"attribution.{key}: must be >= 1, got {section[key]}")
@@ -260,7 +263,7 @@ def _check_segmenters(params: dict) -> list[str]:
     for supervision in supervisions:
         errors += _build("segmenters.instance", lambda s=supervision: instance_config(params, s))
         errors += _build("segmenters.semantic", lambda s=supervision: semantic_config(params, s))
-    return errors
+    return list(dict.fromkeys(errors))  # a range error repeats for every supervision
 
 
 def _check_simple_configs(params: dict) -> list[str]:
@@ -297,10 +300,36 @@ def _check_pseudo_labels(section: dict) -> list[str]:
     return errors
 
 
+def _check_evaluate(section: dict) -> list[str]:
+    """A negative ``report_samples`` would slice the records from the end (all but N)."""
+    errors = _check_keys(section, "evaluate", EVALUATE_KEYS)
+    count = section.get("report_samples", 0)
+    if not errors and count < 0:
+        errors.append(f"evaluate.report_samples: must be >= 0, got {count}")
+    return errors
+
+
+def _check_top_level(params: dict) -> list[str]:
+    """``device`` by the rule `resolve_device` applies (a typo such as ``gpu`` would fail only
+    when a stage first moves a tensor) and ``torch_threads``; section ``device`` keys are
+    checked by their configs."""
+    errors = []
+    if "device" in params:
+        try:
+            check_device(params["device"])
+        except ValueError:
+            errors.append(f"device: {params['device']!r} is not one of {DEVICE_NAMES}")
+    if params.get("torch_threads", 0) < 0:
+        threads = params["torch_threads"]
+        errors.append(f"torch_threads: must be >= 0 (0 = torch's default), got {threads}")
+    return errors
+
+
 def check_params(params: dict, path: str | Path) -> None:
     """Raise ParamsError listing every problem of a loaded params file (None: all good)."""
     errors = _check_keys(params, "", TOP_LEVEL)
     if not errors:
+        errors += _check_top_level(params)
         if "data" in params:
             errors += _check_keys(params["data"], "data", DATA_KEYS)
             errors += _check_data(params["data"]) if not errors else []
@@ -312,7 +341,7 @@ def check_params(params: dict, path: str | Path) -> None:
         if "pseudo_labels" in params:
             errors += _check_pseudo_labels(params["pseudo_labels"])
         if "evaluate" in params:
-            errors += _check_keys(params["evaluate"], "evaluate", EVALUATE_KEYS)
+            errors += _check_evaluate(params["evaluate"])
     if errors:
         lines = "\n  ".join(errors)
         raise ParamsError(f"{path}: invalid params ({len(errors)} problem(s)):\n  {lines}")

@@ -7,8 +7,7 @@ Prefect) build the detector as the train_detector stage does.
 
 from __future__ import annotations
 
-import dataclasses
-
+from bbam import training as T
 from bbam.train_detector import DetectorTrainConfig
 from tasks.params import file_sha256, params_digest, split_paths, top_level
 
@@ -23,6 +22,7 @@ def detector_params_hash(params: dict, config: DetectorTrainConfig) -> str:
     starts from and the train annotations (a replaced weights file at the same path is a new
     run, not a resume)."""
     start = [file_sha256(w) for w in (config.weights, config.weights_backbone) if w]
-    return params_digest(
-        dataclasses.asdict(config), *start, file_sha256(split_paths(params, "train")[0])
-    )
+    # as the segmenters' `params_hash`: another device or worker count, or more epochs,
+    # continues the checkpoint
+    fields = {k: v for k, v in T.hashed_config(config).items() if k not in T.RESUMABLE}
+    return params_digest(fields, *start, file_sha256(split_paths(params, "train")[0]))

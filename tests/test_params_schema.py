@@ -86,6 +86,32 @@ CASES = [
         "detector.norm: expected Literal['batch', 'group', 'frozen'], got str 'batchnorm'; did you mean 'batch'?",
     ),
     (_set("detector.norm", "frozen_bn"), "did you mean 'frozen'?"),
+    # values of the right type that train or label silently wrong, or crash naming no key
+    (_set("refine.th_bg", 0.9), "refine: RefineConfig needs th_bg <= th_fg"),
+    (_set("refine.abs_bg", 0.9), "refine: RefineConfig needs abs_bg <= abs_fg"),
+    (_set("refine.blur_base", float("nan")), "RefineConfig.blur_base must be a finite number"),
+    (_set("detector.lr", -0.01), "detector: DetectorTrainConfig.lr must be a finite number >= 0"),
+    (_set("detector.lr", float("nan")), "DetectorTrainConfig.lr must be a finite number >= 0"),
+    (_set("detector.weight_decay", -1.0), "DetectorTrainConfig.weight_decay must be a finite"),
+    (_set("detector.warmup_factor", 0.0), "DetectorTrainConfig.warmup_factor must be in (0, 1]"),
+    (_set("detector.device", "gpu"), "DetectorTrainConfig.device 'gpu' is not one of auto"),
+    (_set("segmenters.semantic.epochs", 0), "segmenters.semantic: SemanticTrainConfig.epochs"),
+    (_set("segmenters.semantic.batch_size", 0), "SemanticTrainConfig.batch_size must be >= 1"),
+    (_set("segmenters.semantic.crop_size", 0), "SemanticTrainConfig.crop_size must be >= 1"),
+    (_set("segmenters.semantic.clip_grad_norm", -1.0), "SemanticTrainConfig.clip_grad_norm"),
+    (_set("segmenters.instance.epochs", -1), "InstanceTrainConfig.epochs must be >= 1, got -1"),
+    (_set("segmenters.instance.lr", float("inf")), "InstanceTrainConfig.lr must be a finite"),
+    (_set("segmenters.instance.seed_lo", 0.95), "needs 0 <= seed_lo <= seed_hi <= 1"),
+    (_set("attribution.overrides.lr", float("nan")), "AttributionConfig.lr must be finite"),
+    (_set("attribution.overrides.lr", float("inf")), "AttributionConfig.lr must be finite"),
+    (_set("attribution.overrides.lr", 0.0), "attribution.overrides.lr: must be > 0"),
+    (_set("attribution.overrides.lr", -0.1), "AttributionConfig.lr must be >= 0"),
+    (_set("attribution.overrides.iou_thresholds", [1.5]), "iou_thresholds must be in [0, 1)"),
+    (_set("attribution.overrides.l1_weight", -0.1), "AttributionConfig.l1_weight must be >= 0"),
+    (_set("attribution.overrides.tv_beta", 0.5), "AttributionConfig.tv_beta must be >= 1"),
+    (_set("device", "gpu"), "device: 'gpu' is not one of auto, cpu, cuda or cuda:N"),
+    (_set("torch_threads", -3), "torch_threads: must be >= 0"),
+    (_set("evaluate.report_samples", -2), "evaluate.report_samples: must be >= 0"),
 ]
 
 
@@ -107,6 +133,21 @@ def test_every_problem_is_listed_at_once():
     with pytest.raises(ParamsError, match=r"2 problem\(s\)") as info:
         check_params(params, "params.yaml")
     assert "detector.epoch" in str(info.value) and "refine.th_fgg" in str(info.value)
+
+
+def test_a_segmenter_range_error_is_listed_once_not_per_supervision():
+    params = copy.deepcopy(load("params.yaml"))
+    params["segmenters"]["supervisions"] = ["full", "bbam", "box"]
+    params["segmenters"]["instance"]["epochs"] = 0
+    with pytest.raises(ParamsError, match=r"1 problem\(s\)"):
+        check_params(params, "params.yaml")
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_devices_resolve_device_takes_pass(device):
+    params = copy.deepcopy(load("params.yaml"))
+    params["device"] = params["detector"]["device"] = device
+    check_params(params, "params.yaml")
 
 
 def test_stage_cli_refuses_bad_params_before_running(tmp_path):

@@ -177,6 +177,23 @@ def test_config_validation():
     assert RefineConfig(small_priors=[0.5, 0.6]).small_priors == (0.5, 0.6)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"th_fg": 0.2, "th_bg": 0.85}, "needs th_bg <= th_fg"),
+        ({"abs_fg": 0.2, "abs_bg": 0.8}, "needs abs_bg <= abs_fg"),
+        ({"blur_base": math.nan}, "blur_base must be a finite number"),
+        ({"crf_bilateral_sxy": math.inf}, "crf_bilateral_sxy must be a finite number"),
+    ],
+)
+def test_swapped_thresholds_and_non_finite_knobs_are_refused(bad, message):
+    """Swapped, the not-background cut (which must contain fg) equals fg: no ignore band and
+    no error. Equal thresholds (no band, asked for) stay allowed."""
+    with pytest.raises(ValueError, match=message):
+        RefineConfig(**bad)
+    assert RefineConfig(th_fg=0.5, th_bg=0.5, abs_fg=0.4, abs_bg=0.4).th_bg == 0.5
+
+
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         refine_instance(

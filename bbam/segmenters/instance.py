@@ -82,6 +82,18 @@ class InstanceTrainConfig(T.TrainSchedule):
             norm=("group", "batch", "frozen"),
             mask_loss=("balanced", "bce"),
         )
+        T.check_schedule(self)
+        # an ignore-band pixel between a seed_lo above seed_hi would be grown into both labels
+        if not 0.0 <= self.seed_lo <= self.seed_hi <= 1.0:
+            raise ValueError(
+                "InstanceTrainConfig needs 0 <= seed_lo <= seed_hi <= 1, got "
+                f"{self.seed_lo}, {self.seed_hi}"
+            )
+        if not 0.0 <= self.box_score_thresh <= 1.0:
+            raise ValueError(
+                "InstanceTrainConfig.box_score_thresh must be in [0, 1], got "
+                f"{self.box_score_thresh}"
+            )
 
 
 # ----------------------------------------------------------------------------- model

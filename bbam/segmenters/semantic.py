@@ -79,6 +79,7 @@ class SemanticTrainConfig(T.TrainSchedule):
 
     def __post_init__(self) -> None:
         T.check_choices(self, arch=ARCHS, supervision=SUPERVISIONS, head=HEADS)
+        T.check_schedule(self)
         if not 0 <= self.trainable_backbone_layers <= 5 or (
             not self.arch.startswith("resnet") and self.trainable_backbone_layers != 5
         ):
