@@ -22,7 +22,7 @@ import hashlib
 import logging
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -360,22 +360,50 @@ def compact_shard(shard_dir: Path, repair: bool = False) -> pa.Table:
     return compacted
 
 
-def merge_manifests(shard_dirs: Iterable[Path]) -> pa.Table:
-    """One table over all shards; raises if a key appears in two shards."""
-    tables = []
+def merge_manifests(
+    shard_dirs: Iterable[Path],
+    keys: Collection[str] | None = None,
+    params_hash: str | None = None,
+    code_version: str | None = None,
+) -> pa.Table:
+    """One table over all shards; raises naming the key and both folders if a key is in two.
+
+    When given, only rows of ``keys`` written with ``params_hash`` and ``code_version`` are
+    kept: a shard folder also holds rows of earlier settings or another split (kept there for
+    a later run to reuse), and those must never pass for results of this one.
+    """
+    wanted = pa.array(sorted(keys), pa.string()) if keys is not None else None
+    tables, left_out = [], 0
     for shard_dir in shard_dirs:
         try:
             table = read_shard(shard_dir)
         except ManifestError as exc:
             hint = "; re-running its shard recomputes the instances it held"
             raise ManifestError(exc.path, exc.what + hint) from exc
-        where = pa.repeat(pa.scalar(str(shard_dir), pa.string()), table.num_rows)
-        tables.append(table.append_column("shard_dir", where))
+        mask = pa.repeat(pa.scalar(True), table.num_rows)
+        if wanted is not None:
+            mask = pc.and_(mask, pc.is_in(table.column("key"), value_set=wanted))
+        for column, value in (("params_hash", params_hash), ("code_version", code_version)):
+            if value is not None:
+                mask = pc.and_(mask, pc.fill_null(pc.equal(table.column(column), value), False))
+        kept = table.filter(mask)
+        left_out += table.num_rows - kept.num_rows
+        where = pa.repeat(pa.scalar(str(shard_dir), pa.string()), kept.num_rows)
+        tables.append(kept.append_column("shard_dir", where))
+    if left_out:
+        logger.info("merge: left out %d rows of other settings or unplanned instances", left_out)
     if not tables:
         return SCHEMA.empty_table()
     merged = pa.concat_tables(tables)
     if pc.count_distinct(merged.column("key")).as_py() != merged.num_rows:
-        raise ValueError("an instance key appears in more than one shard")
+        counts = merged.group_by("key", use_threads=False).aggregate([("key", "count")])
+        key = counts.filter(pc.greater(counts.column("key_count"), 1)).column("key")[0].as_py()
+        where = merged.filter(pc.equal(merged.column("key"), key)).column("shard_dir")
+        raise ValueError(
+            f"instance key {key} appears in more than one shard: {' and '.join(where.to_pylist())};"
+            " the folders were laid out for different num_shards (python -m flows.attribute "
+            "re-shards them at its start) or one was copied in by hand: remove the stale one"
+        )
     return merged
 
 

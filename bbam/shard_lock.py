@@ -1,13 +1,17 @@
 """One writer per shard directory, across hosts that share the folder.
 
 A re-dispatched shard may start while the run it replaces is still alive (a
-worker that lost its network but not its GPU). Two writers in one shard folder
-would race on part numbers, so the shard flow holds ``<shard_dir>/.lock``:
-created with O_EXCL, holding {pid, host, owner, started}, its mtime refreshed
-by a heartbeat thread. A lock whose mtime is older than ``stale_s`` belongs to
-a dead process and may be broken (renamed away, so two breakers cannot both
-win). The dispatcher reads the same heartbeat to tell a slow shard from a lost
-one. Needs a shared POSIX folder (local disk or NFS v3+ with O_EXCL); fsspec
+worker that lost its network but not its GPU), and a requeued local run may start
+while the first is alive. Two writers in one shard folder would race on part
+numbers and compaction, so every shard run (the shard flow, the local executor)
+holds ``<shard_dir>/.lock``: created with O_EXCL, holding {pid, host, owner,
+started, pidns, pid_start}, its mtime refreshed by a heartbeat thread. A lock
+whose mtime is older than ``stale_s`` belongs to a dead process and may be broken
+(renamed away, so two breakers cannot both win); so may one whose holder is known
+dead at once: same host name and pid namespace, and its pid no longer runs the
+process that took the lock (a SIGKILLed local run must not block the rerun for
+``stale_s``). The dispatcher reads the same heartbeat to tell a slow shard from a
+lost one. Needs a shared POSIX folder (local disk or NFS v3+ with O_EXCL); fsspec
 URLs are not supported.
 """
 
@@ -34,6 +38,34 @@ class LockLost(RuntimeError):
 
 def lock_path(shard_dir: str | Path) -> Path:
     return Path(shard_dir) / LOCK_NAME
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of a live process (``/proc/<pid>/stat``), None if gone, a zombie or
+    unknown (no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _identity() -> dict:
+    """What tells another process on this host whether we are still alive."""
+    try:
+        return {"pidns": os.readlink("/proc/self/ns/pid"), "pid_start": _start_time(os.getpid())}
+    except OSError:
+        return {}
+
+
+def holder_dead(info: dict | None) -> bool:
+    """True only when sure: the holder ran on this host, in our pid namespace (pids compare),
+    and its pid is gone or now another process. Anything else waits for ``stale_s``."""
+    if not info or info.get("host") != socket.gethostname() or not info.get("pid_start"):
+        return False
+    if info.get("pidns") != _identity().get("pidns"):
+        return False
+    return _start_time(int(info["pid"])) != info["pid_start"]
 
 
 def read_lock(shard_dir: str | Path) -> dict | None:
@@ -80,6 +112,7 @@ class ShardLock:
             "owner": self.owner,
             "token": self.token,
             "started": time.time(),
+            **_identity(),
         }
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -96,7 +129,7 @@ class ShardLock:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return True
-        if age <= self.stale_s:
+        if age <= self.stale_s and not holder_dead(read_lock(self.path.parent)):
             return False
         grave = self.path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex[:8]}")
         try:
@@ -118,7 +151,9 @@ class ShardLock:
                 holder = read_lock(self.path.parent) or {}
                 raise ShardBusy(
                     f"{self.path}: held by pid {holder.get('pid')} on {holder.get('host')} "
-                    f"({holder.get('owner')}), heartbeat {holder.get('age_s', 0):.0f} s ago"
+                    f"({holder.get('owner')}), heartbeat {holder.get('age_s', 0):.0f} s ago; "
+                    f"another run is working in {self.path.parent}: let it finish or stop it "
+                    f"(a lock without a heartbeat for {self.stale_s:.0f} s is taken over)"
                 )
             time.sleep(min(self.heartbeat_s, 1.0))
         self._thread = threading.Thread(target=self._beat, name=f"lock {self.path}", daemon=True)

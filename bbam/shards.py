@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
+import shutil
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +32,19 @@ import numpy as np
 import torch
 
 from bbam import __version__
+from bbam.atomic import atomic_write_json
 from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.manifest import (
     REQUIRED,
     compact_shard,
     empty_row,
+    load_grid,
     scan_shard,
     unreadable_maps,
     write_part,
 )
+from bbam.shard_lock import ShardLock
 
 DONE = ("ok", "no_positive", "skipped")
 
@@ -52,6 +59,15 @@ def shard_of(image_id: str, num_shards: int) -> int:
 
 def instance_key(image_id: str, instance_id: int) -> str:
     return f"{image_id}/{instance_id}"
+
+
+def image_of(key: str) -> str:
+    """The image id of an instance key (image ids may themselves contain '/')."""
+    return key.rsplit("/", 1)[0]
+
+
+class ShardLayoutError(ValueError):
+    """A shard folder holds rows that belong to another shard under this ``num_shards``."""
 
 
 @dataclass
@@ -79,16 +95,27 @@ def plan_shard(dataset: Dataset, shard: int, num_shards: int) -> list[tuple[Imag
     ]
 
 
+def is_current(row: dict | None, params_hash: str) -> bool:
+    """A row written with these settings and this code: the only rows a run reuses, and the
+    only rows the merged manifest keeps (``bbam.manifest.merge_manifests``)."""
+    return (
+        row is not None and row["params_hash"] == params_hash and row["code_version"] == __version__
+    )
+
+
 def pending_work(
     planned: list[tuple[ImageRecord, Instance]],
     shard_dir: Path,
     params_hash: str,
     max_attempts: int,
+    layout: tuple[int, int] | None = None,
 ) -> tuple[list[WorkItem], dict[str, int], list[str]]:
     """What still has to run, counts of why the rest is skipped, and the unreadable files.
 
     A done row whose map cannot be read back is run again (counted as ``unreadable``),
     as are the rows of a manifest file that cannot be read (counted as ``new``).
+    ``layout`` (shard, num_shards): raise ShardLayoutError if the folder holds rows of
+    another shard count, rather than recompute them here while their rows stay there.
     """
     table, problems = scan_shard(shard_dir) if shard_dir.exists() else (None, [])
     for problem in problems:
@@ -96,13 +123,19 @@ def pending_work(
     previous = {}
     if table is not None and table.num_rows:
         previous = {row["key"]: row for row in table.select(list(REQUIRED)).to_pylist()}
+    if layout is not None:
+        shard, num_shards = layout
+        foreign = [k for k in previous if shard_of(image_of(k), num_shards) != shard]
+        if foreign:
+            raise ShardLayoutError(
+                f"{shard_dir}: {len(foreign)} rows (e.g. {foreign[0]}) belong to other shards "
+                f"with num_shards {num_shards}: the folder was written with another num_shards; "
+                "re-shard first (python -m flows.attribute does it at its start, "
+                "or bbam.shards.reshard)"
+            )
 
     def current(row: dict | None) -> bool:
-        return (
-            row is not None
-            and row["params_hash"] == params_hash
-            and row["code_version"] == __version__
-        )
+        return is_current(row, params_hash)
 
     rows = [previous.get(instance_key(r.image_id, i.instance_id)) for r, i in planned]
     done = [row for row in rows if current(row) and row["status"] in DONE]
@@ -189,6 +222,7 @@ def run_shard(
     max_attempts: int = 2,
     progress: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    before_write: Callable[[], None] | None = None,
 ) -> dict:
     """Attribute every pending instance of ``shard``; returns counts for the summary.
 
@@ -197,12 +231,16 @@ def run_shard(
     its own instances. Crowd regions get a ``skipped`` row with the reason.
     ``should_stop`` is asked before each chunk (a SIGTERM from a scheduler): when
     it says so, the shard stops with its finished chunks on disk, uncompacted, and
-    the summary says ``interrupted``. Files that could not be
+    the summary says ``interrupted``. ``before_write`` is called before every write into
+    the folder (each part, the compaction): a shard lock's ``check`` there raises once the
+    lock was taken over, so a run presumed dead writes nothing more. Files that could not be
     read back are listed in the summary (``unreadable_files``); what they held is
     recomputed (``recomputed_unreadable`` counts finished rows whose map was lost).
     """
     planned = plan_shard(dataset, shard, num_shards)
-    work, counts, unreadable = pending_work(planned, shard_dir, params_hash, max_attempts)
+    work, counts, unreadable = pending_work(
+        planned, shard_dir, params_hash, max_attempts, layout=(shard, num_shards)
+    )
     started = time.perf_counter()
     run_id = uuid.uuid4().hex
     interrupted, ran = False, 0
@@ -242,6 +280,8 @@ def run_shard(
                 row.update(update)
                 rows.append(row)
                 grids.append(grid)
+        if before_write is not None:
+            before_write()
         write_part(shard_dir, rows, grids)
         ran += len(chunk)
         if progress is not None:
@@ -250,6 +290,8 @@ def run_shard(
         table, _ = scan_shard(shard_dir)  # compaction can wait for the run that finishes
     else:
         # Every planned instance now has a readable row: what is unreadable can go.
+        if before_write is not None:
+            before_write()
         table = compact_shard(shard_dir, repair=True)
     keys = {instance_key(r.image_id, i.instance_id) for r, i in planned}
     statuses = (
@@ -278,6 +320,142 @@ def run_shard(
         "failed": statuses.count("failed"),
         "skipped": statuses.count("skipped"),
     }
+
+
+LAYOUT_NAME = "layout.json"  # written last into a re-shard's new folder: it is complete
+_SHARD_FOLDER = re.compile(r"shard-(\d{4,})$")
+
+
+def shard_folder(root: str | Path, shard: int) -> Path:
+    """``<root>/shard-NNNN``: one shard's folder (manifest, maps, lock)."""
+    return Path(root) / f"shard-{shard:04d}"
+
+
+def shard_folders(root: str | Path) -> dict[int, Path]:
+    """The shard folders under ``root`` by index (none when ``root`` does not exist)."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    found = ((_SHARD_FOLDER.match(p.name), p) for p in root.iterdir() if p.is_dir())
+    return {int(m.group(1)): p for m, p in found if m}
+
+
+def misplaced_rows(root: str | Path, num_shards: int) -> int:
+    """Rows under ``root`` in a folder other than their image's shard under ``num_shards``:
+    non-zero when the folders were written with another ``num_shards``."""
+    count = 0
+    for index, folder in shard_folders(root).items():
+        table, _ = scan_shard(folder)  # unreadable files are the resume's to report
+        keys = table.column("key").to_pylist()
+        count += sum(shard_of(image_of(k), num_shards) != index for k in keys)
+    return count
+
+
+def recover_reshard(root: str | Path) -> None:
+    """Finish or undo a re-shard that was killed: a complete new layout (``LAYOUT_NAME``
+    written) whose swap did not happen goes in place, an incomplete one goes, and the old
+    layout goes once the new one is in place."""
+    root = Path(root)
+    for new in sorted(root.parent.glob(f".{root.name}.new-*")):
+        if (new / LAYOUT_NAME).is_file() and not root.exists():
+            os.rename(new, root)  # killed between the two renames of the swap
+            logger.warning("re-shard: %s completed from %s", root, new.name)
+        else:
+            shutil.rmtree(new)  # killed before the swap: the old layout is still whole
+    for old in sorted(root.parent.glob(f".{root.name}.old-*")):
+        if root.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, root)
+
+
+def reshard(
+    root: str | Path,
+    num_shards: int,
+    stale_s: float = 120.0,
+    heartbeat_s: float = 10.0,
+    owner: str = "re-shard",
+) -> dict[str, int]:
+    """Move finished rows and their maps into the folders of ``num_shards``, computing nothing.
+
+    Nothing happens when every row already sits in its image's shard. Otherwise, holding
+    the lock of ``root.parent`` (one re-shard at a time) and every shard's lock (ShardBusy
+    if a live run holds one), the new layout is built next to
+    ``root`` (``.<name>.new-*``: parts written, compacted, then ``LAYOUT_NAME``) and swapped
+    in by two renames; ``recover_reshard`` completes or drops a layout a kill left behind,
+    so there is always one complete layout. Rows whose map cannot be read back are left out
+    with a warning (the next run recomputes them). Returns rows moved per "old->new" folder.
+    """
+    root = Path(root)
+    # One re-shard (or recovery) at a time: another run's half-built layout is not a leftover.
+    with ShardLock(root.parent, owner, stale_s, heartbeat_s):
+        recover_reshard(root)
+        if not misplaced_rows(root, num_shards):
+            return {}
+        return _rebuild_layout(root, num_shards, stale_s, heartbeat_s, owner)
+
+
+def _rebuild_layout(
+    root: Path, num_shards: int, stale_s: float, heartbeat_s: float, owner: str
+) -> dict[str, int]:
+    """``reshard``'s build and swap, under its lock on ``root.parent``."""
+    token = uuid.uuid4().hex[:8]
+    new_root = root.with_name(f".{root.name}.new-{token}")
+    old_root = root.with_name(f".{root.name}.old-{token}")
+    moved: dict[str, int] = {}
+    with ExitStack() as locks:
+        for index in sorted(set(shard_folders(root)) | set(range(num_shards))):
+            lock = ShardLock(shard_folder(root, index), owner, stale_s, heartbeat_s)
+            locks.enter_context(lock)  # also stops a run starting in a folder about to go
+        tables = {}
+        for index, folder in sorted(shard_folders(root).items()):
+            tables[index], problems = scan_shard(folder)
+            for problem in problems:
+                logger.warning("re-shard: %s; its rows are left out and recomputed", problem)
+        # One row per key: a key in two folders (an earlier run with another num_shards and
+        # no re-shard) keeps the row of the folder it belongs to, else the first one.
+        source: dict[str, int] = {}
+        for index, table in tables.items():
+            for key in table.column("key").to_pylist():
+                if key not in source or shard_of(image_of(key), num_shards) == index:
+                    source[key] = index
+        for index, table in tables.items():
+            folder = shard_folder(root, index)
+            rows = [row for row in table.to_pylist() if source[row["key"]] == index]
+            if len(rows) < table.num_rows:
+                logger.warning(
+                    "re-shard: %s: %d rows left out, their keys have a row in the folder "
+                    "they belong to",
+                    folder,
+                    table.num_rows - len(rows),
+                )
+            bad = unreadable_maps(folder, rows)
+            for key, problem in bad.items():
+                logger.warning("re-shard: %s; %s is left out and recomputed", problem, key)
+            buckets: dict[int, tuple[list[dict], list[np.ndarray | None]]] = {}
+            cache: dict = {}
+            for row in rows:
+                if row["key"] in bad:
+                    continue
+                grid = load_grid(folder, row, cache) if row["length"] else None
+                if grid is None:
+                    row.update(array_file="", offset=-1, length=0, sha256="")
+                target = shard_of(image_of(row["key"]), num_shards)
+                row["shard"] = target
+                bucket = buckets.setdefault(target, ([], []))
+                bucket[0].append(row)
+                bucket[1].append(grid)
+            for target, (part_rows, grids) in sorted(buckets.items()):
+                write_part(shard_folder(new_root, target), part_rows, grids)
+                if target != index:
+                    moved[f"{folder.name}->{shard_folder(root, target).name}"] = len(part_rows)
+        for folder in shard_folders(new_root).values():
+            compact_shard(folder)
+        atomic_write_json(new_root / LAYOUT_NAME, {"num_shards": num_shards, "moved": moved})
+        os.rename(root, old_root)
+        os.rename(new_root, root)
+    shutil.rmtree(old_root)
+    return moved
 
 
 def detector_chunk_fn(model: torch.nn.Module, config, device: torch.device) -> ChunkFn:

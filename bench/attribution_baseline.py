@@ -63,7 +63,7 @@ def score(results, truth, refine_params: RefineConfig, align: bool) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tasks.attribution import engine_config
+    from tasks.attribution_config import engine_config
     from tasks.params import load_params
     from tasks.pseudo_label_config import refine_config
 

@@ -11,18 +11,21 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from prefect import flow
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from bbam.atomic import atomic_write_json
 from bbam.manifest import status_counts_by_shard
+from bbam.shards import reshard
 from flows.common import publish_table, stage_cli
 from tasks.attribution import (
     STOP,
     attribute_shard,
-    engine_config,
+    lock_timing,
     merge_shards,
     stop_shards_on_sigterm,
 )
+from tasks.attribution_config import engine_config
 from tasks.deployments import run_on_deployments
 from tasks.params import (
     ATTRIBUTION_DIR,
@@ -30,6 +33,7 @@ from tasks.params import (
     METRICS_DIR,
     file_sha256,
     params_digest,
+    shard_dir,
     split_paths,
 )
 
@@ -65,12 +69,21 @@ def shard_table(manifest: Path, num_shards: int) -> list[dict]:
     return [*rows, {"shard": "all", **total}]
 
 
-def _this_run(state, summary: dict) -> dict:
-    """A shard's counts for this run: a Cached shard (tasks.caching) ran nothing now, and every
-    instance it had finished was reused."""
-    if state.name != "Cached":
-        return summary
-    return {**summary, "ran": 0, "skipped_done": summary["planned"] - summary["failed"]}
+def reshard_if_needed(section: dict, out_dir: Path) -> dict[str, int]:
+    """Finished work laid out for another ``num_shards`` moves into this one's folders
+    (``bbam.shards.reshard``): never recomputed, never merged twice."""
+    stale_s, heartbeat_s = lock_timing(section)
+    root = shard_dir(out_dir, 0).parent
+    moved = reshard(
+        root, int(section["num_shards"]), stale_s, heartbeat_s, "flows.attribute re-shard"
+    )
+    if moved:
+        print(
+            f"[bbam] attribute: re-sharded {root} into {section['num_shards']} shards, "
+            f"{sum(moved.values())} finished rows moved: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(moved.items()))
+        )
+    return moved
 
 
 @flow(name="attribute")
@@ -85,23 +98,24 @@ def attribute_flow(
     wanted = range(num_shards) if not shards else [int(s) for s in shards.split(",")]
     digest = attribution_hash(params)
     executor = executor or section.get("executor", "local")
+    if executor not in ("local", "deployments"):
+        raise ValueError(f"{params_path}: attribution.executor {executor!r}: local | deployments")
     started = time.perf_counter()
+    moved = reshard_if_needed(section, OUT_DIR)
     if executor == "local":
         STOP.clear()
         with stop_shards_on_sigterm():  # chained in front of Prefect's own SIGTERM handler
             futures = [attribute_shard.submit(params, s, str(OUT_DIR), digest) for s in wanted]
-            shard_summaries = [f.result() for f in futures]  # raises if any shard failed or
+            wait(futures)  # every shard ends (and drops its lock) before one's error is raised
+            now = [f.result() for f in futures]  # raises if any shard failed or
             # stopped on request (ShardInterrupted): a partial run is never reported
-            now = [_this_run(f.state, s) for f, s in zip(futures, shard_summaries, strict=True)]
-    elif executor == "deployments":
-        shard_summaries = run_on_deployments(params_path, params, list(wanted), digest, OUT_DIR)
-        now = shard_summaries
     else:
-        raise ValueError(f"{params_path}: attribution.executor {executor!r}: local | deployments")
-    summary = merge_shards(params, str(OUT_DIR), num_shards, shard_summaries)
+        now = run_on_deployments(params_path, params, list(wanted), digest, OUT_DIR)
+    summary = merge_shards(params, str(OUT_DIR), num_shards, digest, list(wanted))
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     summary["ran_now"] = sum(s["ran"] for s in now)
     summary["skipped_done"] = sum(s["skipped_done"] for s in now)
+    summary["resharded_rows"] = sum(moved.values())
     summary["params_hash"] = digest
     atomic_write_json(METRICS, summary)
     publish_table(  # before the failure check: a failed run shows which shards failed
@@ -110,17 +124,33 @@ def attribute_flow(
         f"Attribution: instances per status and shard ({OUT_DIR / 'manifest.parquet'}); "
         f"this run attributed {summary['ran_now']}, reused {summary['skipped_done']}.",
     )
-    failed_fraction = summary["failed"] / max(1, summary["instances"])
     print(
         f"[bbam] attribute: {summary['instances']} instances, ok {summary['ok']}, "
         f"no_positive {summary['no_positive']}, skipped {summary['skipped']}, "
-        f"failed {summary['failed']}; "
+        f"failed {summary['failed']}, missing {summary['missing']}; "
         f"ran {summary['ran_now']}, reused {summary['skipped_done']}, {summary['wall_seconds']} s"
     )
+    if summary["unreadable_images"]:
+        print(
+            f"[bbam] attribute: unreadable images: {summary['unreadable_images']}, their "
+            f"instances are failed rows: {'; '.join(summary['unreadable_image_errors'])}"
+        )
+    if summary["missing"]:
+        print(
+            f"[bbam] attribute: {summary['missing']} planned instances have no row with these "
+            f"settings (e.g. {', '.join(summary['missing_keys'])}), "
+            f"{summary['missing'] - summary['missing_in_run']} of them in shards this run "
+            "did not attribute: run every shard (without --shards) to attribute them"
+        )
+    # Another host's --shards are not this run's failures; the next stage sees them missing.
+    bad = summary["failed"] + summary["missing_in_run"]
+    failed_fraction = bad / max(1, summary["instances"])
     limit = float(section.get("max_failure_fraction", 0.05))
     if failed_fraction > limit:
         raise RuntimeError(
-            f"{summary['failed']} failed instances ({failed_fraction:.1%}) exceed max_failure_fraction {limit:.1%}; see {OUT_DIR / 'manifest.parquet'}"
+            f"{summary['failed']} failed and {summary['missing']} missing instances "
+            f"({failed_fraction:.1%}) exceed max_failure_fraction {limit:.1%}; "
+            f"see {OUT_DIR / 'manifest.parquet'}"
         )
     return summary
 

@@ -5,7 +5,7 @@ Deployed by ``prefect.yaml`` and fanned out by ``tasks.deployments`` (executor
 relative to the working directory, which the deployment's pull step sets to the
 checkout on shared storage. The shard holds ``<shard_dir>/.lock`` while it works
 (see ``bbam.shard_lock``) so a re-dispatched attempt never writes alongside a
-run that is still alive.
+run that is still alive, and a run whose lock was taken over stops at its next chunk.
 """
 
 from __future__ import annotations
@@ -17,17 +17,11 @@ from prefect.runtime import flow_run
 
 from bbam.shard_lock import LockLost, ShardLock
 from flows.common import configure_runtime
-from tasks.attribution import attribute_shard
-from tasks.deployments import DispatchConfig, write_run_summary
+from tasks.attribution import lock_timing, run_locked_shard
+from tasks.deployments import write_run_summary
 from tasks.params import ATTRIBUTION_DIR, load_params, shard_dir
 
 OUT_DIR = str(ATTRIBUTION_DIR)
-
-
-def lock_timing(section: dict) -> tuple[float, float]:
-    """(stale_s, heartbeat_s) of the shard lock: the dispatcher reads the same keys."""
-    config = DispatchConfig.from_section(section)
-    return float(config.lost_after_s), float(config.heartbeat_s)
 
 
 def gpu_slot(limit_name: str | None, lease_s: float):
@@ -64,7 +58,8 @@ def attribute_shard_flow(
 
         check_params(params, params_path)
         with gpu_slot(concurrency_limit, stale_s):
-            summary = attribute_shard.fn(params, shard, out_dir, params_hash)
+            # stops at the next chunk, writing nothing more, once the lock is taken over
+            summary = run_locked_shard(params, shard, out_dir, params_hash, lock)
         lock.check()  # a run presumed dead must not report success
         summary.update(attempt=attempt, flow_run_id=flow_run.get_id())
         write_run_summary(directory, summary)

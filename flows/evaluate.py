@@ -171,7 +171,7 @@ def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
     from bbam.report import attribution_heatmaps, read_pseudo_label_baselines
     from bbam.segmenters.semantic import load_semantic_model, predict_semantic
     from bbam.segmenters.targets import render_label_map
-    from tasks.attribution import engine_config
+    from tasks.attribution_config import engine_config
     from tasks.params import ATTRIBUTION_DIR, BASELINES_NAME, PSEUDO_DIR, load_split, shard_dir
     from tasks.segmenters import segmenter_dir, semantic_config
 

@@ -27,7 +27,7 @@ from bbam.segmenters.instance import InstanceTrainConfig
 from bbam.segmenters.semantic import SemanticTrainConfig
 from bbam.segmenters.targets import SUPERVISIONS
 from bbam.train_detector import DetectorTrainConfig
-from tasks.attribution import engine_config
+from tasks.attribution_config import engine_config
 from tasks.deployments import DispatchConfig
 from tasks.detector_config import detector_config
 from tasks.pseudo_label_config import proposal_config, refine_config

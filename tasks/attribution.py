@@ -1,25 +1,46 @@
-"""Prefect tasks of the attribution stage: one task per shard, then a merge."""
+"""Prefect tasks of the attribution stage: one task per shard, then a merge.
+
+Neither is cached (``tasks.caching``): a cache key covers only a stage's inputs, so it would
+report a deleted shard folder or merged manifest as done. A rerun costs little anyway: each
+shard's manifest says what is finished, and the shard reads it and runs nothing more.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
+from bbam import __version__
 from bbam.atomic import atomic_write
-from bbam.attribution import AttributionConfig, profile_config
+from bbam.data.records import Dataset
 from bbam.device import resolve_device
 from bbam.manifest import merge_manifests, status_counts
-from bbam.shards import detector_chunk_fn, plan_shard, run_shard
-from tasks.caching import stage_cache
+from bbam.shard_lock import LockLost, ShardBusy, ShardLock
+from bbam.shards import (
+    detector_chunk_fn,
+    image_of,
+    instance_key,
+    plan_shard,
+    run_shard,
+    shard_of,
+)
+from tasks.attribution_config import engine_config
+from tasks.deployments import DispatchConfig
 from tasks.detector import load_detector_from_params
-from tasks.params import ATTRIBUTION_DIR, load_split, shard_dir, top_level
+from tasks.params import load_split, shard_dir, top_level
+
+SHOWN = 5  # keys / files named in a summary or an error
 
 # Set on SIGTERM (flows.attribute): shard tasks stop at their next chunk boundary.
 STOP = threading.Event()
@@ -51,30 +72,32 @@ def stop_shards_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def engine_config(params: dict) -> AttributionConfig:
-    """The engine settings every attribution step uses: the params' profile plus overrides
-    (the top-level ``seed`` unless ``overrides.seed`` sets the engine's own)."""
-    section = params["attribution"]
-    overrides = {"seed": top_level(params)["seed"], **(section.get("overrides") or {})}
-    return profile_config(section.get("profile", "fast"), **overrides)
-
-
 class ShardInterrupted(RuntimeError):
-    """A shard stopped on request (SIGTERM): its finished chunks are on disk; never cached."""
+    """A shard stopped on request (SIGTERM): its finished chunks are on disk."""
 
 
-@task(
-    name="attribute-shard",
-    retries=1,
-    retry_delay_seconds=5,
-    retry_condition_fn=lambda *_: not STOP.is_set(),
-    tags=["gpu"],
-    **stage_cache("attribute", ATTRIBUTION_DIR),
-)
-def attribute_shard(params: dict, shard: int, out_dir: str, params_hash: str) -> dict:
-    """Attribute the pending instances of one shard; the manifest makes it resumable."""
+def attribution_split(params: dict) -> Dataset:
+    """The split to attribute with every image kept: one that prepare_data found unreadable,
+    or that is gone since, gets a failed row per instance naming the file, never a silent
+    drop (``load_split``'s default)."""
+    split = params["attribution"]["split"]
+    return load_split(params, split, with_masks=False, drop_unreadable=False)
+
+
+def lock_timing(section: dict) -> tuple[float, float]:
+    """(stale_s, heartbeat_s) of the shard lock: the dispatcher reads the same keys."""
+    config = DispatchConfig.from_section(section)
+    return float(config.lost_after_s), float(config.heartbeat_s)
+
+
+def run_locked_shard(
+    params: dict, shard: int, out_dir: str, params_hash: str, lock: ShardLock
+) -> dict:
+    """Attribute the pending instances of one shard while ``lock`` (held by the caller) is
+    ours: once it is taken over, the shard stops at its next chunk and writes nothing more
+    (``LockLost``), so two runs never write one folder at once."""
     section = params["attribution"]
-    dataset = load_split(params, section["split"], with_masks=False)  # boxes are the input
+    dataset = attribution_split(params)  # boxes are the input
     num_shards = int(section["num_shards"])
     device = resolve_device(top_level(params)["device"])
     config = engine_config(params)
@@ -98,27 +121,90 @@ def attribute_shard(params: dict, shard: int, out_dir: str, params_hash: str) ->
             chunk_size=int(section.get("chunk_size", 16)),
             max_attempts=int(section.get("max_attempts", 2)),
             progress=bar.update,
-            should_stop=STOP.is_set,
+            should_stop=lambda: STOP.is_set() or lock.lost.is_set(),
+            before_write=lock.check,
         )
+    lock.check()  # stopped because the lock was taken over: LockLost, not a success
     get_run_logger().info("shard %d: %s", shard, summary)
-    if summary.get("interrupted"):  # raised, not returned: a result would be cached
+    if summary.get("interrupted"):
         raise ShardInterrupted("attribution stopped on request; run it again to resume")
     return summary
 
 
-@task(name="merge-manifests", **stage_cache("attribute", ATTRIBUTION_DIR))
-def merge_shards(params: dict, out_dir: str, num_shards: int, shard_summaries: list) -> dict:
-    """One manifest over all shards (each key exactly once) plus counts per status.
-    ``shard_summaries`` only joins the cache key: shards that ran again make a new merge."""
+def _worth_retrying(task, task_run, state) -> bool:
+    """Not after a stop request, nor when another run holds (or took over) the shard."""
+    error = state.result(raise_on_failure=False)
+    return not STOP.is_set() and not isinstance(error, (ShardBusy, LockLost))
+
+
+@task(
+    name="attribute-shard",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_worth_retrying,
+    tags=["gpu"],
+    cache_policy=NO_CACHE,
+)
+def attribute_shard(params: dict, shard: int, out_dir: str, params_hash: str) -> dict:
+    """One shard in this process (executor ``local``), holding the shard's lock as a worker's
+    flow run does: a second run on the same shard (a requeued job while the first is alive)
+    refuses to start with ShardBusy naming the lock file and its holder."""
+    stale_s, heartbeat_s = lock_timing(params["attribution"])
+    owner = f"flows.attribute (executor local) pid {os.getpid()} on {socket.gethostname()}"
+    with ShardLock(shard_dir(out_dir, shard), owner, stale_s, heartbeat_s) as lock:
+        return run_locked_shard(params, shard, out_dir, params_hash, lock)
+
+
+@task(name="merge-manifests", cache_policy=NO_CACHE)
+def merge_shards(
+    params: dict,
+    out_dir: str,
+    num_shards: int,
+    params_hash: str,
+    shards: Collection[int] | None = None,
+) -> dict:
+    """One manifest of the planned instances (each key once), counts per status and what is
+    missing. Only rows written with ``params_hash`` by this code count: the shard folders
+    also keep rows of earlier settings, another split or another dataset.
+    ``missing_in_run`` counts the missing instances of ``shards`` (those this run attributed;
+    default all): the others are another run's to attribute (``--shards`` on other hosts)."""
+    dataset = attribution_split(params)
+    planned = [
+        instance_key(r.image_id, i.instance_id) for r in dataset.records for i in r.instances
+    ]
     dirs = [shard_dir(out_dir, s) for s in range(num_shards)]
-    table = merge_manifests(d for d in dirs if d.exists())
+    table = merge_manifests(
+        (d for d in dirs if d.exists()), set(planned), params_hash, code_version=__version__
+    )
     path = Path(out_dir) / "manifest.parquet"
     atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
     seconds = sum(v or 0.0 for v in table.column("seconds").to_pylist()) if table.num_rows else 0.0
     counts = status_counts(table)
+    have = set(table.column("key").to_pylist())
+    missing = [k for k in planned if k not in have]
+    ran = set(range(num_shards) if shards is None else shards)
     return {
-        "instances": table.num_rows,
+        "instances": len(planned),
         **counts,
+        "missing": len(missing),
+        "missing_in_run": sum(shard_of(image_of(k), num_shards) in ran for k in missing),
+        "missing_keys": missing[:SHOWN],
+        **_unreadable_images(dataset, table),
         "engine_seconds": round(seconds, 2),
         "instances_per_engine_s": round(counts["ok"] / seconds, 4) if seconds else 0.0,
+    }
+
+
+def _unreadable_images(dataset: Dataset, table) -> dict:
+    """Images whose instances failed because the file could not be read (missing, truncated):
+    ``load_rgb``'s error starts with the path."""
+    paths = {r.image_id: f"{r.path}: " for r in dataset.records}
+    errors: dict[str, str] = {}
+    for row in table.filter(pc.equal(table.column("status"), "failed")).to_pylist():
+        prefix = paths.get(row["image_id"])
+        if prefix and (row["error"] or "").startswith(prefix):
+            errors.setdefault(row["image_id"], row["error"].splitlines()[0])
+    return {
+        "unreadable_images": len(errors),
+        "unreadable_image_errors": list(errors.values())[:SHOWN],
     }

@@ -263,7 +263,8 @@ def run_on_deployments(
     section = params["attribution"]
     config = DispatchConfig.from_section(section)
     results = dispatch_shards(params_path, shards, params_hash, str(out_dir), config)
-    dataset = load_split(params, section["split"], with_masks=False)
+    # every image, as the shards plan them (tasks.attribution.attribution_split)
+    dataset = load_split(params, section["split"], with_masks=False, drop_unreadable=False)
     verify_shards(dataset, shards, int(section["num_shards"]), str(out_dir))
     redispatched = sum(r["dispatches"] - 1 for r in results)
     if redispatched:

@@ -35,6 +35,15 @@ def server_env(home: Path, port: int) -> dict[str, str]:
     }
 
 
+def drain_client_services(timeout_s: float = 60.0) -> None:
+    """Send what this process's Prefect client still queues (events, task-run states, logs)
+    while the server is up, as Prefect's own test harness does: left queued, each item is
+    retried against the stopped server at interpreter exit, which then hangs for minutes."""
+    from prefect._internal.concurrency.services import QueueService
+
+    QueueService.drain_all(timeout=timeout_s)
+
+
 @contextlib.contextmanager
 def prefect_server(tmp_path: Path, timeout_s: float = 150) -> Iterator[dict[str, str]]:
     """Start a server, wait for /api/health, yield the environment clients need; stop it."""
@@ -63,6 +72,7 @@ def prefect_server(tmp_path: Path, timeout_s: float = 150) -> Iterator[dict[str,
                 time.sleep(1)
         yield env
     finally:
+        drain_client_services()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(os.getpgid(server.pid), 15)
         try:

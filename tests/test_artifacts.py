@@ -22,6 +22,9 @@ import flows.prepare_data as prepare_module
 import flows.pseudo_labels as pseudo_module
 import flows.train_detector as detector_module
 import flows.train_segmenters as segmenters_module
+import tasks.attribution as attribution_tasks
+from bbam import __version__
+from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.manifest import write_part
 from tasks.params import shard_dir
 
@@ -148,8 +151,10 @@ SHARD_STATUSES = {
 def fake_attribute_shard(params: dict, shard: int, out_dir: str, params_hash: str) -> dict:
     statuses = SHARD_STATUSES[shard]
     if statuses:
+        current = {"params_hash": params_hash, "code_version": __version__}  # merged: current
         rows = [
             {"key": f"img{shard}/{i}", "image_id": f"img{shard}", "shard": shard, "status": s}
+            | current
             for i, s in enumerate(statuses)
         ]
         write_part(shard_dir(out_dir, shard), rows, [None] * len(rows))
@@ -157,8 +162,24 @@ def fake_attribute_shard(params: dict, shard: int, out_dir: str, params_hash: st
     return {"planned": len(statuses), "ran": len(statuses), "skipped_done": 0, "failed": failed}
 
 
+def fake_split(params: dict) -> Dataset:
+    """The planned instances: the merge keeps rows of these only."""
+    records = [
+        ImageRecord(
+            f"img{s}",
+            Path(f"img{s}.png"),
+            8,
+            8,
+            [Instance(i, 1, [0, 0, 1, 1]) for i in range(len(st))],
+        )
+        for s, st in SHARD_STATUSES.items()
+    ]
+    return Dataset(["a"], records)
+
+
 def test_attribute_publishes_counts_per_shard_even_when_it_fails(workdir, monkeypatch):
     monkeypatch.setattr(attribute_module, "attribute_shard", fake_attribute_shard)
+    monkeypatch.setattr(attribution_tasks, "attribution_split", fake_split)
     monkeypatch.setattr(attribute_module, "attribution_hash", lambda params: "h")
     params = {"attribution": {"num_shards": 3, "max_failure_fraction": 0.0}}
     state = attribute_module.attribute_flow(params=params, executor="local", return_state=True)

@@ -205,8 +205,9 @@ def test_changed_params_hash_recomputes(tmp_path):
 def test_merge_refuses_a_key_in_two_shards(tmp_path):
     for name in ("s0", "s1"):
         write_part(tmp_path / name, [{"key": "x/0", "status": "ok"}], [np.ones((1, 1))])
-    with pytest.raises(ValueError, match="more than one shard"):
+    with pytest.raises(ValueError, match="x/0 appears in more than one shard") as caught:
         merge_manifests([tmp_path / "s0", tmp_path / "s1"])
+    assert f"{tmp_path / 's0'} and {tmp_path / 's1'}" in str(caught.value)
 
 
 def test_merge_and_status_counts(tmp_path):
