@@ -292,20 +292,13 @@ def _check_simple_configs(params: dict) -> list[str]:
     return errors
 
 
-def _check_pseudo_labels(section: dict) -> list[str]:
-    errors = _check_keys(section, "pseudo_labels", PSEUDO_LABEL_KEYS)
-    workers = section.get("workers", 1)
-    if not errors and workers < 0:
-        errors.append(f"pseudo_labels.workers: must be >= 0 (0 = every core), got {workers}")
-    return errors
-
-
-def _check_evaluate(section: dict) -> list[str]:
-    """A negative ``report_samples`` would slice the records from the end (all but N)."""
-    errors = _check_keys(section, "evaluate", EVALUATE_KEYS)
-    count = section.get("report_samples", 0)
-    if not errors and count < 0:
-        errors.append(f"evaluate.report_samples: must be >= 0, got {count}")
+def _check_count(section: dict, where: str, hints: dict, key: str, note: str = "") -> list[str]:
+    """Key names and types of a small section, then its ``key`` >= 0 (pseudo_labels.workers;
+    evaluate.report_samples, which negative would slice the records from the end)."""
+    errors = _check_keys(section, where, hints)
+    value = section.get(key, 0)
+    if not errors and value < 0:
+        errors.append(f"{where}.{key}: must be >= 0{note}, got {value}")
     return errors
 
 
@@ -339,9 +332,11 @@ def check_params(params: dict, path: str | Path) -> None:
         if "segmenters" in params:
             errors += _check_segmenters(params)
         if "pseudo_labels" in params:
-            errors += _check_pseudo_labels(params["pseudo_labels"])
+            section = params["pseudo_labels"]
+            note = " (0 = every core)"
+            errors += _check_count(section, "pseudo_labels", PSEUDO_LABEL_KEYS, "workers", note)
         if "evaluate" in params:
-            errors += _check_evaluate(params["evaluate"])
+            errors += _check_count(params["evaluate"], "evaluate", EVALUATE_KEYS, "report_samples")
     if errors:
         lines = "\n  ".join(errors)
         raise ParamsError(f"{path}: invalid params ({len(errors)} problem(s)):\n  {lines}")
