@@ -23,7 +23,7 @@ import shutil
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +82,9 @@ class WorkItem:
 
 
 CROWD_SKIP = "iscrowd=1: a crowd region, not one object; not attributed"
+# An image prepare_data found unreadable, and accepted under data.max_unreadable_<split>:
+# its instances are skipped, not failed, until the file is replaced.
+UNREADABLE_SKIP = "found unreadable by prepare_data; not attributed"
 
 
 def plan_shard(dataset: Dataset, shard: int, num_shards: int) -> list[tuple[ImageRecord, Instance]]:
@@ -109,6 +112,7 @@ def pending_work(
     params_hash: str,
     max_attempts: int,
     layout: tuple[int, int] | None = None,
+    skip_images: Mapping[str, str] | None = None,
 ) -> tuple[list[WorkItem], dict[str, int], list[str]]:
     """What still has to run, counts of why the rest is skipped, and the unreadable files.
 
@@ -116,13 +120,16 @@ def pending_work(
     as are the rows of a manifest file that cannot be read (counted as ``new``).
     ``layout`` (shard, num_shards): raise ShardLayoutError if the folder holds rows of
     another shard count, rather than recompute them here while their rows stay there.
+    An instance skipped as unreadable whose image is no longer in ``skip_images`` (the file
+    was replaced) runs again.
     """
     table, problems = scan_shard(shard_dir) if shard_dir.exists() else (None, [])
     for problem in problems:
         logger.warning("%s; its instances count as not done and are recomputed", problem)
     previous = {}
     if table is not None and table.num_rows:
-        previous = {row["key"]: row for row in table.select(list(REQUIRED)).to_pylist()}
+        columns = [*REQUIRED, "error"]
+        previous = {row["key"]: row for row in table.select(columns).to_pylist()}
     if layout is not None:
         shard, num_shards = layout
         foreign = [k for k in previous if shard_of(image_of(k), num_shards) != shard]
@@ -134,7 +141,12 @@ def pending_work(
                 "or bbam.shards.reshard)"
             )
 
+    skip_images = skip_images or {}
+
     def current(row: dict | None) -> bool:
+        if row is not None and UNREADABLE_SKIP in (row["error"] or ""):
+            if image_of(row["key"]) not in skip_images:
+                return False  # readable now: attribute it
         return is_current(row, params_hash)
 
     rows = [previous.get(instance_key(r.image_id, i.instance_id)) for r, i in planned]
@@ -223,12 +235,14 @@ def run_shard(
     progress: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     before_write: Callable[[], None] | None = None,
+    skip_images: Mapping[str, str] | None = None,
 ) -> dict:
     """Attribute every pending instance of ``shard``; returns counts for the summary.
 
     A chunk that raises is recorded as failed (with the error text) for each of
     its instances and the shard goes on. An image that cannot be read fails only
-    its own instances. Crowd regions get a ``skipped`` row with the reason.
+    its own instances. Crowd regions get a ``skipped`` row with the reason, as do the
+    instances of ``skip_images`` (image_id -> why: images prepare_data found unreadable).
     ``should_stop`` is asked before each chunk (a SIGTERM from a scheduler): when
     it says so, the shard stops with its finished chunks on disk, uncompacted, and
     the summary says ``interrupted``. ``before_write`` is called before every write into
@@ -238,8 +252,9 @@ def run_shard(
     recomputed (``recomputed_unreadable`` counts finished rows whose map was lost).
     """
     planned = plan_shard(dataset, shard, num_shards)
+    skip_images = skip_images or {}
     work, counts, unreadable = pending_work(
-        planned, shard_dir, params_hash, max_attempts, layout=(shard, num_shards)
+        planned, shard_dir, params_hash, max_attempts, (shard, num_shards), skip_images
     )
     started = time.perf_counter()
     run_id = uuid.uuid4().hex
@@ -253,9 +268,11 @@ def run_shard(
         images: list[np.ndarray] = []
         cache: dict[str, np.ndarray] = {}
         for item in chunk:
-            if item.instance.iscrowd:
+            skip = item.record.image_id in skip_images
+            if item.instance.iscrowd or skip:
                 row = _base_row(item, shard, dataset.classes, params_hash, run_id)
-                row.update(status="skipped", error=CROWD_SKIP)
+                why = f"{skip_images[item.record.image_id]}; {UNREADABLE_SKIP}" if skip else None
+                row.update(status="skipped", error=why or CROWD_SKIP)
                 rows.append(row)
                 grids.append(None)
                 continue

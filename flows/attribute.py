@@ -133,7 +133,7 @@ def attribute_flow(
     if summary["unreadable_images"]:
         print(
             f"[bbam] attribute: unreadable images: {summary['unreadable_images']}, their "
-            f"instances are failed rows: {'; '.join(summary['unreadable_image_errors'])}"
+            f"instances are skipped or failed rows: {'; '.join(summary['unreadable_image_errors'])}"
         )
     if summary["missing"]:
         print(
@@ -143,6 +143,8 @@ def attribute_flow(
             "did not attribute: run every shard (without --shards) to attribute them"
         )
     # Another host's --shards are not this run's failures; the next stage sees them missing.
+    if summary["unreadable_error"]:
+        raise RuntimeError(summary["unreadable_error"])
     bad = summary["failed"] + summary["missing_in_run"]
     failed_fraction = bad / max(1, summary["instances"])
     limit = float(section.get("max_failure_fraction", 0.05))

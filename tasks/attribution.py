@@ -15,6 +15,7 @@ import threading
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from bbam import __version__
 from bbam.atomic import atomic_write
 from bbam.data.records import Dataset
+from bbam.data.verify import found_unreadable, unreadable_limit_error, unreadable_limits
 from bbam.device import resolve_device
 from bbam.manifest import merge_manifests, status_counts
 from bbam.shard_lock import LockLost, ShardBusy, ShardLock
@@ -77,9 +79,10 @@ class ShardInterrupted(RuntimeError):
 
 
 def attribution_split(params: dict) -> Dataset:
-    """The split to attribute with every image kept: one that prepare_data found unreadable,
-    or that is gone since, gets a failed row per instance naming the file, never a silent
-    drop (``load_split``'s default)."""
+    """The split to attribute with every image kept, never a silent drop (``load_split``'s
+    default): the instances of an image prepare_data found unreadable, or one missing now,
+    get skipped rows naming the file and why (``data.max_unreadable_<split>`` bounds how many
+    images that may be, as in prepare_data); one that breaks only in the engine fails."""
     split = params["attribution"]["split"]
     return load_split(params, split, with_masks=False, drop_unreadable=False)
 
@@ -123,6 +126,7 @@ def run_locked_shard(
             progress=bar.update,
             should_stop=lambda: STOP.is_set() or lock.lost.is_set(),
             before_write=lock.check,
+            skip_images={i: f"{p}: {r}" for i, (p, r) in found_unreadable(dataset).items()},
         )
     lock.check()  # stopped because the lock was taken over: LockLost, not a success
     get_run_logger().info("shard %d: %s", shard, summary)
@@ -190,17 +194,31 @@ def merge_shards(
         "missing_in_run": sum(shard_of(image_of(k), num_shards) in ran for k in missing),
         "missing_keys": missing[:SHOWN],
         **_unreadable_images(dataset, table),
+        "unreadable_error": _over_unreadable_limit(params, dataset),
         "engine_seconds": round(seconds, 2),
         "instances_per_engine_s": round(counts["ok"] / seconds, 4) if seconds else 0.0,
     }
 
 
+def _over_unreadable_limit(params: dict, dataset: Dataset) -> str:
+    """prepare_data's rule, applied again now: images gone since (a partial copy to node
+    scratch) must not pass as a handful of skips. '' when within the limit."""
+    split = params["attribution"]["split"]
+    limits = unreadable_limits(params.get("data") or {})
+    if split not in limits:
+        return ""
+    found = found_unreadable(dataset).values()
+    stats = {"unreadable_images": dict(found), "images_verified": len(dataset.records)}
+    return unreadable_limit_error({split: stats}, {split: limits[split]})
+
+
 def _unreadable_images(dataset: Dataset, table) -> dict:
-    """Images whose instances failed because the file could not be read (missing, truncated):
-    ``load_rgb``'s error starts with the path."""
+    """Images whose instances failed or were skipped because the file could not be read
+    (missing, truncated): ``load_rgb``'s error, and the skip reason, start with the path."""
     paths = {r.image_id: f"{r.path}: " for r in dataset.records}
     errors: dict[str, str] = {}
-    for row in table.filter(pc.equal(table.column("status"), "failed")).to_pylist():
+    bad = pc.is_in(table.column("status"), value_set=pa.array(["failed", "skipped"]))
+    for row in table.filter(bad).to_pylist():
         prefix = paths.get(row["image_id"])
         if prefix and (row["error"] or "").startswith(prefix):
             errors.setdefault(row["image_id"], row["error"].splitlines()[0])

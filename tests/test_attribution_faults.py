@@ -395,8 +395,10 @@ def test_rows_of_another_split_stay_out_of_the_merge(project):
 # ----------------------------------------------------------------- 4. image gone
 
 
-def test_an_image_deleted_after_prepare_gets_failed_rows_naming_it(project):
-    """Before: load_split dropped it, and its instances vanished from the manifest."""
+def test_an_image_deleted_after_prepare_gets_skipped_rows_naming_it(project):
+    """Before: load_split dropped it, and its instances vanished from the manifest. Now they
+    are skipped rows naming the file, and prepare_data's limit on unreadable images applies
+    again (1 of 8 images > data.max_unreadable_train's default 1 %: a partial copy fails)."""
     params, _ = project
     gone = Path("data/images/im3.png")
     gone.unlink()
@@ -405,11 +407,59 @@ def test_an_image_deleted_after_prepare_gets_failed_rows_naming_it(project):
     summary = _merge_fn(params)
     rows = pq.read_table(Path(OUT) / "manifest.parquet").to_pylist()
     lost = [r for r in rows if r["image_id"] == "im3"]
-    assert len(lost) == 2 and {r["status"] for r in lost} == {"failed"}
-    assert all(f"{gone}: image file not found" in r["error"] for r in lost)
-    assert summary["failed"] == 2 and summary["instances"] == 16 and summary["missing"] == 0
-    assert summary["unreadable_images"] == 1
-    assert summary["unreadable_image_errors"] == [f"{gone}: image file not found"]
+    assert len(lost) == 2 and {r["status"] for r in lost} == {"skipped"}
+    assert all(r["error"].startswith(f"{gone}: image file not found") for r in lost)
+    assert summary["failed"] == 0 and summary["skipped"] == 2 and summary["missing"] == 0
+    assert summary["instances"] == 16 and summary["unreadable_images"] == 1
+    assert summary["unreadable_image_errors"][0].startswith(f"{gone}: image file not found")
+    assert "data.max_unreadable_train" in summary["unreadable_error"]
+    assert str(gone) in summary["unreadable_error"]
+    params["data"]["max_unreadable_train"] = 0.2  # within the limit: a recorded skip only
+    assert _merge_fn(params)["unreadable_error"] == ""
+
+
+def test_an_image_prepare_found_unreadable_is_skipped_by_name_until_replaced(tmp_path):
+    """Accepted under data.max_unreadable_train, such an image is the data stage's decision:
+    its instances are skipped rows naming it, not failures; a replaced file is attributed."""
+    records = _records(tmp_path / "img", 3)
+    dataset, engine = Dataset(["a"], records), Engine()
+    bad = {"im1": f"{records[1].path}: truncated"}
+    out = tmp_path / "shard"
+    summary = run_shard(dataset, 0, 1, out, engine, "h", chunk_size=2, skip_images=bad)
+    rows = {r["key"]: r for r in read_shard(out).to_pylist()}
+    skipped = [r for r in rows.values() if r["image_id"] == "im1"]
+    assert len(skipped) == 2 and {r["status"] for r in skipped} == {"skipped"}
+    assert all(r["error"].startswith(bad["im1"]) for r in skipped)
+    assert summary["skipped"] == 2 and summary["failed"] == 0
+    assert not any(k.startswith("im1/") for k in engine.seen)
+    again = run_shard(dataset, 0, 1, out, engine, "h", skip_images=bad)
+    assert again["ran"] == 0  # still unreadable: done
+    run_shard(dataset, 0, 1, out, engine, "h")  # the file was replaced
+    assert sorted(k for k in engine.seen if k.startswith("im1/")) == ["im1/11", "im1/12"]
+    assert {r["status"] for r in read_shard(out).to_pylist()} == {"ok"}
+
+
+def test_the_stage_skips_what_prepare_found_unreadable(project):
+    """The data stage's cache (data/image_check.json) names an image unreadable: the shard
+    skips its instances, naming the file, and the merge counts it without a failure."""
+    from bbam.data.verify import verify_images
+
+    params, _ = project
+    image = Path("data/images/im2.png")
+    image.write_bytes(image.read_bytes()[:40])
+    found = verify_images(sorted(str(p) for p in Path("data/images").glob("*.png")), workers=1)
+    assert list(found) == [str(image)]  # the data stage's check, cached in data/
+    for shard in range(2):
+        _run_shard_fn(params, shard)
+    summary = _merge_fn(params)
+    rows = pq.read_table(Path(OUT) / "manifest.parquet").to_pylist()
+    mine = [r for r in rows if r["image_id"] == "im2"]
+    assert {r["status"] for r in mine} == {"skipped"} and len(mine) == 2
+    assert all(r["error"].startswith(f"{image}: ") for r in mine)
+    assert all(
+        r["error"].endswith("found unreadable by prepare_data; not attributed") for r in mine
+    )
+    assert (summary["failed"], summary["skipped"], summary["unreadable_images"]) == (0, 2, 1)
 
 
 # ----------------------------------------------------------------- 5. the stage, for real

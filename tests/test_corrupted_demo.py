@@ -136,9 +136,12 @@ def test_corrupted_demo_stops_early_or_runs_with_every_problem_counted(tmp_path)
     assert data["val"]["unreadable_images"] == {}
 
     rows = pq.read_table(project / "runs/attribution/manifest.parquet").to_pylist()
-    assert {r["status"] for r in rows} <= {"ok", "no_positive"}  # nothing failed
+    assert {r["status"] for r in rows} <= {"ok", "no_positive", "skipped"}  # nothing failed
     dropped = {Path(p).stem for p in unreadable}
-    assert rows and not {r["image_id"] for r in rows} & dropped
+    # the unreadable images' instances are skipped rows naming the file, never dropped
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert skipped and {r["image_id"] for r in skipped} == dropped
+    assert all(r["image_id"] in r["error"] for r in skipped)
     pseudo = json.loads((project / "metrics/pseudo_labels.json").read_text())
     assert pseudo["image_errors"] == [] and pseudo["images"] == 12 - 3
     assert (project / "metrics/evaluation.json").is_file()

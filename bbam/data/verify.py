@@ -187,6 +187,18 @@ def unreadable_limits(data: Mapping) -> dict[str, float]:
     }
 
 
+def _known_problem(path: str, entries: dict[str, list]) -> str | None:
+    """Why the data stage found ``path`` unreadable, for the file as it is now (None: it did
+    not, or the file changed since), or "image file not found"."""
+    stamp = _stamp(path)
+    if stamp is None:
+        return "image file not found"
+    entry = entries.get(os.path.abspath(path))
+    if isinstance(entry, list) and len(entry) == 3 and tuple(entry[:2]) == stamp and entry[2]:
+        return str(entry[2])
+    return None
+
+
 def drop_unreadable(dataset: Dataset, cache: Path | None = CACHE) -> Dataset:
     """`dataset` without the images the data stage found unreadable (by the cache, for the
     file as it is now) or that are missing, each counted in `dataset.skipped` (`REASON`).
@@ -196,14 +208,22 @@ def drop_unreadable(dataset: Dataset, cache: Path | None = CACHE) -> Dataset:
     entries = load_cache(cache)
     kept = []
     for record in dataset.records:
-        path = str(record.path)
-        stamp = _stamp(path)
-        entry = entries.get(os.path.abspath(path)) if stamp is not None else None
-        if stamp is None:
-            dataset.skipped.add(REASON, f"{path}: image file not found")
-        elif isinstance(entry, list) and len(entry) == 3 and tuple(entry[:2]) == stamp and entry[2]:
-            dataset.skipped.add(REASON, f"{path}: {entry[2]}")
-        else:
+        problem = _known_problem(str(record.path), entries)
+        if problem is None:
             kept.append(record)
+        else:
+            dataset.skipped.add(REASON, f"{record.path}: {problem}")
     dataset.records = kept
     return dataset
+
+
+def found_unreadable(dataset: Dataset, cache: Path | None = CACHE) -> dict[str, tuple[str, str]]:
+    """image_id -> (path, reason) of the images `drop_unreadable` leaves out: those the data
+    stage found unreadable, by the cache for the file as it is now, and those missing."""
+    entries = load_cache(cache)
+    found = {}
+    for record in dataset.records:
+        problem = _known_problem(str(record.path), entries)
+        if problem is not None:
+            found[record.image_id] = (str(record.path), problem)
+    return found
