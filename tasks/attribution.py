@@ -203,7 +203,7 @@ def merge_shards(
 def _over_unreadable_limit(params: dict, dataset: Dataset) -> str:
     """prepare_data's rule, applied again now: images gone since (a partial copy to node
     scratch) must not pass as a handful of skips. '' when within the limit."""
-    split = params["attribution"]["split"]
+    split = params["attribution"].get("split", "train")
     limits = unreadable_limits(params.get("data") or {})
     if split not in limits:
         return ""

@@ -180,6 +180,7 @@ def fake_split(params: dict) -> Dataset:
 def test_attribute_publishes_counts_per_shard_even_when_it_fails(workdir, monkeypatch):
     monkeypatch.setattr(attribute_module, "attribute_shard", fake_attribute_shard)
     monkeypatch.setattr(attribution_tasks, "attribution_split", fake_split)
+    monkeypatch.setattr(attribution_tasks, "found_unreadable", lambda dataset: {})
     monkeypatch.setattr(attribute_module, "attribution_hash", lambda params: "h")
     params = {"attribution": {"num_shards": 3, "max_failure_fraction": 0.0}}
     state = attribute_module.attribute_flow(params=params, executor="local", return_state=True)
