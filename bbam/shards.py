@@ -271,8 +271,12 @@ def run_shard(
             skip = item.record.image_id in skip_images
             if item.instance.iscrowd or skip:
                 row = _base_row(item, shard, dataset.classes, params_hash, run_id)
-                why = f"{skip_images[item.record.image_id]}; {UNREADABLE_SKIP}" if skip else None
-                row.update(status="skipped", error=why or CROWD_SKIP)
+                why = (
+                    f"{skip_images[item.record.image_id]}; {UNREADABLE_SKIP}"
+                    if skip
+                    else CROWD_SKIP
+                )
+                row.update(status="skipped", error=why)
                 rows.append(row)
                 grids.append(None)
                 continue

@@ -205,15 +205,10 @@ def drop_unreadable(dataset: Dataset, cache: Path | None = CACHE) -> Dataset:
 
     Nothing is decoded here: an image the cache does not know stays, and `load_rgb` names it
     if it is bad."""
-    entries = load_cache(cache)
-    kept = []
-    for record in dataset.records:
-        problem = _known_problem(str(record.path), entries)
-        if problem is None:
-            kept.append(record)
-        else:
-            dataset.skipped.add(REASON, f"{record.path}: {problem}")
-    dataset.records = kept
+    found = found_unreadable(dataset, cache)
+    for path, problem in found.values():
+        dataset.skipped.add(REASON, f"{path}: {problem}")
+    dataset.records = [r for r in dataset.records if r.image_id not in found]
     return dataset
 
 
