@@ -30,9 +30,37 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bbam import __version__
 from bbam.atomic import atomic_write
 
 STATUSES = ("ok", "failed", "no_positive", "skipped")
+_SHARD_FOLDER = re.compile(r"shard-(\d{4,})$")
+
+
+def shard_folder(root: str | Path, shard: int) -> Path:
+    """``<root>/shard-NNNN``: one shard's folder (manifest, maps, lock)."""
+    return Path(root) / f"shard-{shard:04d}"
+
+
+def shard_folders(root: str | Path) -> dict[int, Path]:
+    """The shard folders under ``root`` by index (none when ``root`` does not exist)."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    found = ((_SHARD_FOLDER.match(p.name), p) for p in root.iterdir() if p.is_dir())
+    return {int(m.group(1)): p for m, p in found if m}
+
+
+def current_stamp(params_hash: str) -> dict[str, str]:
+    """The columns that make a row current: written with these settings by this code."""
+    return {"params_hash": params_hash, "code_version": __version__}
+
+
+def is_current(row: dict | None, params_hash: str) -> bool:
+    """A row written with these settings and this code: the only rows a run reuses, and the
+    only rows the merged manifest keeps (``merge_manifests``)."""
+    return row is not None and all(row[k] == v for k, v in current_stamp(params_hash).items())
+
 
 SCHEMA = pa.schema(
     [
@@ -364,12 +392,11 @@ def merge_manifests(
     shard_dirs: Iterable[Path],
     keys: Collection[str] | None = None,
     params_hash: str | None = None,
-    code_version: str | None = None,
 ) -> pa.Table:
     """One table over all shards; raises naming the key and both folders if a key is in two.
 
-    When given, only rows of ``keys`` written with ``params_hash`` and ``code_version`` are
-    kept: a shard folder also holds rows of earlier settings or another split (kept there for
+    When given, only rows of ``keys`` and, with ``params_hash``, only current rows
+    (``is_current``) are kept: a shard folder also holds rows of earlier settings or another split (kept there for
     a later run to reuse), and those must never pass for results of this one.
     """
     wanted = pa.array(sorted(keys), pa.string()) if keys is not None else None
@@ -383,9 +410,8 @@ def merge_manifests(
         mask = pa.repeat(pa.scalar(True), table.num_rows)
         if wanted is not None:
             mask = pc.and_(mask, pc.is_in(table.column("key"), value_set=wanted))
-        for column, value in (("params_hash", params_hash), ("code_version", code_version)):
-            if value is not None:
-                mask = pc.and_(mask, pc.fill_null(pc.equal(table.column(column), value), False))
+        for column, value in current_stamp(params_hash).items() if params_hash else ():
+            mask = pc.and_(mask, pc.fill_null(pc.equal(table.column(column), value), False))
         kept = table.filter(mask)
         left_out += table.num_rows - kept.num_rows
         where = pa.repeat(pa.scalar(str(shard_dir), pa.string()), kept.num_rows)

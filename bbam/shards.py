@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 import traceback
@@ -39,8 +38,11 @@ from bbam.manifest import (
     REQUIRED,
     compact_shard,
     empty_row,
+    is_current,
     load_grid,
     scan_shard,
+    shard_folder,
+    shard_folders,
     unreadable_maps,
     write_part,
 )
@@ -96,14 +98,6 @@ def plan_shard(dataset: Dataset, shard: int, num_shards: int) -> list[tuple[Imag
         if shard_of(record.image_id, num_shards) == shard
         for instance in record.instances
     ]
-
-
-def is_current(row: dict | None, params_hash: str) -> bool:
-    """A row written with these settings and this code: the only rows a run reuses, and the
-    only rows the merged manifest keeps (``bbam.manifest.merge_manifests``)."""
-    return (
-        row is not None and row["params_hash"] == params_hash and row["code_version"] == __version__
-    )
 
 
 def pending_work(
@@ -344,21 +338,6 @@ def run_shard(
 
 
 LAYOUT_NAME = "layout.json"  # written last into a re-shard's new folder: it is complete
-_SHARD_FOLDER = re.compile(r"shard-(\d{4,})$")
-
-
-def shard_folder(root: str | Path, shard: int) -> Path:
-    """``<root>/shard-NNNN``: one shard's folder (manifest, maps, lock)."""
-    return Path(root) / f"shard-{shard:04d}"
-
-
-def shard_folders(root: str | Path) -> dict[int, Path]:
-    """The shard folders under ``root`` by index (none when ``root`` does not exist)."""
-    root = Path(root)
-    if not root.is_dir():
-        return {}
-    found = ((_SHARD_FOLDER.match(p.name), p) for p in root.iterdir() if p.is_dir())
-    return {int(m.group(1)): p for m, p in found if m}
 
 
 def misplaced_rows(root: str | Path, num_shards: int) -> int:

@@ -25,7 +25,7 @@ from tasks.attribution import (
     merge_shards,
     stop_shards_on_sigterm,
 )
-from tasks.attribution_config import engine_config
+from tasks.attribution_config import engine_config, shards_root
 from tasks.deployments import run_on_deployments
 from tasks.params import (
     ATTRIBUTION_DIR,
@@ -33,7 +33,6 @@ from tasks.params import (
     METRICS_DIR,
     file_sha256,
     params_digest,
-    shard_dir,
     split_paths,
 )
 
@@ -73,7 +72,7 @@ def reshard_if_needed(section: dict, out_dir: Path) -> dict[str, int]:
     """Finished work laid out for another ``num_shards`` moves into this one's folders
     (``bbam.shards.reshard``): never recomputed, never merged twice."""
     stale_s, heartbeat_s = lock_timing(section)
-    root = shard_dir(out_dir, 0).parent
+    root = shards_root(out_dir)
     moved = reshard(
         root, int(section["num_shards"]), stale_s, heartbeat_s, "flows.attribute re-shard"
     )

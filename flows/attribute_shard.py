@@ -18,8 +18,9 @@ from prefect.runtime import flow_run
 from bbam.shard_lock import LockLost, ShardLock
 from flows.common import configure_runtime
 from tasks.attribution import lock_timing, run_locked_shard
+from tasks.attribution_config import shard_dir
 from tasks.deployments import write_run_summary
-from tasks.params import ATTRIBUTION_DIR, load_params, shard_dir
+from tasks.params import ATTRIBUTION_DIR, load_params
 
 OUT_DIR = str(ATTRIBUTION_DIR)
 

@@ -171,8 +171,8 @@ def report_extras(params: dict, samples: list[dict], curves: dict) -> dict:
     from bbam.report import attribution_heatmaps, read_pseudo_label_baselines
     from bbam.segmenters.semantic import load_semantic_model, predict_semantic
     from bbam.segmenters.targets import render_label_map
-    from tasks.attribution_config import engine_config
-    from tasks.params import ATTRIBUTION_DIR, BASELINES_NAME, PSEUDO_DIR, load_split, shard_dir
+    from tasks.attribution_config import engine_config, shard_dir
+    from tasks.params import ATTRIBUTION_DIR, BASELINES_NAME, PSEUDO_DIR, load_split
     from tasks.segmenters import segmenter_dir, semantic_config
 
     section = params["attribution"]

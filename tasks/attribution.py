@@ -22,7 +22,6 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from bbam import __version__
 from bbam.atomic import atomic_write
 from bbam.data.records import Dataset
 from bbam.data.verify import found_unreadable, unreadable_limit_error, unreadable_limits
@@ -37,10 +36,10 @@ from bbam.shards import (
     run_shard,
     shard_of,
 )
-from tasks.attribution_config import engine_config
+from tasks.attribution_config import engine_config, shard_dir
 from tasks.deployments import DispatchConfig
 from tasks.detector import load_detector_from_params
-from tasks.params import load_split, shard_dir, top_level
+from tasks.params import load_split, top_level
 
 SHOWN = 5  # keys / files named in a summary or an error
 
@@ -177,9 +176,7 @@ def merge_shards(
         instance_key(r.image_id, i.instance_id) for r in dataset.records for i in r.instances
     ]
     dirs = [shard_dir(out_dir, s) for s in range(num_shards)]
-    table = merge_manifests(
-        (d for d in dirs if d.exists()), set(planned), params_hash, code_version=__version__
-    )
+    table = merge_manifests((d for d in dirs if d.exists()), set(planned), params_hash)
     path = Path(out_dir) / "manifest.parquet"
     atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
     seconds = sum(v or 0.0 for v in table.column("seconds").to_pylist()) if table.num_rows else 0.0

@@ -1,12 +1,16 @@
-"""The ``attribution`` section as the engine's AttributionConfig.
+"""The ``attribution`` section as the engine's AttributionConfig, and where its shards live.
 
 No Prefect here: the pseudo-label and evaluate stages read the engine settings (how maps
-were upsampled) without importing the attribution stage's tasks, locks and dispatcher.
+were upsampled) and the shard folders without importing the attribution stage's tasks,
+locks and dispatcher.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bbam.attribution import AttributionConfig, profile_config
+from bbam.manifest import shard_folder
 from tasks.params import top_level
 
 
@@ -16,3 +20,13 @@ def engine_config(params: dict) -> AttributionConfig:
     section = params["attribution"]
     overrides = {"seed": top_level(params)["seed"], **(section.get("overrides") or {})}
     return profile_config(section.get("profile", "fast"), **overrides)
+
+
+def shards_root(out_dir: str | Path) -> Path:
+    """The folder of the attribution stage's shard folders."""
+    return Path(out_dir) / "shards"
+
+
+def shard_dir(out_dir: str | Path, shard: int) -> Path:
+    """The folder of one attribution shard (manifest parts, maps, lock)."""
+    return shard_folder(shards_root(out_dir), shard)

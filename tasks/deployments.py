@@ -34,7 +34,8 @@ from bbam.atomic import atomic_write_bytes
 from bbam.manifest import read_shard
 from bbam.shard_lock import read_lock
 from bbam.shards import instance_key, plan_shard
-from tasks.params import load_split, shard_dir
+from tasks.attribution_config import shard_dir
+from tasks.params import load_split
 
 ACTIVE = ("PENDING", "RUNNING", "CANCELLING")  # a worker holds them: must heartbeat
 FAILED = ("FAILED", "CRASHED", "CANCELLED")

@@ -29,11 +29,6 @@ METRICS_DIR = Path("metrics")
 BASELINES_NAME = "baselines.json"
 
 
-def shard_dir(out_dir: str | Path, shard: int) -> Path:
-    """The folder of one attribution shard (manifest part, maps, lock)."""
-    return Path(out_dir) / "shards" / f"shard-{shard:04d}"
-
-
 def load_params(path: str | Path) -> dict:
     """The params file as a mapping; a SystemExit naming the file when it cannot be read."""
     path = Path(path)

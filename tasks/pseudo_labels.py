@@ -16,9 +16,9 @@ from bbam.data.coco import coco_image_ids, load_coco_json
 from bbam.labeling import baseline_quality, label_dataset
 from bbam.mcg import make_source
 from bbam.pseudo_labels import proposal_skip_counts, write_coco_pseudo_gt
-from tasks.attribution_config import engine_config
+from tasks.attribution_config import engine_config, shard_dir
 from tasks.caching import stage_cache
-from tasks.params import BASELINES_NAME, PSEUDO_DIR, load_split, shard_dir, split_paths
+from tasks.params import BASELINES_NAME, PSEUDO_DIR, load_split, split_paths
 from tasks.pseudo_label_config import proposal_config, refine_config
 
 

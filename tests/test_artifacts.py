@@ -26,7 +26,7 @@ import tasks.attribution as attribution_tasks
 from bbam import __version__
 from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.manifest import write_part
-from tasks.params import shard_dir
+from tasks.attribution_config import shard_dir
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import bbam.shards as shards_module
 import tasks.attribution as attribution_module
 from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.data.writers import write_coco_json
-from bbam.manifest import load_grid, merge_manifests, read_shard, write_part
+from bbam.manifest import load_grid, merge_manifests, read_shard, shard_folder, write_part
 from bbam.shard_lock import LockLost, ShardBusy, ShardLock, read_lock
 from bbam.shards import (
     LAYOUT_NAME,
@@ -37,10 +37,9 @@ from bbam.shards import (
     recover_reshard,
     reshard,
     run_shard,
-    shard_folder,
 )
 from tasks.attribution import attribute_shard, merge_shards
-from tasks.params import shard_dir
+from tasks.attribution_config import shard_dir
 
 OUT = "runs/attribution"
 

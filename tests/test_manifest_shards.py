@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bbam import __version__
 from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.manifest import (
     SCHEMA,
     compact_shard,
+    is_current,
     load_grid,
     merge_manifests,
     read_shard,
+    shard_folder,
+    shard_folders,
     status_counts,
     write_part,
 )
@@ -220,3 +224,31 @@ def test_merge_and_status_counts(tmp_path):
     assert merged.num_rows == 16
     counts = status_counts(merged)
     assert counts["ok"] == 14 and counts["failed"] == 2
+
+
+def test_merge_keeps_exactly_the_rows_a_resume_reuses(tmp_path):
+    """The merge's filter and ``is_current`` are one rule: same settings and same code."""
+    rows = [
+        {"key": "a/0", "status": "ok", "params_hash": "h", "code_version": __version__},
+        {"key": "b/0", "status": "ok", "params_hash": "h", "code_version": "0.0.0-old"},
+        {"key": "c/0", "status": "ok", "params_hash": "other", "code_version": __version__},
+        {"key": "d/0", "status": "ok"},  # no stamp at all
+    ]
+    folder = shard_folder(tmp_path, 0)
+    write_part(folder, rows, [np.ones((1, 1))] * len(rows))
+    table = read_shard(folder)
+    current = {r["key"] for r in table.to_pylist() if is_current(r, "h")}
+    assert current == {"a/0"}
+    merged = merge_manifests([folder], params_hash="h")
+    assert set(merged.column("key").to_pylist()) == current
+    assert merge_manifests([folder]).num_rows == 4  # no params_hash: no filter
+
+
+def test_shard_folders_finds_what_shard_folder_names(tmp_path):
+    made = {i: shard_folder(tmp_path, i) for i in (0, 3, 12345)}
+    for folder in made.values():
+        folder.mkdir()
+    (tmp_path / "shard-7").mkdir()  # not a shard folder's name: fewer than 4 digits
+    (tmp_path / "shard-0001").write_text("a file, not a folder")
+    assert shard_folders(tmp_path) == made
+    assert shard_folders(tmp_path / "absent") == {}
