@@ -21,6 +21,7 @@ hierarchy), so custom datasets get the refinement too.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -259,16 +260,32 @@ def refine_with_proposals(
     cfg: MCGConfig = MCGConfig(),  # noqa: B008 (frozen dataclass)
 ) -> ProposalRefinement:
     """Eq. 4: best-IoU in-box proposal, plus all proposals inside the mask, cropped to the box."""
-    height, width = fg.shape
+    return refine_each_with_proposals([fg], box, superpixels, proposals, cfg)[0]
+
+
+def refine_each_with_proposals(
+    masks: Sequence[np.ndarray],
+    box: np.ndarray,
+    superpixels: np.ndarray,
+    proposals: list[np.ndarray],
+    cfg: MCGConfig = MCGConfig(),  # noqa: B008 (frozen dataclass)
+) -> list[ProposalRefinement]:
+    """``refine_with_proposals`` of each mask of one box: the superpixel weights and the
+    proposals that stay in the box are computed once, only the overlaps per mask."""
+    height, width = superpixels.shape
     sl = box_slices(np.asarray(box), height, width)
     region = np.zeros((height, width), dtype=bool)
     region[sl] = True
     if int(region.sum()) < cfg.min_box_area:
-        return ProposalRefinement(None, "small_box")
-    if not fg.any():
-        return ProposalRefinement(None, "empty_fg")
-    if not proposals:
-        return ProposalRefinement(None, "no_proposals")
+        return [ProposalRefinement(None, "small_box") for _ in masks]
+    results: list[ProposalRefinement | None] = [
+        None if mask.any() else ProposalRefinement(None, "empty_fg") for mask in masks
+    ]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo and not proposals:
+        return [r or ProposalRefinement(None, "no_proposals") for r in results]
+    if not todo:
+        return results
     sp = superpixels.astype(np.int64).ravel()
     if sp.min() < 0:
         raise ValueError("superpixel ids must be non-negative")
@@ -280,11 +297,8 @@ def refine_with_proposals(
         weight = (yy + xx).ravel().astype(np.float64)
     w_all = np.bincount(sp, weights=weight, minlength=n)
     w_box = np.bincount(sp, weights=weight * region.ravel(), minlength=n)
-    w_fg = np.bincount(sp, weights=weight * fg.ravel(), minlength=n)
     outside = np.bincount(sp, weights=region.ravel().astype(np.float64), minlength=n) == 0
     outside &= np.bincount(sp, minlength=n) > 0
-    fg_weight = float((weight * fg.ravel()).sum())
-
     kept: list[np.ndarray] = []
     for ids in proposals:
         ids = np.unique(np.asarray(ids, dtype=np.int64))
@@ -292,27 +306,38 @@ def refine_with_proposals(
         if ids.size and not outside[ids].any():
             kept.append(ids)
     if not kept:
-        return ProposalRefinement(None, "no_proposals_in_box")
+        return [r or ProposalRefinement(None, "no_proposals_in_box") for r in results]
     area = np.array([w_all[i].sum() for i in kept])
-    in_box = np.array([w_box[i].sum() for i in kept])
-    inter = np.array([w_fg[i].sum() for i in kept])
     safe = np.maximum(area, 1e-12)
-    union = np.maximum(area + fg_weight - inter, 1e-12)
-    iou = inter / union
-    candidates = np.flatnonzero(in_box / safe > cfg.containment)
+    candidates = np.flatnonzero(np.array([w_box[i].sum() for i in kept]) / safe > cfg.containment)
     if candidates.size == 0:
-        return ProposalRefinement(None, "no_proposal_inside_box")
-    best = int(candidates[np.argmax(iou[candidates])])
-    if iou[best] <= 0:
-        return ProposalRefinement(None, "no_overlap", n_candidates=int(candidates.size))
-    extra = np.flatnonzero(inter / safe > cfg.containment)
-    chosen = np.unique(np.concatenate([kept[best]] + [kept[i] for i in extra]))
-    selected = np.zeros(n, dtype=bool)
-    selected[chosen] = True
-    mask = selected[superpixels.astype(np.int64)] & region
-    return ProposalRefinement(
-        mask, "used", float(iou[best]), n_candidates=int(candidates.size), n_extra=int(extra.size)
-    )
+        return [r or ProposalRefinement(None, "no_proposal_inside_box") for r in results]
+    for index in todo:
+        mask = masks[index]
+        if mask.shape != (height, width):
+            raise ValueError(f"mask {mask.shape} and superpixels {(height, width)} differ")
+        w_fg = np.bincount(sp, weights=weight * mask.ravel(), minlength=n)
+        inter = np.array([w_fg[i].sum() for i in kept])
+        union = np.maximum(area + float(w_fg.sum()) - inter, 1e-12)
+        iou = inter / union
+        best = int(candidates[np.argmax(iou[candidates])])
+        if iou[best] <= 0:
+            results[index] = ProposalRefinement(
+                None, "no_overlap", n_candidates=int(candidates.size)
+            )
+            continue
+        extra = np.flatnonzero(inter / safe > cfg.containment)
+        chosen = np.unique(np.concatenate([kept[best]] + [kept[i] for i in extra]))
+        selected = np.zeros(n, dtype=bool)
+        selected[chosen] = True
+        results[index] = ProposalRefinement(
+            selected[superpixels.astype(np.int64)] & region,
+            "used",
+            float(iou[best]),
+            n_candidates=int(candidates.size),
+            n_extra=int(extra.size),
+        )
+    return results
 
 
 def apply_proposals(
@@ -333,8 +358,9 @@ def apply_proposals(
         stats.update(mcg_used=False, mcg_reason="no_proposal_file")
         return InstanceMasks(masks.fg, masks.not_bg, masks.ignore, stats)
     superpixels, proposals = source_output
-    fg_result = refine_with_proposals(masks.fg, box, superpixels, proposals, cfg)
-    nb_result = refine_with_proposals(masks.not_bg, box, superpixels, proposals, cfg)
+    fg_result, nb_result = refine_each_with_proposals(
+        [masks.fg, masks.not_bg], box, superpixels, proposals, cfg
+    )
     if fg_result.mask is None and nb_result.mask is None:
         stats.update(
             mcg_used=False, mcg_reason=fg_result.reason, mcg_not_bg_reason=nb_result.reason

@@ -9,6 +9,7 @@ from bbam.mcg import (
     MCGMatSource,
     SuperpixelSource,
     apply_proposals,
+    refine_each_with_proposals,
     refine_with_proposals,
 )
 from bbam.refine import InstanceMasks
@@ -194,3 +195,46 @@ def test_mcg_mat_source_refuses_ids_its_superpixels_lack(tmp_path):
     scipy.io.savemat(tmp_path / "img.mat", {"superpixels": SP.astype(np.uint16), "labels": cells})
     with pytest.raises(DataError, match=r"img\.mat: labels name superpixel ids .*\[101\]"):
         MCGMatSource(tmp_path).proposals("img", np.zeros((H, W, 3), np.uint8))
+
+
+def _eq4_by_pixel_sets(mask, box, sp, proposals, containment):
+    """Eq. 4 counted in pixels straight from the pixel sets: the oracle for the shared path."""
+    region = np.zeros(sp.shape, dtype=bool)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    region[y0:y1, x0:x1] = True
+    touching = set(np.unique(sp[region]).tolist())
+    kept = [np.isin(sp, p) for p in proposals if set(np.unique(p).tolist()) <= touching]
+    inside = [k for k in kept if (k & region).sum() / k.sum() > containment]
+    if not inside:
+        return None
+    best = max(inside, key=lambda k: (k & mask).sum() / (k | mask).sum())  # first of ties
+    if not (best & mask).any():
+        return None
+    union = best.copy()
+    for k in kept:
+        if (k & mask).sum() / k.sum() > containment:
+            union |= k
+    return union & region
+
+
+def test_each_mask_refined_as_if_alone():
+    """Masks of one box share the superpixel sums: each result is the one-mask result and the
+    pixel-set oracle's, whatever the other masks are (empty, disjoint, the whole image)."""
+    rng = np.random.default_rng(0)
+    cfg = MCGConfig(min_box_area=0, count="pixels")
+    for _ in range(20):
+        proposals = [
+            np.unique(rng.integers(1, 101, size=rng.integers(1, 12))) for _ in range(40)
+        ] + [blocks(range(r, r + 3), range(c, c + 3)) for r in (2, 4) for c in (2, 4)]
+        masks = [rng.random((H, W)) < q for q in (0.0, 0.3, 0.7, 1.0)]
+        masks.append(block_mask(blocks(range(3, 6), range(3, 6))))
+        joint = refine_each_with_proposals(masks, BOX, SP, proposals, cfg)
+        for mask, together in zip(masks, joint, strict=True):
+            alone = refine_with_proposals(mask, BOX, SP, proposals, cfg)
+            assert (together.reason, together.best_iou) == (alone.reason, alone.best_iou)
+            oracle = _eq4_by_pixel_sets(mask, BOX, SP, proposals, cfg.containment)
+            if together.mask is None:
+                assert oracle is None or not mask.any()
+            else:
+                assert np.array_equal(together.mask, alone.mask)
+                assert np.array_equal(together.mask, oracle)
