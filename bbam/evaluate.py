@@ -99,6 +99,15 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
 
 
+def mask_cover(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n,H,W) x (m,H,W) bool -> (n,m) share of each `a` inside each `b`: pycocotools' IoU
+    with a crowd region `b` (the union is the detection alone)."""
+    a = a.reshape(len(a), int(np.prod(a.shape[1:]))).astype(np.float32)
+    b = b.reshape(len(b), int(np.prod(b.shape[1:]))).astype(np.float32)
+    area = a.sum(1)[:, None]
+    return np.where(area > 0, (a @ b.T) / np.maximum(area, 1e-9), 0.0)
+
+
 def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     """VOC 2010+ all-point interpolated AP (area under the monotone precision envelope)."""
     mrec = np.concatenate([[0.0], recall, [1.0]])
@@ -143,7 +152,9 @@ def voc_instance_metrics(
 
     Per class: predictions sorted by score, each matched greedily to the unmatched-or-not GT of
     highest IoU in its image (a GT already taken makes it a false positive; difficult GTs are
-    neither), AP by all-point interpolation, mean over classes with GT. ABO: for each GT
+    neither), AP by all-point interpolation, mean over classes with GT. A prediction that
+    would be a false positive but lies on a crowd region of its class (COCO `iscrowd`, share
+    inside >= the threshold) is neither, as COCOeval ignores it. ABO: for each GT
     instance, the best IoU among all predictions of its image, averaged over instances.
     Masks are decoded one image at a time (a whole COCO val split would not fit in memory).
     """
@@ -157,12 +168,14 @@ def voc_instance_metrics(
         preds_by_image[key].append((int(p["category_id"]), float(p["score"]), p))
     gts: dict[str, dict[str, np.ndarray]] = {}
     ious: dict[str, np.ndarray] = {}
+    crowd_covers: dict[str, np.ndarray] = {}  # prediction x crowd region of its image
     best_overlaps: list[float] = []
     for r in records:
         key, insts = r.image_id, [i for i in r.instances if not i.iscrowd]
         g = gts[key] = {
             "labels": np.array([i.label for i in insts], dtype=np.int64),
             "difficult": np.array([bool(i.difficult) for i in insts], dtype=bool),
+            "crowd_labels": np.array([i.label for i in r.instances if i.iscrowd], dtype=np.int64),
         }
         gt_masks = _gt_masks(r, insts)
         plist = preds_by_image[key]
@@ -172,6 +185,9 @@ def voc_instance_metrics(
             else np.zeros((0,) + gt_masks.shape[1:], dtype=bool)
         )
         ious[key] = mask_iou(pm, gt_masks)
+        crowds = [crowd_region(i, r.height, r.width) for i in r.instances if i.iscrowd]
+        if crowds and plist:
+            crowd_covers[key] = mask_cover(pm, np.stack(crowds))
         for j in range(len(g["labels"])):
             best_overlaps.append(float(ious[key][:, j].max()) if len(plist) else 0.0)
     out: dict[str, Any] = {"abo": float(np.mean(best_overlaps)) if best_overlaps else float("nan")}
@@ -205,6 +221,11 @@ def voc_instance_metrics(
                     taken[key][j] = True
                     tp.append(1)
                     fp.append(0)
+                elif (
+                    key in crowd_covers
+                    and (crowd_covers[key][k, g["crowd_labels"] == c] >= t).any()
+                ):
+                    continue
                 else:
                     tp.append(0)
                     fp.append(1)
@@ -264,7 +285,10 @@ COCO_STAT_NAMES = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 
 
 def coco_segm_metrics(gt: dict[str, Any] | COCO, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """COCOeval(iouType='segm') stats 0-5; a -1 (no GT in that area range) becomes None."""
+    """COCOeval(iouType='segm') stats 0-5; a -1 (no GT in that area range) becomes None.
+
+    A result's `bbox` is dropped: pycocotools' loadRes would take its box area as the
+    detection's area, so APs/APm/APl would size detections by box instead of mask."""
     if isinstance(gt, COCO):
         coco_gt = gt
     else:
@@ -272,8 +296,7 @@ def coco_segm_metrics(gt: dict[str, Any] | COCO, results: list[dict[str, Any]]) 
         coco_gt.dataset = gt
         with contextlib.redirect_stdout(io.StringIO()):
             coco_gt.createIndex()
-    if not results:
-        return {k: 0.0 for k in COCO_STAT_NAMES}
+    results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     stats = cocoeval_stats(coco_gt, results, "segm")
     return {k: (None if v < 0 else float(v)) for k, v in zip(COCO_STAT_NAMES, stats, strict=True)}
 

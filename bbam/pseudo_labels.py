@@ -24,7 +24,7 @@ import numpy as np
 
 from bbam.atomic import atomic_write_json
 from bbam.data.masks import box_region, mask_to_rle
-from bbam.data.palette import IGNORE_LABEL, save_palette_png
+from bbam.data.palette import IGNORE_LABEL, check_class_labels, save_palette_png
 from bbam.data.records import ImageRecord, Instance
 from bbam.mcg import MCGConfig, ProposalSource, apply_proposals
 from bbam.refine import InstanceMasks, RefineConfig, refine_instance
@@ -197,6 +197,7 @@ def semantic_label(
     if not instances:
         return label
     classes = sorted({int(c) for c, *_ in instances})
+    check_class_labels(classes, "semantic pseudo label")
     claims = np.zeros((height, width), dtype=np.int32)
     for c in classes:
         union = np.zeros((height, width), dtype=bool)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from bbam.atomic import atomic_write, atomic_write_json
 from bbam.data.coco import coco_image_ids, load_coco_json
+from bbam.data.palette import check_class_labels
 from bbam.labeling import baseline_quality, label_dataset
 from bbam.mcg import make_source
 from bbam.pseudo_labels import proposal_skip_counts, write_coco_pseudo_gt
@@ -39,6 +40,8 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
     split = params["attribution"]["split"]
     dataset = load_split(params, split)
     annotation_json, _ = split_paths(params, split)
+    # the semantic PNGs are uint8 class maps: fail here, not once per image
+    check_class_labels(range(1, len(dataset.classes) + 1), f"{annotation_json} (semantic PNGs)")
     manifest = pq.read_table(Path(attribution_dir) / "manifest.parquet").to_pylist()
     shard_dirs = {
         s: shard_dir(attribution_dir, s) for s in range(int(params["attribution"]["num_shards"]))

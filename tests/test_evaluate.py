@@ -211,6 +211,92 @@ def test_crowd_without_mask_is_its_box_and_detections_on_it_are_not_false_positi
     assert coco_metrics_from_records([rec], ["a"], preds)["ap50"] == pytest.approx(1.0)
 
 
+def _direct_segm_stats(recs, classes, preds):
+    """pycocotools' own segm stats 0-5 for `preds` (masks, no bbox), none of our wrapping."""
+    gt, ids = records_to_coco(recs, classes)
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    if preds:
+        dets = coco.loadRes(
+            [
+                {
+                    "image_id": ids[p["image_id"]],
+                    "category_id": p["category_id"],
+                    "score": p["score"],
+                    "segmentation": _rle(p["mask"]),
+                }
+                for p in preds
+            ]
+        )
+    else:  # loadRes refuses an empty list: an empty result set
+        dets = COCO()
+        dets.dataset = {"images": gt["images"], "annotations": [], "categories": gt["categories"]}
+        dets.createIndex()
+    ev = COCOeval(coco, dets, iouType="segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return [None if v < 0 else pytest.approx(v) for v in ev.stats[:6]]
+
+
+def test_coco_mask_ap_sizes_detections_by_their_mask_not_their_bbox():
+    h, w = 200, 200
+    rec = _rec("im", [(_rect(10, 40, 10, 40, h, w), 1)], h, w)  # 900 px: a small object
+    diagonal = np.zeros((h, w), bool)  # a small mask (150 px) in a large box (150 x 150)
+    diagonal[np.arange(20, 170), np.arange(20, 170)] = True
+    preds = [
+        {"image_id": "im", "category_id": 1, "score": 0.9, "mask": diagonal,
+         "bbox": [20.0, 20.0, 150.0, 150.0]},
+        {"image_id": "im", "category_id": 1, "score": 0.5, "mask": rec.instances[0].mask,
+         "bbox": [10.0, 10.0, 30.0, 30.0]},
+    ]  # fmt: skip
+    # predict_instances' results carry a bbox; with it loadRes would size the false positive
+    # by its box (large) and leave it out of APs.
+    ours = coco_metrics_from_records([rec], ["a"], preds)
+    assert [ours[k] for k in ("ap", "ap50", "ap75", "aps", "apm", "apl")] == _direct_segm_stats(
+        [rec], ["a"], preds
+    )
+    assert ours["aps"] < 1.0
+
+
+def test_coco_metrics_without_predictions_match_cocoeval():
+    recs, _ = _hand_case()  # small objects only: no GT of medium or large area
+    ours = coco_metrics_from_records(recs, ["a"], [])
+    assert [ours[k] for k in ("ap", "ap50", "ap75", "aps", "apm", "apl")] == _direct_segm_stats(
+        recs, ["a"], []
+    )
+    assert ours["ap"] == 0.0 and ours["apm"] is None and ours["apl"] is None
+
+
+def test_voc_instance_ap_ignores_predictions_on_a_crowd_region_of_their_class():
+    h, w = 40, 48
+    rec = _rec("im", [(_rect(2, 20, 3, 25, h, w), 1)], h, w)
+    crowd = _rect(24, 38, 30, 46, h, w)
+    rec.instances.append(Instance(7, 1, np.array([30.0, 24.0, 46.0, 38.0]), crowd, iscrowd=True))
+    obj = rec.instances[0].mask
+    half_on_crowd = crowd.copy()
+    half_on_crowd[24:38, 20:30] = True  # 140 of its 280 px inside the crowd region
+    preds = [
+        {"image_id": "im", "category_id": 1, "score": 0.9, "mask": crowd},
+        {"image_id": "im", "category_id": 1, "score": 0.8, "mask": half_on_crowd},
+        {"image_id": "im", "category_id": 1, "score": 0.5, "mask": obj},
+    ]
+    res = voc_instance_metrics([rec], preds, 2)
+    coco = coco_metrics_from_records([rec], ["a"], preds)
+    # share inside the crowd: 1.0 and 0.5; COCOeval ignores a detection at or above its IoU
+    # threshold and counts the other as a false positive, as the VOC AP must
+    assert res["ap50"] == pytest.approx(coco["ap50"]) == pytest.approx(1.0)
+    assert res["ap75"] == pytest.approx(coco["ap75"]) == pytest.approx(0.5)
+    assert res["abo"] == pytest.approx(1.0)  # the crowd region is no instance to cover
+    # another class's prediction on the crowd region is a false positive
+    other = [dict(preds[0], category_id=2), dict(preds[2], category_id=2)]
+    two = ImageRecord(
+        "im", rec.path, w, h, [Instance(1, 2, rec.instances[0].box, obj), rec.instances[1]]
+    )
+    assert voc_instance_metrics([two], other, 3)["ap50"] == pytest.approx(0.5)
+
+
 def test_writers(tmp_path):
     path = write_metrics(tmp_path / "m" / "metrics.json", {"a": float("nan"), "b": np.float32(0.5)})
     assert json.loads(path.read_text()) == {"a": None, "b": 0.5}

@@ -115,6 +115,24 @@ def test_crowd_regions_are_ignore_in_semantic_targets():
         assert (target[person.mask] == 1).all() and (target[~expected & (target != 1)] == 0).all()
 
 
+@pytest.mark.parametrize("label", [255, 256, 1203])
+def test_class_labels_past_254_are_refused_not_read_as_ignore(label):
+    from bbam.segmenters.targets import render_label_map
+
+    h, w = 8, 8
+    fg, box = rect(h, w, 2, 6, 2, 6), np.array([2.0, 2.0, 6.0, 6.0])
+    record = ImageRecord("a", Path("a.jpg"), w, h, [Instance(0, 254, box, fg)])
+    # 254 classes fit: the last one is a class, not ignore
+    assert (render_label_map(record)[fg] == 254).all()
+    assert (semantic_label(h, w, [(254, box, fg, np.zeros_like(fg))])[fg] == 254).all()
+    # label 255 would be ignored by the loss and the evaluation, 256 on wrap around
+    record.instances[0].label = label
+    with pytest.raises(ValueError, match="254 classes"):
+        semantic_label(h, w, [(label, box, fg, np.zeros_like(fg))])
+    with pytest.raises(ValueError, match="254 classes"):
+        render_label_map(record)
+
+
 def test_semantic_png_palette_roundtrip(tmp_path):
     label = np.zeros((8, 9), np.uint8)
     label[2:4, 2:5] = 15
@@ -344,3 +362,19 @@ def test_baselines_are_scored_on_the_same_instances_and_do_not_depend_on_workers
         dataset, coco_ids, [], {}, tmp_path / "plain", RefineConfig(), None, None
     )[1]
     assert "iou_gt_box" not in plain[0]
+
+
+def test_pseudo_label_stage_refuses_more_classes_than_its_pngs_hold(tmp_path, monkeypatch):
+    """Checked once before any image is labelled, naming the annotation file."""
+    import tasks.pseudo_labels as stage
+    from bbam.data.records import Dataset
+
+    many = Dataset([f"c{k}" for k in range(255)], [])
+    monkeypatch.setattr(stage, "load_split", lambda params, split: many)
+    monkeypatch.setattr(stage, "split_paths", lambda params, split: (tmp_path / "x.json", None))
+    params = {"attribution": {"split": "train", "num_shards": 1}}
+    with pytest.raises(ValueError, match=r"x\.json \(semantic PNGs\).*254 classes"):
+        stage.make_pseudo_labels.fn(params, str(tmp_path / "no_attribution"), str(tmp_path))
+    many.classes.pop()  # 254 classes fit: it goes on to read the (absent) manifest
+    with pytest.raises(FileNotFoundError):
+        stage.make_pseudo_labels.fn(params, str(tmp_path / "no_attribution"), str(tmp_path))

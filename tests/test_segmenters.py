@@ -296,6 +296,12 @@ def test_config_and_weights_errors(tmp_path):
         build_instance_model(InstanceTrainConfig(weights=str(tmp_path / "bad.pt")), 2)
 
 
+def test_semantic_training_refuses_more_classes_than_a_label_map_holds(tmp_path):
+    classes = [f"c{k}" for k in range(255)]  # label 255 is the ignore label
+    with pytest.raises(ValueError, match="254 classes"):
+        train_semantic([], classes, tmp_path / "out", small_semantic_config())
+
+
 def test_datasets_count_skips(tmp_path):
     from bbam.data.records import SkipReport
     from bbam.segmenters.instance import InstanceTrainDataset

@@ -306,9 +306,20 @@ def read_coco(
 
 def cocoeval_stats(gt: COCO, results: list[dict[str, Any]], iou_type: str) -> list[float]:
     """The first six COCOeval summary numbers (AP, AP50, AP75, APs, APm, APl; -1 = no GT)
-    of `results` against `gt`, with pycocotools' printing silenced."""
+    of `results` against `gt`, with pycocotools' printing silenced. No results scores 0
+    where there is GT and -1 where there is none, as COCOeval does (loadRes refuses [])."""
     with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(gt, gt.loadRes(results), iouType=iou_type)
+        if results:
+            dt = gt.loadRes(results)
+        else:
+            dt = COCO()
+            dt.dataset = {
+                "images": list(gt.dataset.get("images", [])),
+                "annotations": [],
+                "categories": list(gt.dataset.get("categories", [])),
+            }
+            dt.createIndex()
+        ev = COCOeval(gt, dt, iouType=iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

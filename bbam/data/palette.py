@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,18 @@ from bbam.data.records import DataError
 
 # The one ignore label of class maps: pseudo labels, the DeepLab loss and the evaluation.
 IGNORE_LABEL = 255
+
+
+def check_class_labels(labels: Iterable[int], where: str = "class map") -> None:
+    """Raise ValueError for a label a uint8 class map cannot hold: 255 would silently read
+    as ignore and 256.. wrap around, so class maps take at most 254 classes (LVIS has 1203)."""
+    bad = [int(v) for v in labels if not 0 <= int(v) < IGNORE_LABEL]
+    if bad:
+        raise ValueError(
+            f"{where}: class label {max(bad)} does not fit a uint8 class map (labels 1.."
+            f"{IGNORE_LABEL - 1}, {IGNORE_LABEL} = ignore); semantic labels need at most "
+            f"{IGNORE_LABEL - 1} classes"
+        )
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from bbam import training as T
 from bbam.data.images import load_tensor
-from bbam.data.palette import IGNORE_LABEL
+from bbam.data.palette import IGNORE_LABEL, check_class_labels
 from bbam.data.records import DataError, ImageRecord, SkipReport
 from bbam.detector import build_fpn_backbone
 from bbam.device import resolve_device
@@ -277,11 +277,26 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _label_file(self, record: ImageRecord) -> Path:
+        """The PNG the record's label map is read from, or the image itself when it is drawn
+        from the annotations: the file a bad label map must be named by (a pseudo label of
+        the wrong size is a fault of the PNG, not of the image)."""
+        supervision, pseudo_dir, gt_dir = self.args
+        if supervision == "bbam" and pseudo_dir is not None:
+            return Path(pseudo_dir) / f"{record.image_id}.png"
+        if supervision == "full" and gt_dir is not None:
+            png = Path(gt_dir) / f"{record.image_id}.png"
+            if png.is_file():
+                return png
+        return Path(record.path)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         record = self.items[i]
         label = semantic_target(record, *self.args)
         if isinstance(label, str):
-            raise DataError(f"{record.path}: {label}")
+            where = self._label_file(record)
+            image = "" if where == record.path else f" (image {record.path})"
+            raise DataError(f"{where}: {label}{image}")
         image = load_tensor(record.path)
         target = torch.from_numpy(label.astype(np.int64))
         if self.scale != 1.0:
@@ -319,6 +334,7 @@ def train_semantic(
 ) -> T.TrainResult:
     """Train DeepLabV3 (CE, ignore 255) and write model.pt + per-epoch checkpoints + JSONL log."""
     out_dir = Path(out_dir)
+    check_class_labels(range(1, len(classes) + 1), "semantic segmenter")  # before any epoch
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     pdir = Path(pseudo_dir) if pseudo_dir is not None else None

@@ -17,7 +17,7 @@ import numpy as np
 
 from bbam.data.coco import decode_segmentation
 from bbam.data.masks import box_region, box_slices
-from bbam.data.palette import load_index_png
+from bbam.data.palette import check_class_labels, load_index_png
 from bbam.data.records import DataError, ImageRecord
 from bbam.pseudo_labels import mark_crowd_ignore
 from bbam.segmenters.mask_loss import MASK_FG, MASK_IGNORE
@@ -127,6 +127,7 @@ def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
     Crowd regions are 255 (ignored by the loss and by the evaluation)."""
     out = np.zeros((record.height, record.width), dtype=np.uint8)
     instances = [i for i in record.instances if not i.iscrowd]
+    check_class_labels((i.label for i in instances), str(record.path))
     if source == "box":
         areas = [float((i.box[2] - i.box[0]) * (i.box[3] - i.box[1])) for i in instances]
         for k in np.argsort(areas, kind="stable")[::-1]:
