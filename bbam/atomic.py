@@ -1,11 +1,14 @@
 """Atomic file writes: a temp file in the same directory, fsync, then os.replace.
 
 Readers never see a partial file, and a write killed half-way leaves the old file (or
-none) plus no stray temp file. Every output file of the project goes through here.
+none). A write stopped by an exception removes its temp file; one whose process died
+(SIGKILL, a lost node) cannot, and `remove_stale_temps` clears those. Every output file of
+the project goes through here.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -13,6 +16,8 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+_TOKEN_BYTES = 6  # a temp file is .<name>.<12 hex digits>.tmp
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -24,7 +29,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp")
     handle = open(tmp, "xb")  # outside the try: a name clash must not delete the other file
     try:
         with handle:
@@ -35,6 +40,20 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temp files that writes of ``path`` left when their process died mid-write.
+
+    Why: a SIGKILL skips ``atomic_write``'s clean-up, so each kill during a checkpoint write
+    leaves a checkpoint-sized file behind, for good. Only for a file one process writes at
+    a time (a training's checkpoint): the temp file of a write in flight would go too."""
+    path = Path(path)
+    pattern = f".{glob.escape(path.name)}.{'?' * 2 * _TOKEN_BYTES}.tmp"
+    stale = sorted(path.parent.glob(pattern)) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -165,9 +165,14 @@ def label_image(
         ],
     )
     mark_crowd_ignore(label, record.instances)
-    semantic_path = settings.semantic_dir / f"{record.image_id}.png"
+    semantic_path = semantic_png(settings, record.image_id)
     write_semantic_png(semantic_path, label)
     return LabelledImage(annotations, out_rows, semantic_path, scores=scores)
+
+
+def semantic_png(settings: LabelSettings, image_id: str) -> Path:
+    """Where an image's semantic pseudo label goes (``<semantic_dir>/<image_id>.png``)."""
+    return settings.semantic_dir / f"{image_id}.png"
 
 
 def _semantic_scores(
@@ -306,6 +311,10 @@ def _label_records(
             )
         except Exception as exc:  # recorded; the stage reports and may fail on it
             errors.append({"image_id": record.image_id, "error": f"{type(exc).__name__}: {exc}"})
+            # An earlier run's PNG of this image (a folder not cleared, as DVC would) must
+            # not stand in for the labels this run could not make: the semantic segmenter
+            # skips an image without one, but would train on a stale one.
+            semantic_png(settings, record.image_id).unlink(missing_ok=True)
         else:
             annotations += labelled.annotations
             rows += labelled.rows

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bbam.atomic import atomic_torch_save
+from bbam.atomic import atomic_torch_save, remove_stale_temps
 from bbam.checkpoint import load_weights, resume_checkpoint
 from bbam.data.records import ImageRecord, SkipReport
 from bbam.device import check_device
@@ -293,6 +293,13 @@ class JsonlLog:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A run that died mid-line (disk full, a lost node) left a torn last line: end it,
+        # so this run's first record is a line of its own rather than glued onto it.
+        if self.path.is_file() and self.path.stat().st_size:
+            with self.path.open("rb+") as handle:
+                handle.seek(-1, 2)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
@@ -367,6 +374,9 @@ def setup_training(
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     path = Path(out_dir) / CHECKPOINT_NAME
+    for name in (CHECKPOINT_NAME, MODEL_NAME):  # one trainer writes them: no write in flight
+        for tmp in remove_stale_temps(Path(out_dir) / name):
+            logger.info("removed %s, left by a write whose process died", tmp)
     ckpt, why, changed = None, *_refusal(path, phash, config)
     if not why:
         ckpt, why = _resume(out_dir, phash, model, optimizer, scheduler, scaler)

@@ -8,6 +8,7 @@ our pseudo labels; ``box`` = filled boxes).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from prefect import flow
@@ -18,12 +19,34 @@ from flows.common import publish_table, stage_cli
 from tasks.segmenters import SEGMENTERS, train_segmenter
 
 ARTIFACT = "bbam-segmenter-training"
+logger = logging.getLogger(__name__)
 
 
 def network_names(params: dict) -> dict[str, str]:
     """Table names of the two networks; the semantic one follows ``segmenters.semantic.head``."""
     head = (params["segmenters"].get("semantic") or {}).get("head", SemanticTrainConfig.head)
     return {"instance": "Mask R-CNN", "semantic": HEADS.get(head, head)}
+
+
+def _log_records(log: Path) -> list[dict]:
+    """The records of a training log, without its torn lines (a run that died mid-write),
+    each left out with a warning naming the file: they cannot fail the stage after every
+    model is trained, as they would on every re-run (the trained models are cached)."""
+    if not log.is_file():
+        return []
+    records = []
+    text = log.read_text(encoding="utf-8", errors="replace")  # a torn write may cut a byte
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            logger.warning("%s line %d: not a JSON record (torn write?); left out", log, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def training_table(models: dict[str, str], networks: dict[str, str]) -> list[dict]:
@@ -33,8 +56,7 @@ def training_table(models: dict[str, str], networks: dict[str, str]) -> list[dic
     for name, model in models.items():
         kind, _, supervision = name.partition("_")
         log = Path(model).parent / LOG_NAME
-        lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
-        steps = [r for r in map(json.loads, filter(None, lines)) if "loss" in r]
+        steps = [r for r in _log_records(log) if "loss" in r]
         last = steps[-1] if steps else {}
         rows.append(
             {

@@ -52,10 +52,11 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
     align = engine_config(params).align_corners  # maps are upsampled as they were optimised
     out = Path(out_dir)
     baselines = bool(params.get("pseudo_labels", {}).get("baselines", True))
+    image_ids = coco_image_ids(annotation_json)
     with tqdm(total=len(dataset.records), desc="pseudo labels", unit="img") as bar:
         annotations, rows, errors, scores = label_dataset(
             dataset,
-            coco_image_ids(annotation_json),
+            image_ids,
             manifest,
             shard_dirs,
             out / "semantic",
@@ -68,9 +69,11 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
             baselines=baselines,
         )
     source_json = load_coco_json(annotation_json)
+    # An image that failed has no labels, not "no objects": listed, it would train as background.
+    failed = {image_ids.get(e["image_id"]) for e in errors}
     write_coco_pseudo_gt(
         out / f"instances_{split}.json",
-        source_json["images"],
+        [image for image in source_json["images"] if int(image["id"]) not in failed],
         source_json["categories"],
         annotations,
     )

@@ -1,4 +1,5 @@
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,34 @@ def test_parallel_labelling_gives_the_same_output_as_serial(tmp_path):
     assert len(outputs[2][1]) == 4 and all(a["area"] > 0 for a in annotations)
 
 
+def test_an_image_that_fails_now_loses_the_png_an_earlier_run_left(tmp_path):
+    """Without DVC clearing the folder (the Prefect pipeline, a stage run by hand) a PNG of
+    an earlier run must not stand in for labels this run could not make: the semantic
+    segmenter would train on it instead of skipping the image."""
+    from bbam.data.records import Dataset
+    from bbam.labeling import label_dataset
+    from bbam.refine import RefineConfig
+
+    records = []
+    for n in range(2):
+        pixels = np.full((40, 48, 3), 30, dtype=np.uint8)
+        pixels[8:30, 10:34] = (200, 80, 40)
+        path = tmp_path / f"im{n}.png"
+        Image.fromarray(pixels).save(path)
+        box = np.array([8.0, 6.0, 36.0, 32.0])
+        records.append(ImageRecord(f"im{n}", path, 48, 40, [Instance(n + 1, 1, box)]))
+    dataset = Dataset(["thing"], records)
+    coco_ids = {"im0": 1, "im1": 2}
+    out = tmp_path / "semantic"
+    first = label_dataset(dataset, coco_ids, [], {}, out, RefineConfig(), None, None)
+    assert not first.errors and sorted(p.name for p in out.iterdir()) == ["im0.png", "im1.png"]
+    (tmp_path / "im1.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    again = label_dataset(dataset, coco_ids, [], {}, out, RefineConfig(), None, None)
+    assert [e["image_id"] for e in again.errors] == ["im1"]
+    assert str(tmp_path / "im1.png") in again.errors[0]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["im0.png"]
+
+
 def test_baselines_are_scored_on_the_same_instances_and_do_not_depend_on_workers(tmp_path):
     """baselines=True adds the filled box's and GrabCut's IoU with the GT mask to each row,
     and the three methods' semantic confusion on the fully masked images."""
@@ -378,3 +407,44 @@ def test_pseudo_label_stage_refuses_more_classes_than_its_pngs_hold(tmp_path, mo
     many.classes.pop()  # 254 classes fit: it goes on to read the (absent) manifest
     with pytest.raises(FileNotFoundError):
         stage.make_pseudo_labels.fn(params, str(tmp_path / "no_attribution"), str(tmp_path))
+
+
+def test_pseudo_gt_leaves_out_the_images_the_stage_failed_on(tmp_path, monkeypatch):
+    """A failed image has no labels, not "no objects": listed in the pseudo GT with no
+    annotation, any trainer reading the JSON would learn its objects as background."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import tasks.pseudo_labels as stage
+    from bbam.data.records import Dataset
+    from bbam.mcg import MCGConfig
+
+    source = tmp_path / "instances_train.json"
+    images = [{"id": 7, "file_name": "a.jpg", "width": 8, "height": 8}]
+    images.append({"id": 9, "file_name": "b.jpg", "width": 8, "height": 8})
+    categories = [{"id": 1, "name": "thing"}]
+    source.write_text(json.dumps({"images": images, "annotations": [], "categories": categories}))
+    attribution = tmp_path / "attribution"
+    attribution.mkdir()
+    pq.write_table(pa.table({"key": pa.array([], pa.string())}), attribution / "manifest.parquet")
+    ann = {"id": 1, "image_id": 7, "category_id": 1, "bbox": [1, 1, 4, 4], "iscrowd": 0}
+    failed = [{"image_id": "b", "error": "ManifestError: maps-00000.npz: bad zip"}]
+    monkeypatch.setattr(stage, "load_split", lambda params, split: Dataset(["thing"], []))
+    monkeypatch.setattr(stage, "split_paths", lambda params, split: (source, None))
+    monkeypatch.setattr(stage, "refine_config", lambda params: None)
+    monkeypatch.setattr(stage, "proposal_config", lambda params: (MCGConfig(enabled=False), None))
+    monkeypatch.setattr(
+        stage, "engine_config", lambda params: types.SimpleNamespace(align_corners=False)
+    )
+    monkeypatch.setattr(stage, "label_dataset", lambda *a, **k: ([ann], [], failed, None))
+    params = {
+        "attribution": {"split": "train", "num_shards": 1},
+        "pseudo_labels": {"baselines": False},
+    }
+    summary = stage.make_pseudo_labels.fn(params, str(attribution), str(tmp_path / "out"))
+    assert summary["image_errors"] == failed
+    written = json.loads((tmp_path / "out" / "instances_train.json").read_text())
+    assert [im["id"] for im in written["images"]] == [7]
+    assert written["annotations"] == [ann]

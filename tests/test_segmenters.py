@@ -322,6 +322,43 @@ def test_datasets_count_skips(tmp_path):
     assert target["masks"].shape == (1, 64, 64) and (target["masks"] == MASK_IGNORE).any()
 
 
+def test_an_image_the_pseudo_label_stage_failed_on_is_skipped_not_trained_as_background(
+    tmp_path,
+):
+    """The pseudo GT lists every image of the split but has no annotation for one whose map
+    or image could not be read: its boxes must not become background for the Mask R-CNN.
+    An image with crowd regions only has no box to label, and stays."""
+    import json
+
+    from bbam.data.records import SkipReport
+    from bbam.segmenters.instance import InstanceTrainDataset
+
+    records = make_segmenter_data(tmp_path, n=4)
+    records[3].instances[0].iscrowd = True
+    path = pseudo_json(tmp_path, records)
+    data = json.loads(path.read_text())
+    unlabelled = {data["images"][1]["id"], data["images"][3]["id"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in unlabelled]
+    path.write_text(json.dumps(data))
+    skipped = SkipReport()
+    dataset = InstanceTrainDataset(records, "bbam", load_pseudo_gt(path, ["thing"]), False, skipped)
+    assert [record.image_id for record, _ in dataset.items] == ["img0", "img2", "img3"]
+    assert skipped.examples == {"pseudo GT has none of the image's boxes": ["img1"]}
+    assert len(dataset.items[2][1][0]) == 0  # the crowd-only image: no box, no object lost
+
+
+def test_a_pseudo_label_of_the_wrong_size_is_named_not_its_image(tmp_path):
+    from bbam.data.records import DataError, SkipReport
+    from bbam.segmenters.semantic import SemanticTrainDataset
+
+    records = make_segmenter_data(tmp_path, n=2)
+    sem = pseudo_pngs(tmp_path, records)
+    save_palette_png(sem / "img1.png", np.zeros((32, 32), np.uint8))  # a 64x64 image
+    dataset = SemanticTrainDataset(records, "bbam", sem, None, 64, False, SkipReport())
+    with pytest.raises(DataError, match=f"^{sem / 'img1.png'}: label map size differs"):
+        dataset[1]
+
+
 def test_instance_checkpoint_resume(tmp_path):
     records = make_segmenter_data(tmp_path, n=2)
     cfg = InstanceTrainConfig(

@@ -18,6 +18,7 @@ from bbam.device import check_device, resolve_device
 from bbam.segmenters.instance import InstanceTrainConfig
 from bbam.segmenters.semantic import SemanticTrainConfig, train_semantic
 from bbam.train_detector import DetectorTrainConfig
+from flows.train_segmenters import training_table
 
 torch.set_num_threads(1)
 
@@ -238,3 +239,56 @@ def test_the_detectors_resume_hash_ignores_epochs_and_device_as_the_segmenters_d
     assert digest(lr=0.01) != base
     train_json.write_text('{"images": [], "annotations": []}')
     assert digest() != base
+
+
+def test_a_killed_checkpoint_write_leaves_the_checkpoint_whole_and_its_temp_is_cleared(tmp_path):
+    """A SIGKILL during torch.save skips atomic_write's clean-up: the old checkpoint stays
+    and resumes, and the checkpoint-sized temp file goes at the next start, not for good."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg = small_semantic_config(epochs=3)
+    phash = T.params_hash(cfg)
+    _checkpoint(tmp_path, cfg, phash, 0)
+    child = (
+        "import sys, time\n"
+        "from bbam.atomic import atomic_write\n"
+        "def stall(f):\n"
+        "    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        "atomic_write(sys.argv[1], stall)\n"
+    )
+    path = tmp_path / T.CHECKPOINT_NAME
+    proc = subprocess.Popen([sys.executable, "-c", child, str(path)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"writing\n"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stale = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(f".{T.CHECKPOINT_NAME}.")
+    (tmp_path / ".other.pt.0123456789ab.tmp").write_bytes(b"not ours")
+    assert _setup(tmp_path, cfg, phash).start_epoch == 1  # the whole old checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.pt.0123456789ab.tmp",
+        T.CHECKPOINT_NAME,
+        T.LOG_NAME,
+    ]
+
+
+def test_a_torn_log_line_is_ended_and_left_out_of_the_stage_table(tmp_path, caplog):
+    """A run that died mid-line (disk full, a lost node) must not glue the next run's first
+    record onto the torn one, nor fail the train_segmenters table on every re-run."""
+    path = tmp_path / T.LOG_NAME
+    T.JsonlLog(path).write({"epoch": 0, "iter": 0, "loss": 2.0})
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write('{"epoch": 0, "iter": 5, "lo')
+    log = T.JsonlLog(path)  # the next run
+    log.write({"event": "resume", "epoch": 1})
+    log.write({"epoch": 1, "iter": 0, "loss": 1.5})
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[2]) == {"event": "resume", "epoch": 1}
+    with caplog.at_level(logging.WARNING, logger="flows.train_segmenters"):
+        (row,) = training_table({"instance_bbam": str(tmp_path / T.MODEL_NAME)}, {})
+    assert row["epochs"] == 2 and row["last logged loss"] == 1.5
+    assert f"{path} line 2: not a JSON record" in caplog.text

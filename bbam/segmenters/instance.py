@@ -198,6 +198,9 @@ class InstanceTrainDataset(torch.utils.data.Dataset):
             if isinstance(targets, str):
                 skipped.add(targets, record.image_id)
                 continue
+            if supervision == "bbam" and _lost_pseudo_labels(record, pseudo):
+                skipped.add("pseudo GT has none of the image's boxes", record.image_id)
+                continue
             self.items.append((record, targets))
         self.hflip = hflip
 
@@ -215,6 +218,19 @@ class InstanceTrainDataset(torch.utils.data.Dataset):
                 [w - boxes_t[:, 2], boxes_t[:, 1], w - boxes_t[:, 0], boxes_t[:, 3]], 1
             )
         return image, {"boxes": boxes_t, "labels": torch.from_numpy(labels), "masks": masks_t}
+
+
+def _lost_pseudo_labels(record: ImageRecord, pseudo: PseudoGT | None) -> bool:
+    """The pseudo GT lists the image but holds no annotation for any of its boxes.
+
+    Why: the pseudo-label stage writes one annotation per non-crowd box (an empty mask
+    included) and leaves out the images it failed on, so such an image comes from a file
+    written otherwise (an older run, another tool). Trained on, its objects would be
+    taught as background."""
+    found = pseudo.lookup(record) if pseudo is not None else None
+    if found is None or not any(not i.iscrowd for i in record.instances):
+        return False
+    return not any(not ann.get("iscrowd") for ann in found[1])
 
 
 # ----------------------------------------------------------------------------- train / infer

@@ -295,7 +295,7 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
         label = semantic_target(record, *self.args)
         if isinstance(label, str):
             where = self._label_file(record)
-            image = "" if where == record.path else f" (image {record.path})"
+            image = "" if where == Path(record.path) else f" (image {record.path})"
             raise DataError(f"{where}: {label}{image}")
         image = load_tensor(record.path)
         target = torch.from_numpy(label.astype(np.int64))
