@@ -10,7 +10,8 @@
 #   deploy/deploy.sh k8s-worker         a Kubernetes worker for bbam-gpu (cluster credentials)
 #
 # Environment: PREFECT_API_URL (every step but `image`), BBAM_IMAGE (image, deployments),
-# BBAM_CHECKOUT (deployments, process-workers: the shared checkout, same path everywhere),
+# BBAM_CHECKOUT (process-workers, and where each flow run starts: the shared checkout, same
+# path everywhere; prefect.yaml's pull step resolves it there, not at `deployments`),
 # BBAM_GPU_LIMIT (pools: GPUs in the cluster, default 8), BBAM_GPUS (process-workers:
 # GPU indices, default: all of `nvidia-smi -L`), PREFECT (the prefect CLI, default `prefect`).
 set -euo pipefail

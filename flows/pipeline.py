@@ -2,9 +2,11 @@
 
 ``python -m flows.pipeline --params params.yaml``
 
-Each stage resumes from what is on disk (checkpoints, shard manifests), so running this
-after a crash redoes only unfinished work. Use ``dvc repro`` to also skip stages whose
-inputs did not change.
+Running this again after a crash keeps what finished: a stage that completed is cached
+(``tasks/caching.py``), attribution resumes per instance from its shard manifests, the
+trainings per epoch from their checkpoints and downloads from their partial files; the
+rest of data preparation, pseudo labels and evaluation run again from their start. Use
+``dvc repro`` to also skip stages whose inputs did not change.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the shard lock too, and a run whose lock was taken over stops at its next chunk), a changed
 ``num_shards`` re-shards finished work instead of recomputing it, the merged manifest holds
 only current rows of planned instances (the rest counted as missing), an image gone since
-prepare_data gets failed rows naming it, and nothing trusts a cache of deleted outputs.
+prepare_data gets skipped rows naming it, and nothing trusts a cache of deleted outputs.
 
 The engine is a stand-in (a grid from the key's crc32); the stage's own code runs for real,
 as plain functions and, where Prefect is the point, as the flow on a loopback server.
