@@ -253,7 +253,10 @@ def voc_instance_metrics(
 def records_to_coco(
     records: list[ImageRecord], classes: list[str]
 ) -> tuple[dict[str, Any], dict[str, int]]:
-    """GT COCO dict from records (RLE masks) and the image_id -> COCO int id mapping."""
+    """GT COCO dict from records (RLE masks) and the image_id -> COCO int id mapping.
+
+    `area` is the instance's own (`Instance.area`: COCO files store the polygon's area, and
+    COCOeval puts GT in the APs/APm/APl ranges by it), else the mask's pixel count."""
     images, anns, ids = [], [], {}
     for n, r in enumerate(records, start=1):
         ids[r.image_id] = n
@@ -272,7 +275,7 @@ def records_to_coco(
                     "image_id": n,
                     "category_id": int(inst.label),
                     "segmentation": mask_to_rle(mask),
-                    "area": float(mask.sum()),
+                    "area": float(mask.sum() if inst.area is None else inst.area),
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "iscrowd": int(inst.iscrowd),
                 }

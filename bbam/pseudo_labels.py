@@ -26,6 +26,7 @@ from bbam.atomic import atomic_write_json
 from bbam.data.masks import box_region, mask_to_rle
 from bbam.data.palette import IGNORE_LABEL, check_class_labels, save_palette_png
 from bbam.data.records import ImageRecord, Instance
+from bbam.data.writers import VOID_KEY
 from bbam.mcg import MCGConfig, ProposalSource, apply_proposals
 from bbam.refine import InstanceMasks, RefineConfig, refine_instance
 
@@ -161,12 +162,13 @@ def _jsonable(value: object) -> object:
 def write_coco_pseudo_gt(
     path: str | Path, images: list[dict], categories: list[dict], annotations: list[dict]
 ) -> None:
-    """Atomic COCO instances JSON (images / categories as the input dataset's)."""
+    """Atomic COCO instances JSON (images / categories as the input dataset's, less the GT
+    void region an image entry may carry: pseudo GT knows only the boxes)."""
     atomic_write_json(
         path,
         {
             "info": {"description": "BBAM pseudo ground truth (fg RLE + ignore RLE)"},
-            "images": images,
+            "images": [{k: v for k, v in image.items() if k != VOID_KEY} for image in images],
             "annotations": annotations,
             "categories": categories,
         },

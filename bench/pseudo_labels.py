@@ -40,6 +40,7 @@ from bbam.data.records import ImageRecord
 from bbam.mcg import MCGConfig, MCGMatSource, ProposalSource, SuperpixelSource, apply_proposals
 from bbam.pseudo_labels import mark_crowd_ignore, semantic_label
 from bbam.refine import RefineConfig, refine_instance
+from bbam.segmenters.targets import mark_void_ignore
 from bench.results import RESULTS, merge_results
 
 VARIANTS = ("bbam_raw", "bbam_crf", "bbam_crf_proposals", "box", "grabcut", "gt_map_crf")
@@ -196,6 +197,7 @@ def evaluate_pseudo_labels(
             counts["instances"] += 1
         h, w = image.shape[:2]
         gt_label = mark_crowd_ignore(semantic_label(h, w, gt_sem), record.instances)
+        mark_void_ignore(gt_label, record)  # VOC's void band, as the evaluation ignores it
         for variant in VARIANTS:
             conf[variant] += _confusion(gt_label, semantic_label(h, w, per_variant[variant]), n)
     out: dict = {}

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from prefect import task
 
+from bbam.atomic import atomic_write_json
 from bbam.data.prepare import prepare_dataset, summarize_split
 from bbam.data.records import DataError
 from bbam.data.voc import read_voc
-from bbam.data.writers import write_coco_json
+from bbam.data.writers import PREPARED_FORMAT, write_coco_json
 from tasks.caching import stage_cache
 from tasks.params import METRICS_DIR, split_paths
 
@@ -38,21 +40,41 @@ def prepare(params: dict) -> dict:
     )
 
 
+def conversion_stamp(annotation_json: Path) -> Path:
+    """The file beside a converted split saying what it was written from and in which
+    format (``writers.PREPARED_FORMAT``)."""
+    return annotation_json.with_name(f".{annotation_json.stem}.voc_to_coco.json")
+
+
+def _up_to_date(annotation_json: Path, wanted: dict) -> bool:
+    """Whether the JSON is there and its stamp matches: one written before the stamp (or by
+    an older format, which lacks the void region) is rebuilt."""
+    stamp = conversion_stamp(annotation_json)
+    if not (annotation_json.is_file() and stamp.is_file()):
+        return False
+    try:
+        return json.loads(stamp.read_text(encoding="utf-8")) == wanted
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
 @task(name="voc-to-coco")
 def voc_to_coco(params: dict) -> None:
-    """Write VOC splits as COCO JSON (the format later stages read), unless present.
+    """Write VOC splits as COCO JSON (the format later stages read), unless up to date.
 
     ``data.<split>_voc_split`` names the VOC split (``train_aug`` needs ``<root>/SBD``);
     ``file_name``s are relative to ``data.<split>_images``, which must hold the split's images
-    (``<root>/VOC2012/JPEGImages``; every train_aug image is there).
+    (``<root>/VOC2012/JPEGImages``; every train_aug image is there). A split is rewritten when
+    its stamp (``conversion_stamp``: format, VOC split, SBD or not) differs or is missing.
     """
     root = Path(os.path.abspath(params["data"]["root"]))
     sbd = root / "SBD" if (root / "SBD").exists() else None
     for split in ("train", "val"):
         annotation_json, image_root = split_paths(params, split)
-        if annotation_json.exists():
-            continue
         voc_split = params["data"].get(f"{split}_voc_split", split)
+        wanted = {"format": PREPARED_FORMAT, "voc_split": voc_split, "sbd": sbd is not None}
+        if _up_to_date(annotation_json, wanted):
+            continue
         dataset = read_voc(root, voc_split, sbd_root=sbd)
         image_root = Path(os.path.abspath(image_root))
         for record in dataset.records:
@@ -62,6 +84,7 @@ def voc_to_coco(params: dict) -> None:
                     f"{record.path} (VOC images are in <data.root>/VOC2012/JPEGImages)"
                 )
         write_coco_json(annotation_json, dataset, image_root=image_root)
+        atomic_write_json(conversion_stamp(annotation_json), wanted)  # after: a kill rebuilds
 
 
 @task(name="summarise-splits")

@@ -10,8 +10,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from bbam.data.coco import category_ids, coco_image_ids, read_coco
-from bbam.data.records import DataError, Dataset, ImageRecord, Instance
-from bbam.data.writers import mask_to_rle, write_coco_json
+from bbam.data.records import CompressedMask, DataError, Dataset, ImageRecord, Instance
+from bbam.data.writers import VOID_KEY, mask_to_rle, write_coco_json
+from bbam.pseudo_labels import write_coco_pseudo_gt
 
 H, W = 30, 40
 
@@ -132,6 +133,69 @@ def test_writer_round_trip(tmp_path):
     np.testing.assert_array_equal(first.mask, _square(2, 9, 1, 5))
     assert first.label == 2 and second.iscrowd and second.mask is None
     np.testing.assert_array_equal(second.box, [10, 10, 20, 15])
+
+
+def test_annotation_area_is_kept_and_written_back(coco_file, tmp_path):
+    """COCO stores the polygon's area, which COCOeval sizes GT by: kept, not recounted."""
+    data = json.loads(coco_file.read_text())
+    data["annotations"][0]["area"] = 96.5  # a polygon area, not the rasterised pixel count
+    coco_file.write_text(json.dumps(data))
+    ds = read_coco(coco_file, coco_file.parent)
+    poly, rle = ds.records[0].instances
+    crowd, no_area = ds.records[1].instances
+    assert (poly.area, rle.area, crowd.area, no_area.area) == (96.5, 200.0, 400.0, None)
+    assert poly.mask_area != 96.5
+    boxes_only = read_coco(coco_file, coco_file.parent, with_masks=False)
+    assert boxes_only.records[0].instances[0].area == 96.5
+    out = tmp_path / "out" / "instances.json"
+    write_coco_json(out, ds, image_root=coco_file.parent)
+    areas = [a["area"] for a in json.loads(out.read_text())["annotations"]]
+    assert areas == [96.5, 200.0, 400.0, no_area.mask_area]  # no area: the pixel count
+    data["annotations"][0]["area"] = "big"
+    coco_file.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="annotation 11: invalid area 'big'"):
+        read_coco(coco_file, coco_file.parent)
+
+
+def _void_dataset(tmp_path: Path) -> tuple[Dataset, np.ndarray]:
+    void = _square(0, 1, 0, W) | _square(9, 10, 0, 6)  # a VOC-like band and a hard region
+    box = np.array([1, 2, 5, 9], np.float32)
+    record = ImageRecord(
+        "x1", tmp_path / "x1.jpg", W, H, [Instance(1, 1, box, _square(2, 9, 1, 5))]
+    )
+    record.void = CompressedMask.from_array(void)
+    return Dataset(["a"], [record]), void
+
+
+def test_void_region_round_trips_and_a_file_without_it_reads_as_before(tmp_path):
+    dataset, void = _void_dataset(tmp_path)
+    path = tmp_path / "out.json"
+    write_coco_json(path, dataset, image_root=tmp_path)
+    data = json.loads(path.read_text())
+    assert mask_utils.area(data["images"][0][VOID_KEY]) == void.sum()
+    np.testing.assert_array_equal(read_coco(path, tmp_path).records[0].void.decode(), void)
+    assert read_coco(path, tmp_path, with_masks=False).records[0].void is None
+    del data["images"][0][VOID_KEY]  # prepared before the void region was carried
+    path.write_text(json.dumps(data))
+    (old,) = read_coco(path, tmp_path).records
+    assert old.void is None and old.instances[0].has_mask
+    data["images"][0][VOID_KEY] = mask_to_rle(np.zeros((H, W + 1), bool))
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=f"x1.jpg: {VOID_KEY}: mask size"):
+        read_coco(path, tmp_path)
+
+
+def test_void_region_stays_out_of_the_pseudo_gt_json(tmp_path):
+    """The pseudo GT copies the GT file's image entries; the void region is GT knowledge."""
+    dataset, _ = _void_dataset(tmp_path)
+    gt = tmp_path / "gt.json"
+    write_coco_json(gt, dataset, image_root=tmp_path)
+    source = json.loads(gt.read_text())
+    pseudo = tmp_path / "pseudo.json"
+    write_coco_pseudo_gt(pseudo, source["images"], source["categories"], [])
+    images = json.loads(pseudo.read_text())["images"]
+    assert [sorted(im) for im in images] == [["file_name", "height", "id", "width"]]
+    assert read_coco(pseudo, tmp_path).records[0].void is None
 
 
 def test_masks_are_held_compressed_so_a_large_split_fits_in_memory(tmp_path):

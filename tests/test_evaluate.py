@@ -8,7 +8,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bbam.data.records import ImageRecord, Instance
+from bbam.data.coco import read_coco
+from bbam.data.records import CompressedMask, ImageRecord, Instance
 from bbam.evaluate import (
     coco_metrics_from_records,
     coco_segm_metrics,
@@ -21,6 +22,7 @@ from bbam.evaluate import (
     write_metrics,
     write_pr_curves,
 )
+from bbam.segmenters.targets import render_label_map, semantic_target
 
 
 def _rec(image_id, masks_labels, h=8, w=8):
@@ -258,6 +260,59 @@ def test_coco_mask_ap_sizes_detections_by_their_mask_not_their_bbox():
         [rec], ["a"], preds
     )
     assert ours["aps"] < 1.0
+
+
+def test_coco_mask_ap_sizes_gt_by_the_files_area_as_official_cocoeval(tmp_path):
+    """COCO files store the polygon's area; COCOeval puts GT in APs/APm/APl by it, not by the
+    pixel count, so an object near 32^2 falls where the official evaluation puts it."""
+    h, w = 120, 120
+    mask = _rect(10, 43, 10, 42, h, w)  # 33 x 32 = 1056 px: medium by its pixel count
+    data = {
+        "images": [{"id": 5, "file_name": "im.jpg", "width": w, "height": h}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [
+            {"id": 1, "image_id": 5, "category_id": 1, "iscrowd": 0, "bbox": [10, 10, 32, 33],
+             "segmentation": _rle(mask), "area": 1000.0},  # the file's area: small
+        ],
+    }  # fmt: skip
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    records = read_coco(path, tmp_path).records
+    ours = coco_metrics_from_records(
+        records, ["a"], [{"image_id": "im", "category_id": 1, "score": 0.9, "mask": mask}]
+    )
+    official = COCO(str(path))
+    dets = official.loadRes(
+        [{"image_id": 5, "category_id": 1, "score": 0.9, "segmentation": _rle(mask)}]
+    )
+    ev = COCOeval(official, dets, iouType="segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    want = [None if v < 0 else pytest.approx(v) for v in ev.stats[:6]]
+    assert [ours[k] for k in ("ap", "ap50", "ap75", "aps", "apm", "apl")] == want
+    assert ours["aps"] == pytest.approx(1.0) and ours["apm"] is None
+    gt, _ = records_to_coco(records, ["a"])
+    assert gt["annotations"][0]["area"] == 1000.0
+    records[0].instances[0].area = None  # a source without area: the pixel count
+    assert records_to_coco(records, ["a"])[0]["annotations"][0]["area"] == 1056.0
+
+
+def test_gt_label_maps_ignore_the_void_band_as_the_official_voc_miou():
+    obj = _rect(2, 6, 2, 6)
+    band = _rect(1, 7, 1, 7) & ~obj  # VOC's 255 border around the object
+    rec = _rec("im", [(obj, 1)])
+    rec.void = CompressedMask.from_array(band)
+    official = np.where(band, 255, np.where(obj, 1, 0)).astype(np.uint8)  # SegmentationClass
+    gt = render_label_map(rec, "mask")
+    np.testing.assert_array_equal(gt, official)
+    # The object predicted with the band around it is right by the official protocol.
+    pred = _rect(1, 7, 1, 7).astype(np.uint8)
+    assert semantic_miou([(pred, gt)], 2)["miou"] == 1.0
+    np.testing.assert_array_equal(semantic_target(rec, "full", None, None), official)
+    # Box supervision knows only the boxes: no void there.
+    box = semantic_target(rec, "box", None, None)
+    assert not (box == 255).any() and (box == render_label_map(rec, "box")).all()
 
 
 def test_coco_metrics_without_predictions_match_cocoeval():

@@ -30,9 +30,12 @@ from helpers.archive_server import (
 import bbam.data.prepare as prepare_module
 from bbam.data.coco import read_coco
 from bbam.data.download import ARCHIVES, DATASET_ARCHIVES
+from bbam.data.palette import load_index_png
 from bbam.data.records import DataError
 from bbam.data.voc import VOC_CLASSES
-from tasks.prepare_data import prepare, summarise, voc_to_coco
+from bbam.data.writers import PREPARED_FORMAT, VOID_KEY
+from bbam.segmenters.targets import render_label_map
+from tasks.prepare_data import conversion_stamp, prepare, summarise, voc_to_coco
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -148,6 +151,56 @@ def test_voc_to_coco_keeps_existing_json_and_rejects_wrong_image_folder(tmp_path
     with pytest.raises(DataError, match="train_images"):
         voc_to_coco.fn(yaml.safe_load(Path(wrong).read_text()))
     assert not Path("data/voc/annotations/other.json").exists()
+
+
+def test_prepared_voc_keeps_the_void_band_so_gt_label_maps_are_the_official_ones(
+    tmp_path, monkeypatch
+):
+    """The GT label map of an image with VOC PNGs is its SegmentationClass PNG, 255 band
+    included (what the official mIoU scores against); SBD images have no void."""
+    archives = voc_archives(tmp_path / "archives")
+    monkeypatch.chdir(tmp_path)
+    params_path = params_file(tmp_path, "voc.yaml", archives)
+    run_prepare_stage(params_path)
+    data = yaml.safe_load(Path(params_path).read_text())["data"]
+    for split in ("train", "val"):
+        with_pngs = 0
+        for record in read_coco(data[f"{split}_json"], data[f"{split}_images"]).records:
+            png = Path(data["root"]) / "VOC2012" / "SegmentationClass" / f"{record.image_id}.png"
+            if not png.is_file():
+                assert record.void is None
+                continue
+            with_pngs += 1
+            official = load_index_png(png)
+            assert (official == 255).any()
+            np.testing.assert_array_equal(render_label_map(record), official)
+        assert with_pngs == 1
+
+
+def test_voc_json_prepared_before_the_void_region_is_rebuilt(tmp_path, monkeypatch):
+    archives = voc_archives(tmp_path / "archives")
+    monkeypatch.chdir(tmp_path)
+    params_path = params_file(tmp_path, "voc.yaml", archives)
+    run_prepare_stage(params_path)
+    params = yaml.safe_load(Path(params_path).read_text())
+    val_json, val_images = Path(params["data"]["val_json"]), params["data"]["val_images"]
+    stamp = conversion_stamp(val_json)
+    assert json.loads(stamp.read_text())["format"] == PREPARED_FORMAT
+    # As an older version left it: no void region, no stamp. It still reads (no void).
+    coco = json.loads(val_json.read_text())
+    for image in coco["images"]:
+        del image[VOID_KEY]
+    val_json.write_text(json.dumps(coco))
+    stamp.unlink()
+    assert read_coco(val_json, val_images).records[0].void is None
+    voc_to_coco.fn(params)
+    assert read_coco(val_json, val_images).records[0].void is not None
+    # A stamp of another format (or VOC split) rebuilds it too.
+    stamp.write_text(json.dumps(json.loads(stamp.read_text()) | {"format": PREPARED_FORMAT - 1}))
+    before = val_json.stat().st_mtime_ns
+    voc_to_coco.fn(params)
+    assert val_json.stat().st_mtime_ns != before
+    assert json.loads(stamp.read_text())["format"] == PREPARED_FORMAT
 
 
 def test_missing_archive_fails_without_network(tmp_path, monkeypatch):

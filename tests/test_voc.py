@@ -10,7 +10,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from bbam.data.palette import save_palette_png
+from bbam.data.palette import load_index_png, save_palette_png
 from bbam.data.records import DataError
 from bbam.data.voc import VOC_CLASSES, load_classes, read_voc, train_aug_ids
 
@@ -104,6 +104,28 @@ def test_boxes_converted_to_zero_based_exclusive_and_masks_from_pngs(trees):
     assert [i.instance_id for i in rec.instances] == [1, 2]
     no_masks = read_voc(root / "VOC2012", "train", with_masks=False)
     assert all(i.mask is None for i in no_masks.records[0].instances)
+
+
+def test_void_band_of_the_pngs_is_kept_on_the_record(trees):
+    """VOC's 255 pixels, in either PNG, are the void region the official mIoU ignores: kept on
+    the record (not in any mask); SBD's .mat files mark none."""
+    root, sbd = trees
+    cls_png = root / "VOC2012/SegmentationClass/a.png"
+    cls = load_index_png(cls_png)
+    cls[35:38, 0:4] = 255  # a hard region marked in the class PNG alone
+    save_palette_png(cls_png, cls)
+    want = np.zeros((H, W), bool)
+    want[5, 5:11] = want[35:38, 0:4] = True
+    (rec,) = read_voc(root, "train").records
+    np.testing.assert_array_equal(rec.void.decode(), want)
+    assert not any((i.mask & want).any() for i in rec.instances)
+    assert read_voc(root, "train", with_masks=False).records[0].void is None
+    aug = read_voc(root, "train_aug", sbd_root=sbd)
+    assert [(r.image_id, r.void is not None) for r in aug.records] == [
+        ("a", True),  # VOC PNGs
+        ("c", False),  # SBD
+        ("d", False),
+    ]
 
 
 def test_png_class_disagreeing_with_xml_raises(trees):

@@ -34,7 +34,7 @@ from bbam.data.records import (
     Instance,
     SkipReport,
 )
-from bbam.data.writers import SOURCE_REPORTS
+from bbam.data.writers import SOURCE_REPORTS, VOID_KEY
 
 
 def load_coco_json(path: str | Path) -> dict:
@@ -86,6 +86,21 @@ def _flag(ann: dict, key: str, where: str) -> bool:
     if value not in (0, 1, "0", "1"):
         raise DataError(f"{where}: {key} must be 0 or 1, got {value!r}")
     return bool(int(value))
+
+
+def _area(ann: dict, where: str) -> float | None:
+    """The annotation's own `area` (COCO's polygon area, what COCOeval sizes GT by), or None
+    when it has none; one that is not a finite non-negative number raises DataError."""
+    value = ann.get("area")
+    if value is None:
+        return None
+    try:
+        area = float(value)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: invalid area {value!r}") from exc
+    if not (np.isfinite(area) and area >= 0):
+        raise DataError(f"{where}: invalid area {value!r}")
+    return area
 
 
 def category_ids(json_path: str | Path) -> list[int]:
@@ -196,7 +211,9 @@ def read_coco(
     skipped and counted; unknown category ids raise DataError (`unknown="skip"` counts them
     instead). Instance ids are the annotation ids, so they must be unique, as must image ids
     and category ids/names (DataError). Ids given as strings ("7") match their integers.
-    A `file_name` leading outside `image_root` raises DataError.
+    A `file_name` leading outside `image_root` raises DataError. An annotation's `area` is
+    kept (`Instance.area`); with masks, an image entry's `writers.VOID_KEY` RLE becomes
+    `ImageRecord.void` (files without it read as before: no void region).
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"unknown must be 'error' or 'skip', got {unknown!r}")
@@ -233,7 +250,11 @@ def read_coco(
         except (TypeError, ValueError) as exc:
             raise DataError(f"{path}: image {file_name}: invalid width/height ({exc})") from exc
         width, height = checked_size(image_path, width, height, path)
-        records[coco_id] = ImageRecord(stem, image_path, width, height, [])
+        void = None  # GT knowledge like the masks; a file without the key marks no void
+        if with_masks and im.get(VOID_KEY) is not None:
+            where = f"{path}: image {file_name}: {VOID_KEY}"
+            void = segmentation_rle(im[VOID_KEY], height, width, where)
+        records[coco_id] = ImageRecord(stem, image_path, width, height, [], void)
 
     annotation_ids: set[int] = set()
     for n, ann in enumerate(data.get("annotations", [])):
@@ -298,6 +319,7 @@ def read_coco(
                 mask=mask if with_masks else None,
                 iscrowd=iscrowd,
                 difficult=_flag(ann, "difficult", where),
+                area=_area(ann, where),
             )
         )
     names = [str(c["name"]) for c in cats]

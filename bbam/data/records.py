@@ -45,6 +45,9 @@ class Instance:
     `mask` is an optional HxW bool array (GT where the dataset has it). It may be given as a
     `CompressedMask`; reading `mask` then decodes a fresh array each time, so use
     `has_mask` / `mask_area` where the pixels are not needed.
+    `area` is the annotation's own area where the source file gives one (COCO stores the
+    polygon's area, which COCOeval sizes GT by for APs/APm/APl); None means "count the
+    mask's pixels".
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class Instance:
         mask: np.ndarray | CompressedMask | None = None,
         iscrowd: bool = False,
         difficult: bool = False,
+        area: float | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.label = label
@@ -62,6 +66,7 @@ class Instance:
         self.mask = mask
         self.iscrowd = iscrowd
         self.difficult = difficult
+        self.area = area
 
     @property
     def mask(self) -> np.ndarray | None:
@@ -94,11 +99,18 @@ class Instance:
 
 @dataclass
 class ImageRecord:
+    """One image and its instances.
+
+    `void` is the dataset's own "don't care" region (VOC's 255 band around every object and
+    its hard regions), held compressed; None when the dataset marks none. It is GT knowledge:
+    evaluation and GT-supervised targets ignore it, box supervision never sees it."""
+
     image_id: str
     path: Path
     width: int
     height: int
     instances: list[Instance] = field(default_factory=list)
+    void: CompressedMask | None = None
 
 
 @dataclass

@@ -245,8 +245,10 @@ def _voc_masks(
     height: int,
     width: int,
     skipped: SkipReport,
-) -> list[np.ndarray | None] | None:
-    """Masks per XML object (index k in SegmentationObject = k-th object), or None if no PNGs.
+) -> tuple[list[np.ndarray | None], np.ndarray] | None:
+    """(masks per XML object (index k in SegmentationObject = k-th object), void), or None if
+    no PNGs. `void` is where either PNG holds 255: the band VOC draws around every object and
+    its hard regions, which the official semantic mIoU ignores (readers keep it on the record).
 
     One PNG without the other is a broken dataset (DataError). PNG instances past the XML's
     objects have no class or box to attach to: counted ("unannotated_mask_instance")."""
@@ -282,7 +284,7 @@ def _voc_masks(
                 f"but label {label} in the XML"
             )
         masks.append(mask)
-    return masks
+    return masks, (obj == 255) | (cls == 255)
 
 
 def _mat_fields(path: Path, key: str, fields: tuple[str, ...]) -> list[np.ndarray]:
@@ -372,7 +374,8 @@ def read_voc(
     names without its PNGs ("missing_mask_png") and a PNG instance with no XML object
     ("unannotated_mask_instance"). The image is JPEGImages/<id>.jpg (or .png, ...); <filename>
     is read only when there is none, and one naming another image is counted in `repaired`
-    ("filename_mismatch"). Instance ids run 1..N over the split in order.
+    ("filename_mismatch"). Instance ids run 1..N over the split in order. With masks, the
+    PNGs' 255 (void) pixels become `ImageRecord.void` (SBD has none).
     """
     if unknown not in ("error", "skip"):
         raise ValueError(f"unknown must be 'error' or 'skip', got {unknown!r}")
@@ -417,8 +420,12 @@ def read_voc(
             labels.append(label)
             boxes.append(box)
         masks: list[np.ndarray | None] | None = None
+        void = None  # SBD's .mat files mark no void region
         if with_masks:
-            masks = _voc_masks(voc, image_id, labels, height, width, skipped)
+            found = _voc_masks(voc, image_id, labels, height, width, skipped)
+            if found is not None:
+                masks, void_mask = found
+                void = CompressedMask.from_array(void_mask) if void_mask.any() else None
             if masks is None and sbd is not None:
                 masks = _sbd_masks(sbd, image_id, labels, boxes, height, width)
             if masks is None and image_id in sbd_listed:  # SBD lists it, its inst .mat is gone
@@ -436,7 +443,7 @@ def read_voc(
             stored = None if mask is None else CompressedMask.from_array(mask)  # see records.py
             instances.append(Instance(next_instance, label, box, stored, False, obj["difficult"]))
             next_instance += 1
-        records.append(ImageRecord(image_id, path, int(width), int(height), instances))
+        records.append(ImageRecord(image_id, path, int(width), int(height), instances, void))
     if ids and not records:
         raise DataError(
             f"{voc}: none of the {len(ids)} images in split {split!r} has an annotation"

@@ -11,6 +11,12 @@ from bbam.data.masks import mask_to_rle  # also imported from here
 from bbam.data.records import Dataset, ImageRecord
 
 SOURCE_REPORTS = "bbam_source_reports"  # key in a COCO file's "info"
+# Key in a COCO image entry: compressed RLE of the image's void region (`ImageRecord.void`,
+# VOC's 255 band). COCO files may carry extra keys; pycocotools and other readers skip it.
+VOID_KEY = "bbam_void"
+# What `coco_dict` carries over from a source dataset, versioned: prepared files written by
+# an older version are rebuilt (`tasks.prepare_data.voc_to_coco`). 2: the VOC void region.
+PREPARED_FORMAT = 2
 
 
 def write_voc_xml(path: str | Path, record: ImageRecord, classes: Sequence[str]) -> None:
@@ -50,7 +56,9 @@ def coco_dict(
 ) -> dict:
     """COCO instances dict. `file_name` is relative to `image_root` (default: the bare file name).
     Image ids are `image_ids` (default 1..N in record order), annotation ids are the instance ids, category ids are
-    `category_ids[label-1]` (default: the label itself). Masks become compressed RLE."""
+    `category_ids[label-1]` (default: the label itself). Masks become compressed RLE, as does
+    a record's void region (the image entry's `VOID_KEY`). `area` is the instance's own
+    (`Instance.area`, as read from a COCO file), else the mask's pixel count, else the box's."""
     cat_ids = list(category_ids) if category_ids else list(range(1, len(dataset.classes) + 1))
     categories = [
         {"id": int(cid), "name": name, "supercategory": "object"}
@@ -67,14 +75,15 @@ def coco_dict(
             file_name = Path(record.path).relative_to(Path(image_root)).as_posix()
         else:
             file_name = Path(record.path).name
-        images.append(
-            {
-                "id": image_id,
-                "file_name": file_name,
-                "width": int(record.width),
-                "height": int(record.height),
-            }
-        )
+        image = {
+            "id": image_id,
+            "file_name": file_name,
+            "width": int(record.width),
+            "height": int(record.height),
+        }
+        if record.void is not None:
+            image[VOID_KEY] = mask_to_rle(record.void.decode())
+        images.append(image)
         for inst in record.instances:
             x1, y1, x2, y2 = (float(v) for v in inst.box)
             ann = {
@@ -89,6 +98,8 @@ def coco_dict(
                 ann["area"] = float(inst.mask_area)
             else:
                 ann["area"] = float((x2 - x1) * (y2 - y1))
+            if inst.area is not None:
+                ann["area"] = float(inst.area)
             if inst.difficult:
                 ann["difficult"] = 1
             annotations.append(ann)

@@ -17,7 +17,7 @@ import numpy as np
 
 from bbam.data.coco import decode_segmentation
 from bbam.data.masks import box_region, box_slices
-from bbam.data.palette import check_class_labels, load_index_png
+from bbam.data.palette import IGNORE_LABEL, check_class_labels, load_index_png
 from bbam.data.records import DataError, ImageRecord
 from bbam.pseudo_labels import mark_crowd_ignore
 from bbam.segmenters.mask_loss import MASK_FG, MASK_IGNORE
@@ -121,10 +121,25 @@ def instance_targets(
     return boxes_np[keep], np.asarray(labels, dtype=np.int64)[keep], masks_np[keep]
 
 
+def mark_void_ignore(label: np.ndarray, record: ImageRecord) -> np.ndarray:
+    """Set the record's void region (VOC's 255 band, `ImageRecord.void`) to 255 in `label`
+    (in place; returned), as the official VOC mIoU ignores it. GT-side only: pseudo labels
+    and box targets never get it, since weak supervision knows only the boxes."""
+    if record.void is not None:
+        void = record.void.decode()
+        if void.shape != label.shape:
+            raise DataError(
+                f"{record.path}: void region {void.shape} differs from the label map {label.shape}"
+            )
+        label[void] = IGNORE_LABEL
+    return label
+
+
 def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
     """HxW uint8 class map from a record's instances: GT masks, or boxes (largest drawn first).
 
-    Crowd regions are 255 (ignored by the loss and by the evaluation)."""
+    Crowd regions are 255 (ignored by the loss and by the evaluation); so is the void region
+    of a GT map (`source="mask"`), not of a box map (box supervision knows only boxes)."""
     out = np.zeros((record.height, record.width), dtype=np.uint8)
     instances = [i for i in record.instances if not i.iscrowd]
     check_class_labels((i.label for i in instances), str(record.path))
@@ -139,7 +154,7 @@ def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
         if mask is None:
             raise DataError(f"{record.path}: instance {inst.instance_id} has no GT mask")
         out[mask] = inst.label
-    return mark_crowd_ignore(out, record.instances)
+    return mark_void_ignore(mark_crowd_ignore(out, record.instances), record)
 
 
 def semantic_target(

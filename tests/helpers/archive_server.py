@@ -171,6 +171,17 @@ def box_masks(image_id: str) -> tuple[np.ndarray, np.ndarray]:
     return inst, cls
 
 
+def void_band(image_id: str) -> np.ndarray:
+    """HxW bool: the 1-pixel 255 ring the VOC PNGs (not SBD's .mat) draw around each object,
+    outside every box, so that the instance masks stay the boxes of `box_masks`."""
+    inside = np.zeros((H, W), bool)
+    grown = np.zeros((H, W), bool)
+    for _, (x1, y1, x2, y2) in VOC_IMAGES[image_id]:
+        inside[y1:y2, x1:x2] = True
+        grown[max(y1 - 1, 0) : y2 + 1, max(x1 - 1, 0) : x2 + 1] = True
+    return grown & ~inside
+
+
 def voc_xml(image_id: str) -> bytes:
     objs = "".join(
         f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{x1 + 1}</xmin>"
@@ -193,6 +204,7 @@ def voc_tar() -> bytes:
         m[f"{base}ImageSets/Segmentation/{split}.txt"] = "".join(i + "\n" for i in ids).encode()
         for image_id in ids:
             inst, cls = box_masks(image_id)
+            inst[void_band(image_id)] = cls[void_band(image_id)] = 255  # as VOC's PNGs
             m[f"{base}SegmentationObject/{image_id}.png"] = png_index(inst)
             m[f"{base}SegmentationClass/{image_id}.png"] = png_index(cls)
     return tar_bytes(m, mode="w")  # the real VOC archive is an uncompressed tar
