@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bbam import __version__
 from bbam.atomic import atomic_write_json
 from bbam.data.images import load_rgb
 from bbam.data.records import Dataset, ImageRecord, Instance
 from bbam.manifest import (
     REQUIRED,
     compact_shard,
+    current_stamp,
     empty_row,
     is_current,
     load_grid,
@@ -205,8 +205,7 @@ def _base_row(
         box=[float(v) for v in item.instance.box],
         shard=shard,
         attempt=item.attempt,
-        params_hash=params_hash,
-        code_version=__version__,
+        **current_stamp(params_hash),  # what is_current checks on resume and merge
         image_h=item.record.height,
         image_w=item.record.width,
     )

@@ -18,7 +18,7 @@ from bbam.data.prepare import summary_line
 from bbam.data.records import DataError
 from bbam.data.verify import unreadable_limit_error, unreadable_limits
 from flows.common import publish_table, stage_cli
-from tasks.params import METRICS_DIR
+from tasks.params import METRICS_DIR, split_paths
 from tasks.prepare_data import cached_in_data_root, prepare, summarise, voc_to_coco
 
 METRICS = METRICS_DIR / "data.json"
@@ -45,7 +45,12 @@ def prepare_data(params: dict) -> dict:
     cached = cached_in_data_root(params)
     prepare.with_options(**cached)(params)
     if params["data"]["name"] == "voc":
-        voc_to_coco.with_options(**cached)(params)
+        converted = voc_to_coco.with_options(**cached)(params)
+        for split in (s for s, done in converted.items() if done == "kept without void"):
+            print(
+                f"[bbam] prepare_data: {split}: {split_paths(params, split)[0]} kept as an "
+                "older version wrote it, without VOC's void band (delete it to rebuild)"
+            )
     summary = summarise(params)  # not cached: it re-verifies the images (quick: size/mtime cache)
     atomic_write_json(METRICS, summary)
     publish_table(  # before the unreadable-image check: a failed run shows the counts

@@ -74,7 +74,9 @@ def evaluate_semantic(params: dict, supervision: str) -> dict:
 
 def _pseudo_split(params: dict):
     """The pseudo GT read back as a dataset: its masks are the pseudo foregrounds. It lists
-    every image of the split: those prepare_data found unreadable are dropped as in load_split."""
+    every image of the split but those the pseudo-label stage failed on (their instances
+    score 0 in the quality table); those prepare_data found unreadable are dropped as in
+    load_split."""
     from bbam.data.verify import drop_unreadable
 
     split = params["attribution"]["split"]

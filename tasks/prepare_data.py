@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from bbam.data.voc import read_voc
 from bbam.data.writers import PREPARED_FORMAT, write_coco_json
 from tasks.caching import stage_cache
 from tasks.params import METRICS_DIR, split_paths
+
+logger = logging.getLogger(__name__)
 
 
 def cached_in_data_root(params: dict) -> dict:
@@ -46,34 +49,45 @@ def conversion_stamp(annotation_json: Path) -> Path:
     return annotation_json.with_name(f".{annotation_json.stem}.voc_to_coco.json")
 
 
-def _up_to_date(annotation_json: Path, wanted: dict) -> bool:
-    """Whether the JSON is there and its stamp matches: one written before the stamp (or by
-    an older format, which lacks the void region) is rebuilt."""
-    stamp = conversion_stamp(annotation_json)
-    if not (annotation_json.is_file() and stamp.is_file()):
-        return False
+def _read_stamp(annotation_json: Path) -> dict | None:
     try:
-        return json.loads(stamp.read_text(encoding="utf-8")) == wanted
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
+        return json.loads(conversion_stamp(annotation_json).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 @task(name="voc-to-coco")
-def voc_to_coco(params: dict) -> None:
-    """Write VOC splits as COCO JSON (the format later stages read), unless up to date.
+def voc_to_coco(params: dict) -> dict[str, str]:
+    """Write VOC splits as COCO JSON (the format later stages read) where needed; per split,
+    what was done: ``written``, ``up to date`` or ``kept without void``.
 
     ``data.<split>_voc_split`` names the VOC split (``train_aug`` needs ``<root>/SBD``);
     ``file_name``s are relative to ``data.<split>_images``, which must hold the split's images
     (``<root>/VOC2012/JPEGImages``; every train_aug image is there). A split is rewritten when
-    its stamp (``conversion_stamp``: format, VOC split, SBD or not) differs or is missing.
+    its stamp (``conversion_stamp``: format, VOC split, SBD or not) differs. A JSON without a
+    stamp (written by hand, or before the void band was kept) is kept with a warning: the
+    detector and attribution hashes cover its bytes, so rewriting it would redo their work.
     """
     root = Path(os.path.abspath(params["data"]["root"]))
     sbd = root / "SBD" if (root / "SBD").exists() else None
+    done = {}
     for split in ("train", "val"):
         annotation_json, image_root = split_paths(params, split)
         voc_split = params["data"].get(f"{split}_voc_split", split)
         wanted = {"format": PREPARED_FORMAT, "voc_split": voc_split, "sbd": sbd is not None}
-        if _up_to_date(annotation_json, wanted):
+        stamp = conversion_stamp(annotation_json)
+        if annotation_json.is_file() and not stamp.exists():
+            logger.warning(
+                "%s has no %s (written by hand or by a version before VOC's void band was "
+                "kept): kept as it is, so GT label maps count void pixels as background. "
+                "Delete it to rebuild it; the detector and attribution then run again.",
+                annotation_json,
+                stamp.name,
+            )
+            done[split] = "kept without void"
+            continue
+        if annotation_json.is_file() and _read_stamp(annotation_json) == wanted:
+            done[split] = "up to date"
             continue
         dataset = read_voc(root, voc_split, sbd_root=sbd)
         image_root = Path(os.path.abspath(image_root))
@@ -83,8 +97,13 @@ def voc_to_coco(params: dict) -> None:
                     f"data.{split}_images={image_root} does not hold "
                     f"{record.path} (VOC images are in <data.root>/VOC2012/JPEGImages)"
                 )
+        # The stale JSON goes first and the stamp comes before the new one: a kill anywhere
+        # leaves a stamp without its JSON (rebuilt next time), never a stamp over a stale JSON.
+        annotation_json.unlink(missing_ok=True)
+        atomic_write_json(stamp, wanted)
         write_coco_json(annotation_json, dataset, image_root=image_root)
-        atomic_write_json(conversion_stamp(annotation_json), wanted)  # after: a kill rebuilds
+        done[split] = "written"
+    return done
 
 
 @task(name="summarise-splits")

@@ -177,7 +177,10 @@ def test_prepared_voc_keeps_the_void_band_so_gt_label_maps_are_the_official_ones
         assert with_pngs == 1
 
 
-def test_voc_json_prepared_before_the_void_region_is_rebuilt(tmp_path, monkeypatch):
+def test_voc_json_of_an_older_version_is_kept_and_a_changed_stamp_rebuilds(tmp_path, monkeypatch):
+    """A JSON without a stamp (an older version's, or hand-made) is kept byte for byte: the
+    detector and attribution hashes cover it, so a rewrite would redo their work. A stamp of
+    another format or VOC split rebuilds it; a kill mid-rebuild never leaves it stale."""
     archives = voc_archives(tmp_path / "archives")
     monkeypatch.chdir(tmp_path)
     params_path = params_file(tmp_path, "voc.yaml", archives)
@@ -186,21 +189,26 @@ def test_voc_json_prepared_before_the_void_region_is_rebuilt(tmp_path, monkeypat
     val_json, val_images = Path(params["data"]["val_json"]), params["data"]["val_images"]
     stamp = conversion_stamp(val_json)
     assert json.loads(stamp.read_text())["format"] == PREPARED_FORMAT
+    assert voc_to_coco.fn(params) == {"train": "up to date", "val": "up to date"}
     # As an older version left it: no void region, no stamp. It still reads (no void).
     coco = json.loads(val_json.read_text())
     for image in coco["images"]:
         del image[VOID_KEY]
     val_json.write_text(json.dumps(coco))
+    legacy = val_json.read_bytes()
     stamp.unlink()
+    assert voc_to_coco.fn(params)["val"] == "kept without void"
+    assert val_json.read_bytes() == legacy and not stamp.exists()
     assert read_coco(val_json, val_images).records[0].void is None
-    voc_to_coco.fn(params)
-    assert read_coco(val_json, val_images).records[0].void is not None
-    # A stamp of another format (or VOC split) rebuilds it too.
-    stamp.write_text(json.dumps(json.loads(stamp.read_text()) | {"format": PREPARED_FORMAT - 1}))
-    before = val_json.stat().st_mtime_ns
-    voc_to_coco.fn(params)
-    assert val_json.stat().st_mtime_ns != before
+    # A stamp of another format (or VOC split) rebuilds it, with the void region.
+    stamp.write_text(json.dumps({"format": PREPARED_FORMAT - 1}))
+    assert voc_to_coco.fn(params)["val"] == "written"
     assert json.loads(stamp.read_text())["format"] == PREPARED_FORMAT
+    assert read_coco(val_json, val_images).records[0].void is not None
+    # Killed after the new stamp, before the new JSON: the JSON is gone, so it is rebuilt.
+    val_json.unlink()
+    assert voc_to_coco.fn(params)["val"] == "written"
+    assert read_coco(val_json, val_images).records[0].void is not None
 
 
 def test_missing_archive_fails_without_network(tmp_path, monkeypatch):

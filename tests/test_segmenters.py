@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -325,8 +326,8 @@ def test_datasets_count_skips(tmp_path):
 def test_an_image_the_pseudo_label_stage_failed_on_is_skipped_not_trained_as_background(
     tmp_path,
 ):
-    """The pseudo GT lists every image of the split but has no annotation for one whose map
-    or image could not be read: its boxes must not become background for the Mask R-CNN.
+    """A pseudo GT (not this project's stage, which leaves such images out) lists an image
+    with no annotation for its boxes: they must not become background for the Mask R-CNN.
     An image with crowd regions only has no box to label, and stays."""
     import json
 
@@ -511,3 +512,29 @@ def test_semantic_trainable_backbone_layers_freeze_the_lower_stages(tmp_path, he
         SemanticTrainConfig(trainable_backbone_layers=6)
     with pytest.raises(ValueError, match="trainable_backbone_layers"):
         SemanticTrainConfig(arch="mobilenet_v3_large", trainable_backbone_layers=3)
+
+
+def test_pseudo_gt_finds_an_image_by_its_file_before_another_images_numeric_id(tmp_path):
+    """A record's image_id is its file stem: "1.jpg" (id 2) must not get the masks of the
+    image whose id is 1 ("2.jpg"), whatever the order of the entries."""
+    from bbam.data.records import ImageRecord
+
+    images = [
+        {"id": 2, "file_name": "1.jpg", "width": 8, "height": 8},
+        {"id": 1, "file_name": "2.jpg", "width": 8, "height": 8},
+        {"id": 5, "file_name": "sub/x.png", "width": 8, "height": 8},
+    ]
+    anns = [
+        {"id": 10, "image_id": 2, "category_id": 1, "bbox": [0, 0, 2, 2]},
+        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [4, 4, 2, 2]},
+    ]
+    for order in (images, images[::-1]):
+        path = tmp_path / "pseudo.json"
+        path.write_text(json.dumps({"images": order, "annotations": anns, "categories": []}))
+        pseudo = load_pseudo_gt(path, ["thing"])
+        for name, want in (("1.jpg", 10), ("2.jpg", 11)):
+            record = ImageRecord(Path(name).stem, tmp_path / name, 8, 8, [])
+            image, found = pseudo.lookup(record)
+            assert image["file_name"] == name and [a["id"] for a in found] == [want]
+        assert pseudo.lookup(ImageRecord("x", tmp_path / "x.png", 8, 8, []))[0]["id"] == 5
+        assert pseudo.lookup(ImageRecord("7", tmp_path / "7.jpg", 8, 8, [])) is None

@@ -7,7 +7,8 @@ on small images.
 
 Supervision:
 - full: `<gt_dir>/<image_id>.png` (VOC SegmentationClass) when given, else rendered from the
-  dataset's GT instance masks (records in order, a later instance overwrites an earlier one);
+  dataset's GT instance masks (records in order, a later instance overwrites an earlier one;
+  crowd regions and VOC's void band 255, as the official VOC PNGs have them);
 - bbam: the pseudo PNGs `<pseudo_dir>/<image_id>.png` (255 = ignore);
 - box: boxes filled with their class, largest first, so a smaller box drawn later wins where
   boxes overlap (drawing order decides overlaps; no ignore).

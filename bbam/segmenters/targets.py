@@ -27,19 +27,26 @@ SUPERVISIONS = ("full", "bbam", "box")  # the order of params, tables and report
 
 @dataclass
 class PseudoGT:
-    """Instance pseudo GT indexed by image key (file stem and str(id)); annotations kept as RLE."""
+    """Instance pseudo GT; annotations kept as RLE. An image is found by its file name, then
+    its stem, and only then by ``str(id)``: a record's image_id is its file stem, which may be
+    another image's numeric id ("1.jpg" with id 2 beside "2.jpg" with id 1)."""
 
     path: Path
-    images: dict[str, dict[str, Any]]
+    by_file: dict[str, dict[str, Any]]  # file name and file stem -> image entry
+    by_id: dict[str, dict[str, Any]]  # str(id) -> image entry
     anns: dict[int, list[dict[str, Any]]]
     cat_to_label: dict[int, int]
 
     def lookup(self, record: ImageRecord) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-        for key in (record.image_id, record.path.stem, record.path.name):
-            if key in self.images:
-                image = self.images[key]
-                return image, self.anns.get(image["id"], [])
-        return None
+        image = next(
+            (
+                self.by_file[key]
+                for key in (record.path.name, record.path.stem, record.image_id)
+                if key in self.by_file
+            ),
+            self.by_id.get(record.image_id),
+        )
+        return None if image is None else (image, self.anns.get(image["id"], []))
 
 
 def load_pseudo_gt(path: str | Path, classes: list[str]) -> PseudoGT:
@@ -61,16 +68,16 @@ def load_pseudo_gt(path: str | Path, classes: list[str]) -> PseudoGT:
             cat_to_label[int(cat["id"])] = int(cat["id"])
         else:
             raise DataError(f"{path}: category {cat} matches no dataset class")
-    index: dict[str, dict[str, Any]] = {}
+    by_file: dict[str, dict[str, Any]] = {}
     for image in images:
-        index[str(image["id"])] = image
         if "file_name" in image:
-            index[Path(image["file_name"]).stem] = image
-            index[Path(image["file_name"]).name] = image
+            by_file[Path(image["file_name"]).stem] = image
+            by_file[Path(image["file_name"]).name] = image
     by_image: dict[int, list[dict[str, Any]]] = {}
     for ann in anns:
         by_image.setdefault(ann["image_id"], []).append(ann)
-    return PseudoGT(path, index, by_image, cat_to_label)
+    by_id = {str(image["id"]): image for image in images}
+    return PseudoGT(path, by_file, by_id, by_image, cat_to_label)
 
 
 def instance_targets(
