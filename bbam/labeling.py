@@ -21,6 +21,7 @@ import torch
 from bbam.attribution import map_to_image
 from bbam.baselines import box_mask, grabcut_mask, mask_iou
 from bbam.data.images import load_rgb
+from bbam.data.palette import label_png
 from bbam.data.records import Dataset, ImageRecord
 from bbam.evaluate import confusion_matrix, miou_from_confusion
 from bbam.manifest import load_grid
@@ -172,7 +173,7 @@ def label_image(
 
 def semantic_png(settings: LabelSettings, image_id: str) -> Path:
     """Where an image's semantic pseudo label goes (``<semantic_dir>/<image_id>.png``)."""
-    return settings.semantic_dir / f"{image_id}.png"
+    return label_png(settings.semantic_dir, image_id)
 
 
 def _semantic_scores(

@@ -8,6 +8,7 @@ from prefect import task
 
 from bbam.data.coco import coco_image_ids, decode_segmentation, load_coco_json, read_coco
 from bbam.data.images import load_rgb
+from bbam.data.palette import label_png
 from bbam.data.records import DataError, ImageRecord
 from bbam.evaluate import (
     PerImage,
@@ -97,7 +98,7 @@ def evaluate_pseudo_labels(params: dict) -> dict:
             for key, r in pseudo.items()
         }
     )
-    pngs = {r.image_id: PSEUDO_DIR / "semantic" / f"{r.image_id}.png" for r in train.records}
+    pngs = {r.image_id: label_png(PSEUDO_DIR / "semantic", r.image_id) for r in train.records}
     semantic = PerImage(
         {key: lambda p=p: np.asarray(Image.open(p)) for key, p in pngs.items() if p.is_file()}
     )

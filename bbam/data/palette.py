@@ -28,6 +28,12 @@ def check_class_labels(labels: Iterable[int], where: str = "class map") -> None:
         )
 
 
+def label_png(folder: str | Path, image_id: str) -> Path:
+    """``<folder>/<image_id>.png``: where a class map of an image lives (pseudo labels, VOC's
+    SegmentationClass), one name for writers and readers alike."""
+    return Path(folder) / f"{image_id}.png"
+
+
 def voc_colormap(n: int = 256) -> np.ndarray:
     """(n, 3) uint8: the standard VOC palette (bit-interleaved label -> RGB; 255 is (224,224,192))."""
     cmap = np.zeros((n, 3), dtype=np.uint8)

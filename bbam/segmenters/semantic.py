@@ -41,7 +41,12 @@ from bbam.data.palette import IGNORE_LABEL, check_class_labels
 from bbam.data.records import DataError, ImageRecord, SkipReport
 from bbam.detector import build_fpn_backbone
 from bbam.device import resolve_device
-from bbam.segmenters.targets import SUPERVISIONS, semantic_target
+from bbam.segmenters.targets import (
+    SUPERVISIONS,
+    semantic_label_file,
+    semantic_skip,
+    semantic_target,
+)
 
 ARCHS = ("resnet18", "mobilenet_v3_large", "resnet50", "resnet101")
 HEADS = {"deeplab": "DeepLabV3", "fpn": "semantic FPN"}  # head -> name in tables
@@ -261,16 +266,10 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
         self.items: list[ImageRecord] = []
         self.args = (supervision, pseudo_dir, gt_dir)
         for record in records:
-            if supervision == "bbam":
-                if not (Path(pseudo_dir) / f"{record.image_id}.png").is_file():
-                    skipped.add("no pseudo label PNG", record.image_id)
-                    continue
-            elif supervision == "full" and not (
-                gt_dir is not None and (Path(gt_dir) / f"{record.image_id}.png").is_file()
-            ):
-                if any(not i.has_mask for i in record.instances if not i.iscrowd):
-                    skipped.add("instance without GT mask (full supervision)", record.image_id)
-                    continue
+            skip = semantic_skip(record, *self.args)
+            if skip is not None:
+                skipped.add(skip, record.image_id)
+                continue
             self.items.append(record)
         self.crop, self.hflip, self.scale = crop_size, hflip, scale
         self.skipped = skipped
@@ -282,14 +281,7 @@ class SemanticTrainDataset(torch.utils.data.Dataset):
         """The PNG the record's label map is read from, or the image itself when it is drawn
         from the annotations: the file a bad label map must be named by (a pseudo label of
         the wrong size is a fault of the PNG, not of the image)."""
-        supervision, pseudo_dir, gt_dir = self.args
-        if supervision == "bbam" and pseudo_dir is not None:
-            return Path(pseudo_dir) / f"{record.image_id}.png"
-        if supervision == "full" and gt_dir is not None:
-            png = Path(gt_dir) / f"{record.image_id}.png"
-            if png.is_file():
-                return png
-        return Path(record.path)
+        return semantic_label_file(record, *self.args) or Path(record.path)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         record = self.items[i]

@@ -17,7 +17,7 @@ import numpy as np
 
 from bbam.data.coco import decode_segmentation
 from bbam.data.masks import box_region, box_slices
-from bbam.data.palette import IGNORE_LABEL, check_class_labels, load_index_png
+from bbam.data.palette import IGNORE_LABEL, check_class_labels, label_png, load_index_png
 from bbam.data.records import DataError, ImageRecord
 from bbam.pseudo_labels import mark_crowd_ignore
 from bbam.segmenters.mask_loss import MASK_FG, MASK_IGNORE
@@ -164,29 +164,48 @@ def render_label_map(record: ImageRecord, source: str = "mask") -> np.ndarray:
     return mark_void_ignore(mark_crowd_ignore(out, record.instances), record)
 
 
+def semantic_label_file(
+    record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
+) -> Path | None:
+    """The PNG a record's training label map is read from: its pseudo label (``bbam``; it may
+    be missing), its GT PNG (``full``, where ``gt_dir`` has one), else None: drawn from the
+    annotations."""
+    if supervision == "bbam":
+        if pseudo_dir is None:
+            raise ValueError("supervision 'bbam' needs the pseudo label directory")
+        return label_png(pseudo_dir, record.image_id)
+    if supervision == "full" and gt_dir is not None:
+        png = label_png(gt_dir, record.image_id)
+        if png.is_file():
+            return png
+    return None
+
+
+def semantic_skip(
+    record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
+) -> str | None:
+    """Why a record has no training label map (checked without reading any PNG), or None."""
+    png = semantic_label_file(record, supervision, pseudo_dir, gt_dir)
+    if supervision == "bbam" and not png.is_file():
+        return "no pseudo label PNG"
+    if supervision == "full" and png is None:
+        if any(not i.has_mask for i in record.instances if not i.iscrowd):
+            return "instance without GT mask (full supervision)"
+    return None
+
+
 def semantic_target(
     record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
 ) -> np.ndarray | str:
     """The training label map for one record, or a skip reason."""
-    if supervision == "bbam":
-        if pseudo_dir is None:
-            raise ValueError("supervision 'bbam' needs the pseudo label directory")
-        path = Path(pseudo_dir) / f"{record.image_id}.png"
-        if not path.is_file():
-            return "no pseudo label PNG"
-        label = load_index_png(path)
-    elif (
-        supervision == "full"
-        and gt_dir is not None
-        and (Path(gt_dir) / f"{record.image_id}.png").is_file()
-    ):
-        label = load_index_png(Path(gt_dir) / f"{record.image_id}.png")
-    elif supervision == "full":
-        if any(not i.has_mask for i in record.instances if not i.iscrowd):
-            return "instance without GT mask (full supervision)"
-        label = render_label_map(record, "mask")
+    skip = semantic_skip(record, supervision, pseudo_dir, gt_dir)
+    if skip is not None:
+        return skip
+    png = semantic_label_file(record, supervision, pseudo_dir, gt_dir)
+    if png is not None:
+        label = load_index_png(png)
     else:
-        label = render_label_map(record, "box")
+        label = render_label_map(record, "mask" if supervision == "full" else "box")
     if label.shape != (record.height, record.width):
         return "label map size differs from image size"
     return label
