@@ -45,13 +45,14 @@ def pseudo_labels_flow(params: dict) -> dict:
     publish_table(
         ARTIFACT,
         quality_table(summary),
-        f"Pseudo-label quality vs GT ({METRICS}); fallbacks {summary['fallbacks']}, "
-        f"empty foreground {summary['empty_fg']}, unreadable images {len(summary['image_errors'])}.",
+        f"Pseudo-label quality vs GT ({METRICS}); maps by attribution status "
+        f"{summary['attribution_status']}, fallbacks {summary['fallbacks']}, empty foreground "
+        f"{summary['empty_fg']}, images that failed {len(summary['image_errors'])}.",
     )
     print(
         f"[bbam] pseudo_labels: {summary['instances']} instances, "
         f"mean IoU vs GT {summary['mean_instance_iou_vs_gt']}, fallbacks {summary['fallbacks']}, "
-        f"unreadable images {len(summary['image_errors'])}"
+        f"images that failed {len(summary['image_errors'])}"
     )
     limit = float(params["attribution"].get("max_failure_fraction", 0.05))
     if len(summary["image_errors"]) > limit * max(1, summary["images"]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +91,9 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
         values = [r[key] for r in rows if r.get(key) is not None]
         return round(100 * float(np.mean(values)), 2) if values else None
 
-    fallbacks: dict[str, int] = {}
-    for r in rows:
-        fallbacks[r["fallback"]] = fallbacks.get(r["fallback"], 0) + 1
+    fallbacks = Counter(r["fallback"] for r in rows)
+    # what each instance's map came from: ok, no_positive, failed, missing (no current row)
+    statuses = Counter(r["attribution_status"] for r in rows)
     return {
         "images": len(dataset.records),
         "instances": len(rows),
@@ -105,7 +106,8 @@ def make_pseudo_labels(params: dict, attribution_dir: str, out_dir: str) -> dict
         "mean_instance_iou_box": mean_pct("iou_gt_box"),
         "baselines": quality,
         "empty_fg": sum(bool(r["empty_fg"]) for r in rows),
-        "fallbacks": fallbacks,
+        "fallbacks": dict(fallbacks),
+        "attribution_status": dict(statuses),
         "mcg_used": sum(bool(r["mcg_used"]) for r in rows),
         "mcg_skipped": proposal_skip_counts(rows),
     }

@@ -438,13 +438,31 @@ def test_pseudo_gt_leaves_out_the_images_the_stage_failed_on(tmp_path, monkeypat
     monkeypatch.setattr(
         stage, "engine_config", lambda params: types.SimpleNamespace(align_corners=False)
     )
-    monkeypatch.setattr(stage, "label_dataset", lambda *a, **k: ([ann], [], failed, None))
+    rows = [
+        {
+            "fallback": "none",
+            "attribution_status": "ok",
+            "mcg_used": False,
+            "mcg_reason": "disabled",
+            "empty_fg": False,
+        },
+        {
+            "fallback": "box",
+            "attribution_status": "missing",
+            "mcg_used": False,
+            "mcg_reason": "disabled",
+            "empty_fg": True,
+        },
+    ]
+    monkeypatch.setattr(stage, "label_dataset", lambda *a, **k: ([ann], rows, failed, None))
     params = {
         "attribution": {"split": "train", "num_shards": 1},
         "pseudo_labels": {"baselines": False},
     }
     summary = stage.make_pseudo_labels.fn(params, str(attribution), str(tmp_path / "out"))
     assert summary["image_errors"] == failed
+    assert summary["attribution_status"] == {"ok": 1, "missing": 1}
+    assert summary["fallbacks"] == {"none": 1, "box": 1} and summary["empty_fg"] == 1
     written = json.loads((tmp_path / "out" / "instances_train.json").read_text())
     assert [im["id"] for im in written["images"]] == [7]
     assert written["annotations"] == [ann]
