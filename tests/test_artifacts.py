@@ -210,6 +210,7 @@ def test_pseudo_labels_publish_quality_beside_the_baselines(workdir, monkeypatch
         "mean_instance_iou_box": 55.02,
         "empty_fg": 1,
         "fallbacks": {"none": 20, "box": 1},
+        "attribution_status": {"ok": 20, "no_positive": 1},
         "mcg_used": 0,
     }
     monkeypatch.setattr(pseudo_module, "make_pseudo_labels", lambda *args: dict(summary))
