@@ -197,31 +197,35 @@ def test_mcg_mat_source_refuses_ids_its_superpixels_lack(tmp_path):
         MCGMatSource(tmp_path).proposals("img", np.zeros((H, W, 3), np.uint8))
 
 
-def _eq4_by_pixel_sets(mask, box, sp, proposals, containment):
-    """Eq. 4 counted in pixels straight from the pixel sets: the oracle for the shared path."""
+def _eq4_by_pixel_sets(mask, box, sp, proposals, containment, count):
+    """Eq. 4 straight from the pixel sets, each pixel weighted 1 (``pixels``) or y + x (the
+    reference's ``coordinate_sum``): the oracle for the shared path."""
+    yy, xx = np.mgrid[0 : sp.shape[0], 0 : sp.shape[1]]
+    weight = np.ones(sp.shape) if count == "pixels" else (yy + xx).astype(float)
     region = np.zeros(sp.shape, dtype=bool)
     x0, y0, x1, y1 = (int(v) for v in box)
     region[y0:y1, x0:x1] = True
     touching = set(np.unique(sp[region]).tolist())
     kept = [np.isin(sp, p) for p in proposals if set(np.unique(p).tolist()) <= touching]
-    inside = [k for k in kept if (k & region).sum() / k.sum() > containment]
+    inside = [k for k in kept if weight[k & region].sum() / weight[k].sum() > containment]
     if not inside:
         return None
-    best = max(inside, key=lambda k: (k & mask).sum() / (k | mask).sum())  # first of ties
-    if not (best & mask).any():
+    best = max(inside, key=lambda k: weight[k & mask].sum() / weight[k | mask].sum())
+    if not weight[best & mask].sum() > 0:
         return None
     union = best.copy()
     for k in kept:
-        if (k & mask).sum() / k.sum() > containment:
+        if weight[k & mask].sum() / weight[k].sum() > containment:
             union |= k
     return union & region
 
 
-def test_each_mask_refined_as_if_alone():
+@pytest.mark.parametrize("count", ["pixels", "coordinate_sum"])
+def test_each_mask_refined_as_if_alone(count):
     """Masks of one box share the superpixel sums: each result is the one-mask result and the
     pixel-set oracle's, whatever the other masks are (empty, disjoint, the whole image)."""
     rng = np.random.default_rng(0)
-    cfg = MCGConfig(min_box_area=0, count="pixels")
+    cfg = MCGConfig(min_box_area=0, count=count)
     for _ in range(20):
         proposals = [
             np.unique(rng.integers(1, 101, size=rng.integers(1, 12))) for _ in range(40)
@@ -232,9 +236,13 @@ def test_each_mask_refined_as_if_alone():
         for mask, together in zip(masks, joint, strict=True):
             alone = refine_with_proposals(mask, BOX, SP, proposals, cfg)
             assert (together.reason, together.best_iou) == (alone.reason, alone.best_iou)
-            oracle = _eq4_by_pixel_sets(mask, BOX, SP, proposals, cfg.containment)
+            oracle = _eq4_by_pixel_sets(mask, BOX, SP, proposals, cfg.containment, count)
             if together.mask is None:
                 assert oracle is None or not mask.any()
             else:
                 assert np.array_equal(together.mask, alone.mask)
                 assert np.array_equal(together.mask, oracle)
+    small = MCGConfig(min_box_area=22 * 22 + 1, count=count)  # BOX covers 22 x 22 pixels
+    assert {r.reason for r in refine_each_with_proposals(masks, BOX, SP, proposals, small)} == {
+        "small_box"
+    }
