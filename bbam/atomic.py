@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,17 +43,25 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Remove the temp files that writes of ``path`` left when their process died mid-write.
+def remove_stale_temps(path: str | Path, idle_s: float = 600.0) -> list[Path]:
+    """Remove the temp files that writes of ``path`` left when their process died mid-write:
+    those not written to for ``idle_s`` seconds.
 
     Why: a SIGKILL skips ``atomic_write``'s clean-up, so each kill during a checkpoint write
-    leaves a checkpoint-sized file behind, for good. Only for a file one process writes at
-    a time (a training's checkpoint): the temp file of a write in flight would go too."""
+    leaves a checkpoint-sized file behind, for good. The idle time spares the temp file of a
+    write in flight (another run on the same folder by mistake); a kill's leftover goes at a
+    later start."""
     path = Path(path)
     pattern = f".{glob.escape(path.name)}.{'?' * 2 * _TOKEN_BYTES}.tmp"
-    stale = sorted(path.parent.glob(pattern)) if path.parent.is_dir() else []
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
+    found = sorted(path.parent.glob(pattern)) if path.parent.is_dir() else []
+    stale = []
+    for tmp in found:
+        try:
+            if time.time() - tmp.stat().st_mtime >= idle_s:
+                tmp.unlink()
+                stale.append(tmp)
+        except FileNotFoundError:  # its write finished or failed meanwhile
+            continue
     return stale
 
 

@@ -374,7 +374,7 @@ def setup_training(
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     path = Path(out_dir) / CHECKPOINT_NAME
-    for name in (CHECKPOINT_NAME, MODEL_NAME):  # one trainer writes them: no write in flight
+    for name in (CHECKPOINT_NAME, MODEL_NAME):  # temps of writes whose process died
         for tmp in remove_stale_temps(Path(out_dir) / name):
             logger.info("removed %s, left by a write whose process died", tmp)
     ckpt, why, changed = None, *_refusal(path, phash, config)

@@ -248,6 +248,7 @@ def test_a_killed_checkpoint_write_leaves_the_checkpoint_whole_and_its_temp_is_c
     import signal
     import subprocess
     import sys
+    import time
 
     cfg = small_semantic_config(epochs=3)
     phash = T.params_hash(cfg)
@@ -269,6 +270,10 @@ def test_a_killed_checkpoint_write_leaves_the_checkpoint_whole_and_its_temp_is_c
     assert len(stale) == 1 and stale[0].startswith(f".{T.CHECKPOINT_NAME}.")
     (tmp_path / ".other.pt.0123456789ab.tmp").write_bytes(b"not ours")
     assert _setup(tmp_path, cfg, phash).start_epoch == 1  # the whole old checkpoint
+    assert stale[0] in os.listdir(tmp_path)  # written to just now: maybe a write in flight
+    old = time.time() - 3600
+    os.utime(tmp_path / stale[0], (old, old))  # idle for an hour: its writer is gone
+    assert _setup(tmp_path, cfg, phash).start_epoch == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".other.pt.0123456789ab.tmp",
         T.CHECKPOINT_NAME,
