@@ -396,8 +396,9 @@ def merge_manifests(
     """One table over all shards; raises naming the key and both folders if a key is in two.
 
     When given, only rows of ``keys`` and, with ``params_hash``, only current rows
-    (``is_current``) are kept: a shard folder also holds rows of earlier settings or another split (kept there for
-    a later run to reuse), and those must never pass for results of this one.
+    (``is_current``) are kept: a shard folder also holds rows of earlier settings or another
+    split (kept there for a later run to reuse), and those must never pass for results of
+    this one.
     """
     wanted = pa.array(sorted(keys), pa.string()) if keys is not None else None
     tables, left_out = [], 0

@@ -331,7 +331,7 @@ def refine_each_with_proposals(
         selected = np.zeros(n, dtype=bool)
         selected[chosen] = True
         results[index] = ProposalRefinement(
-            selected[superpixels.astype(np.int64)] & region,
+            selected[sp].reshape(height, width) & region,
             "used",
             float(iou[best]),
             n_candidates=int(candidates.size),

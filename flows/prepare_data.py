@@ -19,7 +19,13 @@ from bbam.data.records import DataError
 from bbam.data.verify import unreadable_limit_error, unreadable_limits
 from flows.common import publish_table, stage_cli
 from tasks.params import METRICS_DIR, split_paths
-from tasks.prepare_data import cached_in_data_root, prepare, summarise, voc_to_coco
+from tasks.prepare_data import (
+    KEPT_WITHOUT_VOID,
+    cached_in_data_root,
+    prepare,
+    summarise,
+    voc_to_coco,
+)
 
 METRICS = METRICS_DIR / "data.json"
 ARTIFACT = "bbam-data"
@@ -46,7 +52,7 @@ def prepare_data(params: dict) -> dict:
     prepare.with_options(**cached)(params)
     if params["data"]["name"] == "voc":
         converted = voc_to_coco.with_options(**cached)(params)
-        for split in (s for s, done in converted.items() if done == "kept without void"):
+        for split in (s for s, done in converted.items() if done == KEPT_WITHOUT_VOID):
             print(
                 f"[bbam] prepare_data: {split}: {split_paths(params, split)[0]} kept as an "
                 "older version wrote it, without VOC's void band (delete it to rebuild)"

@@ -36,10 +36,10 @@ from bbam.shards import (
     run_shard,
     shard_of,
 )
-from tasks.attribution_config import engine_config, shard_dir
+from tasks.attribution_config import attribution_split, engine_config, shard_dir
 from tasks.deployments import DispatchConfig
 from tasks.detector import load_detector_from_params
-from tasks.params import load_split, top_level
+from tasks.params import top_level
 
 SHOWN = 5  # keys / files named in a summary or an error
 
@@ -75,15 +75,6 @@ def stop_shards_on_sigterm() -> Iterator[None]:
 
 class ShardInterrupted(RuntimeError):
     """A shard stopped on request (SIGTERM): its finished chunks are on disk."""
-
-
-def attribution_split(params: dict) -> Dataset:
-    """The split to attribute with every image kept, never a silent drop (``load_split``'s
-    default): the instances of an image prepare_data found unreadable, or one missing now,
-    get skipped rows naming the file and why (``data.max_unreadable_<split>`` bounds how many
-    images that may be, as in prepare_data); one that breaks only in the engine fails."""
-    split = params["attribution"]["split"]
-    return load_split(params, split, with_masks=False, drop_unreadable=False)
 
 
 def lock_timing(section: dict) -> tuple[float, float]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from bbam.attribution import AttributionConfig, profile_config
+from bbam.data.records import Dataset
 from bbam.manifest import shard_folder
-from tasks.params import top_level
+from tasks.params import load_split, top_level
 
 
 def engine_config(params: dict) -> AttributionConfig:
@@ -20,6 +21,15 @@ def engine_config(params: dict) -> AttributionConfig:
     section = params["attribution"]
     overrides = {"seed": top_level(params)["seed"], **(section.get("overrides") or {})}
     return profile_config(section.get("profile", "fast"), **overrides)
+
+
+def attribution_split(params: dict) -> Dataset:
+    """The split to attribute with every image kept, never a silent drop (``load_split``'s
+    default): the instances of an image prepare_data found unreadable, or one missing now,
+    get skipped rows naming the file and why (``data.max_unreadable_<split>`` bounds how many
+    images that may be, as in prepare_data); one that breaks only in the engine fails."""
+    split = params["attribution"]["split"]
+    return load_split(params, split, with_masks=False, drop_unreadable=False)
 
 
 def shards_root(out_dir: str | Path) -> Path:

@@ -13,8 +13,8 @@ when the outputs are deleted the cache goes with them. A second ``python -m flow
 with nothing changed therefore ends with every task ``Cached`` but three that take no cache:
 ``summarise-splits`` (re-verifies images by its own size/mtime cache), ``attribute-shard``
 and ``merge-manifests`` (they read the shard manifests, which say what is done). A changed
-knob reruns the stage that lists it, and the stages after it whose inputs then change. To force a rerun:
-``PREFECT_TASKS_REFRESH_CACHE=true``. Without a ``dvc.yaml`` in the working directory (the
+knob reruns the stage that lists it, and the stages after it whose inputs then change. To
+force a rerun: ``PREFECT_TASKS_REFRESH_CACHE=true``. Without a ``dvc.yaml`` in the working directory (the
 project a stage runs in) nothing is cached.
 """
 

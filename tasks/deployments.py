@@ -34,8 +34,7 @@ from bbam.atomic import atomic_write_bytes
 from bbam.manifest import read_shard
 from bbam.shard_lock import read_lock
 from bbam.shards import instance_key, plan_shard
-from tasks.attribution_config import shard_dir
-from tasks.params import load_split
+from tasks.attribution_config import attribution_split, shard_dir
 
 ACTIVE = ("PENDING", "RUNNING", "CANCELLING")  # a worker holds them: must heartbeat
 FAILED = ("FAILED", "CRASHED", "CANCELLED")
@@ -264,8 +263,7 @@ def run_on_deployments(
     section = params["attribution"]
     config = DispatchConfig.from_section(section)
     results = dispatch_shards(params_path, shards, params_hash, str(out_dir), config)
-    # every image, as the shards plan them (tasks.attribution.attribution_split)
-    dataset = load_split(params, section["split"], with_masks=False, drop_unreadable=False)
+    dataset = attribution_split(params)  # every image, as the shards plan them
     verify_shards(dataset, shards, int(section["num_shards"]), str(out_dir))
     redispatched = sum(r["dispatches"] - 1 for r in results)
     if redispatched:

@@ -66,7 +66,7 @@ def split_paths(params: dict, split: str) -> tuple[Path, Path]:
 def load_split(params: dict, split: str, with_masks: bool = True, drop_unreadable: bool = True):
     """A split, by default without the images prepare_data found unreadable or that are gone
     (counted in `skipped`); attribution keeps them (``drop_unreadable=False``) so each of
-    their instances gets a failed manifest row naming the file."""
+    their instances gets a skipped manifest row naming the file."""
     from bbam.data.coco import read_coco
     from bbam.data.verify import drop_unreadable as drop
 

@@ -18,6 +18,8 @@ from tasks.caching import stage_cache
 from tasks.params import METRICS_DIR, split_paths
 
 logger = logging.getLogger(__name__)
+# voc_to_coco's word for a JSON without its stamp, kept as it is (no void band)
+KEPT_WITHOUT_VOID = "kept without void"
 
 
 def cached_in_data_root(params: dict) -> dict:
@@ -59,7 +61,7 @@ def _read_stamp(annotation_json: Path) -> dict | None:
 @task(name="voc-to-coco")
 def voc_to_coco(params: dict) -> dict[str, str]:
     """Write VOC splits as COCO JSON (the format later stages read) where needed; per split,
-    what was done: ``written``, ``up to date`` or ``kept without void``.
+    what was done: ``written``, ``up to date`` or ``KEPT_WITHOUT_VOID``.
 
     ``data.<split>_voc_split`` names the VOC split (``train_aug`` needs ``<root>/SBD``);
     ``file_name``s are relative to ``data.<split>_images``, which must hold the split's images
@@ -84,7 +86,7 @@ def voc_to_coco(params: dict) -> dict[str, str]:
                 annotation_json,
                 stamp.name,
             )
-            done[split] = "kept without void"
+            done[split] = KEPT_WITHOUT_VOID
             continue
         if annotation_json.is_file() and _read_stamp(annotation_json) == wanted:
             done[split] = "up to date"

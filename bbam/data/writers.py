@@ -95,11 +95,12 @@ def coco_dict(
             }
             if inst.has_mask:
                 ann["segmentation"] = mask_to_rle(inst.mask)
+            if inst.area is not None:
+                ann["area"] = float(inst.area)
+            elif inst.has_mask:
                 ann["area"] = float(inst.mask_area)
             else:
                 ann["area"] = float((x2 - x1) * (y2 - y1))
-            if inst.area is not None:
-                ann["area"] = float(inst.area)
             if inst.difficult:
                 ann["difficult"] = 1
             annotations.append(ann)

@@ -181,11 +181,7 @@ def semantic_label_file(
     return None
 
 
-def semantic_skip(
-    record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
-) -> str | None:
-    """Why a record has no training label map (checked without reading any PNG), or None."""
-    png = semantic_label_file(record, supervision, pseudo_dir, gt_dir)
+def _skip_reason(record: ImageRecord, supervision: str, png: Path | None) -> str | None:
     if supervision == "bbam" and not png.is_file():
         return "no pseudo label PNG"
     if supervision == "full" and png is None:
@@ -194,14 +190,22 @@ def semantic_skip(
     return None
 
 
+def semantic_skip(
+    record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
+) -> str | None:
+    """Why a record has no training label map (checked without reading any PNG), or None."""
+    png = semantic_label_file(record, supervision, pseudo_dir, gt_dir)
+    return _skip_reason(record, supervision, png)
+
+
 def semantic_target(
     record: ImageRecord, supervision: str, pseudo_dir: Path | None, gt_dir: Path | None
 ) -> np.ndarray | str:
     """The training label map for one record, or a skip reason."""
-    skip = semantic_skip(record, supervision, pseudo_dir, gt_dir)
+    png = semantic_label_file(record, supervision, pseudo_dir, gt_dir)
+    skip = _skip_reason(record, supervision, png)
     if skip is not None:
         return skip
-    png = semantic_label_file(record, supervision, pseudo_dir, gt_dir)
     if png is not None:
         label = load_index_png(png)
     else:
